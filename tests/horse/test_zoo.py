@@ -1,0 +1,72 @@
+"""horse/zoo.py: built-in tiny models are deterministic and offline; a dir loads; unknown names are refused."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from horse.errors import ModelNotFound
+from horse.zoo import default_cache_dir, load_model, smollm2_dir, tiny_tokenizer
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_tiny_model_is_seeded_and_leaves_global_rng_alone(name):
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    m1, tok = load_model(name)
+    after = torch.rand(3)
+    m2, _ = load_model(name)
+    assert torch.equal(before, after)  # the global RNG stream was not consumed
+    for (n1, p1), (n2, p2) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    assert m1.config.num_hidden_layers == 6 and m1.config.hidden_size == 64
+    assert not m1.training
+    assert m1.config.vocab_size == len(tok) == 258
+
+
+def test_tiny_models_differ_between_architectures():
+    g, _ = load_model("tiny-gpt2")
+    l, _ = load_model("tiny-llama")
+    assert type(g).__name__ == "GPT2LMHeadModel" and type(l).__name__ == "LlamaForCausalLM"
+
+
+def test_tiny_tokenizer_is_byte_level_and_round_trips():
+    tok = tiny_tokenizer()
+    text = "Danielle Darrieux é 東京 2006"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert ids == list(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+    assert tok.eos_token_id == 256 and tok.pad_token_id == 257
+    assert tok.convert_ids_to_tokens(tok(" Paris", add_special_tokens=False).input_ids)[0] == "Ġ"
+
+
+def test_bf16_and_device_arguments():
+    model, _ = load_model("tiny-llama", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_local_dir_round_trip(tmp_path):
+    model, tok = load_model("tiny-llama")
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tok.save_pretrained(tmp_path)
+    loaded, tok2 = load_model(tmp_path)
+    for (n1, p1), (_, p2) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(p1, p2), n1
+    assert tok2(" Paris").input_ids == tok(" Paris").input_ids
+    assert tok2.pad_token_id is not None and tok2.padding_side == "right"
+
+
+def test_unknown_name_is_refused_with_a_hint(tmp_path):
+    with pytest.raises(ModelNotFound, match="built-in name"):
+        load_model("no-such-model")
+    with pytest.raises(ModelNotFound):
+        load_model(tmp_path)  # a dir without config.json
+
+
+def test_cache_dir_fallback(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "horse-ledger"
+    assert smollm2_dir(None) == tmp_path / "horse-ledger" / "models" / "smollm2-135m"
+    assert smollm2_dir(tmp_path / "c") == tmp_path / "c" / "models" / "smollm2-135m"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir().name == "horse-ledger"
