@@ -1,0 +1,31 @@
+"""Daemon errors: one class per refusal, each message says what happened and what to do next.
+
+They derive from `ledger.errors.LedgerError`, so `horse-ledger`'s top level prints them and exits 1.
+"""
+from __future__ import annotations
+
+from ledger.errors import LedgerError
+
+
+class DaemonError(LedgerError):
+    """The daemon refused the request."""
+
+
+class ApplierBusy(DaemonError):
+    """Another `horse-ledger apply` / daemon holds the applier lock for this model; wait for it to finish."""
+
+
+class SnapshotCorrupt(DaemonError):
+    """A snapshot file is missing, altered or unreadable; run `horse-ledger verify` and roll back past it."""
+
+
+class NotOnChain(DaemonError):
+    """That snapshot cannot be rolled back to; pick one listed by `horse-ledger snapshots` as published."""
+
+
+class BatchRefused(DaemonError):
+    """The batch was refused and nothing was published; see `horse-ledger log --batch ID` for why."""
+
+
+class NotImplementedYet(DaemonError):
+    """This command is not implemented yet; see the README for what it will do."""

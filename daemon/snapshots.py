@@ -1,0 +1,159 @@
+"""Snapshot files: one safetensors weight-delta file per published snapshot, and their housekeeping.
+
+Owns: where snapshot files live, how they are written (atomically), read back, hashed and cleaned up.
+The delta format itself (dense or factored layers, fp32) is `horse.deltas`; the rows that make a file a
+published snapshot are the ledger's (`cycle.publish` writes them after the file is durable).
+
+Layout: `<snapshot_dir>/<model slug>/<stem>.safetensors`; the snapshot row stores the path relative to
+`snapshot_dir`, so the directory can move. A file is written as `.<stem>.safetensors.tmp` in the same
+directory (so the rename is atomic), fsynced by `horse.deltas.save_deltas`, renamed, and the directory
+fsynced. Anything in a model's directory that no snapshot row names is debris of a crash
+(a temp file, or a file renamed but never committed) and `remove_orphans` deletes it under the applier lock.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon.errors import SnapshotCorrupt
+from daemon.locks import model_slug
+
+FORMAT = "horse-ledger/snapshot/1"
+TMP_SUFFIX = ".tmp"
+
+
+@dataclass(frozen=True)
+class SnapshotFile:
+    """A durable delta file: where it is (relative to snapshot_dir), its sha256 and its size."""
+
+    rel_path: str
+    sha256: str
+    bytes: int
+
+
+def model_dir(snapshot_dir: str | os.PathLike[str], base_model: str) -> Path:
+    """The directory holding one base model's snapshot files."""
+    return Path(snapshot_dir) / model_slug(base_model)
+
+
+def resolve(snapshot_dir: str | os.PathLike[str], rel_path: str) -> Path:
+    """The absolute path of a snapshot row's file (rows written with an absolute path are kept as is)."""
+    path = Path(rel_path)
+    return path if path.is_absolute() else Path(snapshot_dir) / path
+
+
+def snapshot_metadata(*, base_model: str, base_fingerprint: str, hypernet_fingerprint: str,
+                      parent_snapshot_id: int | None, batch_id: int | None, edit_ids: Iterable[int],
+                      kind: str = "incremental", extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The str → str safetensors metadata every snapshot file carries (issue 4, step 6)."""
+    meta = {
+        "format": FORMAT,
+        "kind": kind,
+        "base_model": base_model,
+        "base_fingerprint": base_fingerprint,
+        "hypernet_fingerprint": hypernet_fingerprint,
+        "parent_snapshot": "" if parent_snapshot_id is None else str(parent_snapshot_id),
+        "batch_id": "" if batch_id is None else str(batch_id),
+        "edit_ids": json.dumps(sorted(int(i) for i in edit_ids)),
+    }
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    return meta
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_snapshot(snapshot_dir: str | os.PathLike[str], base_model: str, stem: str, deltas: Mapping,
+                   metadata: Mapping[str, str], *, on_stage: Callable[[str], None] | None = None) -> SnapshotFile:
+    """Write `deltas` durably as `<model dir>/<stem>.safetensors` and return its hash and size.
+
+    Temp file in the same directory → fsync (save_deltas) → rename → fsync the directory. A crash at any
+    point leaves either no file or a complete one that no DB row names yet; `remove_orphans` deletes both.
+
+    Args:
+        deltas: `horse.deltas.Deltas` (module path → LayerDelta), already checked finite by the caller.
+        metadata: str → str, see `snapshot_metadata`.
+        on_stage: test hook, called with "mid-write" when the temp file exists and is not yet renamed.
+    """
+    from horse.deltas import save_deltas  # torch: import on use, so `horse-ledger snapshots` stays light
+
+    directory = model_dir(snapshot_dir, base_model)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"{stem}.safetensors"
+    if final.exists():
+        raise SnapshotCorrupt(f"snapshot file {final} already exists; a snapshot file is never overwritten — "
+                              f"run `horse-ledger verify` and remove the stray file if no snapshot names it")
+    tmp = directory / f".{stem}.safetensors{TMP_SUFFIX}"
+    sha256 = save_deltas(tmp, dict(deltas), dict(metadata))
+    if on_stage is not None:
+        on_stage("mid-write")
+    os.replace(tmp, final)
+    _fsync_dir(directory)
+    return SnapshotFile(rel_path=str(final.relative_to(Path(snapshot_dir))), sha256=sha256,
+                        bytes=final.stat().st_size)
+
+
+def read_snapshot(snapshot_dir: str | os.PathLike[str], rel_path: str, *, sha256: str | None = None):
+    """Load a snapshot file's deltas and metadata, checking its hash first when `sha256` is given.
+
+    Returns:
+        (deltas, metadata) as `horse.deltas.load_deltas` returns them.
+    Raises:
+        SnapshotCorrupt: the file is missing, its hash differs, or it cannot be parsed.
+    """
+    from horse.deltas import load_deltas
+
+    path = resolve(snapshot_dir, rel_path)
+    if not path.is_file():
+        raise SnapshotCorrupt(f"snapshot file {path} is missing; restore it from a backup or roll back past it")
+    if sha256 is not None:
+        actual = hash_file(path)
+        if actual != sha256:
+            raise SnapshotCorrupt(f"snapshot file {path} has sha256 {actual[:12]}…, the ledger recorded "
+                                  f"{sha256[:12]}…; restore it from a backup or roll back past it")
+    try:
+        return load_deltas(path)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt file to the user
+        raise SnapshotCorrupt(f"snapshot file {path} cannot be read ({exc}); roll back past it") from exc
+
+
+def hash_file(path: str | os.PathLike[str], *, chunk_bytes: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def remove_orphans(snapshot_dir: str | os.PathLike[str], base_model: str, referenced: Iterable[str]) -> list[Path]:
+    """Delete files in the model's snapshot directory that no snapshot row names. Call under the applier lock.
+
+    Args:
+        referenced: the `path` of every snapshot row of this base model (any status).
+    Returns:
+        The files removed (temp files of an interrupted write, files renamed but never committed).
+    """
+    directory = model_dir(snapshot_dir, base_model)
+    if not directory.is_dir():
+        return []
+    keep = {resolve(snapshot_dir, p).resolve() for p in referenced}
+    removed = []
+    for path in sorted(directory.iterdir()):
+        if not path.is_file() or path.resolve() in keep:
+            continue
+        if path.name.endswith(TMP_SUFFIX) or path.suffix == ".safetensors" or ".tmp" in path.name:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        _fsync_dir(directory)
+    return removed
