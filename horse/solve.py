@@ -1,0 +1,158 @@
+"""Closed-form ridge solve of HORSE / MALMEN (paper step 7) and its adjoint for meta-training.
+
+Owns the pure tensor math that turns one layer's keys and (spread) residuals into a weight change:
+
+    ΔW = (KᵀK + λI)⁻¹ Kᵀ R̂        primal: a K×K system
+       = Kᵀ (KKᵀ + λI)⁻¹ R̂        dual:   an N×N system (push-through identity)
+
+and the reverse-mode rule used by the two-stage meta-gradient (MALMEN §4.2):
+
+    ∂L/∂R̂ = K (KᵀK + λI)⁻¹ Γ = (KKᵀ + λI)⁻¹ K Γ,      Γ = ∂L/∂ΔW
+    ∂L/∂λ  = −⟨(KᵀK + λI)⁻¹ Γ, ΔW⟩ = −⟨∂L/∂R̂, C⟩,       C = (KKᵀ + λI)⁻¹ R̂
+
+Dimension key: N answer tokens, K = d_k (module input width), V = d_v (module output width).
+Tensors are computed in at least float32 (float64 inputs stay float64). No hooks, files or globals.
+Tests: `python -m pytest tests/horse/test_solve.py -q`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Form = Literal["auto", "primal", "dual"]
+
+
+def math_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """At least float32: bf16/fp16 inputs are promoted, float64 stays float64."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def choose_form(n_tokens: int, d_k: int) -> Literal["primal", "dual"]:
+    """The cheaper system: primal solves K×K, dual solves N×N."""
+    return "primal" if d_k <= n_tokens else "dual"
+
+
+def _lam_tensor(lam: float | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(lam, dtype=dtype, device=device).reshape(())
+
+
+def _ridge_system(mat_XX: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    eye = torch.eye(mat_XX.shape[0], dtype=mat_XX.dtype, device=mat_XX.device)
+    return mat_XX + lam * eye
+
+
+@dataclass(frozen=True)
+class RidgeSolution:
+    """A ridge solve in whichever form was cheaper.
+
+    Exactly one of `dense_KV` or (`keys_NK`, `coef_NV`) is set; the delta is dense_KV or keys_NKᵀ @ coef_NV.
+    """
+
+    form: Literal["primal", "dual"]
+    dense_KV: torch.Tensor | None = None
+    keys_NK: torch.Tensor | None = None
+    coef_NV: torch.Tensor | None = None
+
+    def to_dense(self) -> torch.Tensor:
+        """ΔW as a K×V matrix."""
+        if self.dense_KV is not None:
+            return self.dense_KV
+        assert self.keys_NK is not None and self.coef_NV is not None
+        return self.keys_NK.T @ self.coef_NV
+
+    @property
+    def is_factored(self) -> bool:
+        return self.dense_KV is None
+
+
+def ridge_solve(
+    keys_NK: torch.Tensor,
+    resid_NV: torch.Tensor,
+    lam: float | torch.Tensor,
+    *,
+    form: Form = "auto",
+    allow_factored: bool = True,
+) -> RidgeSolution:
+    """Solve ΔW = argmin ‖KΔW − R̂‖² + λ‖ΔW‖² (paper step 7), in the cheaper form.
+
+    Args:
+        keys_NK: keys K (N×K), the module inputs at the answer tokens.
+        resid_NV: spread residuals R̂ (N×V).
+        lam: the ridge weight λ > 0 (a float or a 0-d tensor).
+        form: "primal" (K×K system), "dual" (N×N system) or "auto" (the smaller system).
+        allow_factored: return (Kᵀ, C) instead of a dense K×V matrix when N·(K+V) < K·V (dual form only).
+
+    Returns:
+        a RidgeSolution; the primal form is always dense, the dual form is factored when smaller.
+    """
+    n, d_k = keys_NK.shape
+    d_v = resid_NV.shape[1]
+    assert resid_NV.shape[0] == n, f"keys have {n} rows, residuals {resid_NV.shape[0]}"
+    dtype = math_dtype(keys_NK, resid_NV)
+    keys_NK = keys_NK.to(dtype)
+    resid_NV = resid_NV.to(dtype)
+    lam_t = _lam_tensor(lam, dtype, keys_NK.device)
+    chosen = choose_form(n, d_k) if form == "auto" else form
+    if chosen == "primal":
+        system_KK = _ridge_system(keys_NK.T @ keys_NK, lam_t)
+        dense_KV = torch.linalg.solve(system_KK, keys_NK.T @ resid_NV)
+        return RidgeSolution("primal", dense_KV=dense_KV)
+    system_NN = _ridge_system(keys_NK @ keys_NK.T, lam_t)
+    coef_NV = torch.linalg.solve(system_NN, resid_NV)
+    if allow_factored and n * (d_k + d_v) < d_k * d_v:
+        return RidgeSolution("dual", keys_NK=keys_NK, coef_NV=coef_NV)
+    return RidgeSolution("dual", dense_KV=keys_NK.T @ coef_NV)
+
+
+def ridge_delta(
+    keys_NK: torch.Tensor, resid_NV: torch.Tensor, lam: float | torch.Tensor, *, form: Form = "auto"
+) -> torch.Tensor:
+    """ΔW (K×V) = (KᵀK + λI)⁻¹ Kᵀ R̂, dense. See `ridge_solve` for the arguments."""
+    return ridge_solve(keys_NK, resid_NV, lam, form=form, allow_factored=False).to_dense()
+
+
+def ridge_backward(
+    keys_NK: torch.Tensor,
+    resid_NV: torch.Tensor,
+    lam: float | torch.Tensor,
+    grad_delta_KV: torch.Tensor,
+    *,
+    form: Form = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reverse mode of `ridge_delta` with respect to R̂ and λ (the meta-gradient's middle step).
+
+    Args:
+        keys_NK: keys K (N×K), constants.
+        resid_NV: the residuals R̂ (N×V) the delta was solved from.
+        lam: λ used in the forward solve.
+        grad_delta_KV: Γ = ∂L/∂ΔW (K×V), e.g. the weight gradient of the edited model, in K×V orientation.
+        form: which system to solve; both give the same result.
+
+    Returns:
+        (grad_resid_NV, grad_lam): ∂L/∂R̂ (N×V) and ∂L/∂λ (0-d tensor).
+    """
+    n, d_k = keys_NK.shape
+    dtype = math_dtype(keys_NK, resid_NV, grad_delta_KV)
+    keys_NK, resid_NV, grad_delta_KV = (t.to(dtype) for t in (keys_NK, resid_NV, grad_delta_KV))
+    lam_t = _lam_tensor(lam, dtype, keys_NK.device)
+    chosen = choose_form(n, d_k) if form == "auto" else form
+    if chosen == "primal":
+        system_KK = _ridge_system(keys_NK.T @ keys_NK, lam_t)
+        # one solve with both right-hand sides: M⁻¹Γ and M⁻¹KᵀR̂ = ΔW
+        rhs = torch.cat([grad_delta_KV, keys_NK.T @ resid_NV], dim=1)
+        sol = torch.linalg.solve(system_KK, rhs)
+        adj_KV, delta_KV = sol.split([grad_delta_KV.shape[1], resid_NV.shape[1]], dim=1)
+        grad_resid_NV = keys_NK @ adj_KV
+        grad_lam = -(adj_KV * delta_KV).sum()
+        return grad_resid_NV, grad_lam
+    system_NN = _ridge_system(keys_NK @ keys_NK.T, lam_t)
+    rhs = torch.cat([keys_NK @ grad_delta_KV, resid_NV], dim=1)
+    sol = torch.linalg.solve(system_NN, rhs)
+    grad_resid_NV, coef_NV = sol.split([grad_delta_KV.shape[1], resid_NV.shape[1]], dim=1)
+    grad_lam = -(grad_resid_NV * coef_NV).sum()
+    return grad_resid_NV, grad_lam
