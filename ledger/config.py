@@ -1,0 +1,202 @@
+"""The one place that reads configuration: `Settings`, built once by `load_settings()`.
+
+Precedence, lowest first: defaults < TOML file < `HORSE_LEDGER_*` environment variables < CLI flags.
+The TOML file is `--config FILE`, else `$HORSE_LEDGER_CONFIG`, else
+`$XDG_CONFIG_HOME/horse-ledger/config.toml` when it exists. Keys in the file are the field names below
+(flat, or under a `[horse-ledger]` table); each field's env var is `HORSE_LEDGER_<FIELD>` except
+`db_url`, which is `HORSE_LEDGER_DB`. Nothing else in the project reads `os.environ`.
+
+Print every field with its unit and help: `python -m ledger.config`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from ledger.errors import ConfigError
+
+APP_NAME = "horse-ledger"
+ENV_PREFIX = "HORSE_LEDGER_"
+ENV_CONFIG = "HORSE_LEDGER_CONFIG"
+ENV_DB = "HORSE_LEDGER_DB"
+
+
+def _opt(default: Any, unit: str, help: str, env: str | None = None) -> Any:
+    return field(default=default, metadata={"unit": unit, "help": help, "env": env})
+
+
+def _xdg(var: str, fallback: str, environ: Mapping[str, str]) -> Path:
+    value = environ.get(var, "")
+    return Path(value) if value else Path.home() / fallback
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of horse-ledger, with its unit. Build with `load_settings()`; never mutate."""
+
+    # storage. Empty path defaults are filled from the XDG base directories by load_settings().
+    db_url: str = _opt("", "SQLAlchemy URL",
+                       "database; default sqlite:///$XDG_DATA_HOME/horse-ledger/ledger.db", env=ENV_DB)
+    data_dir: str = _opt("", "path", "where the ledger keeps its files; default $XDG_DATA_HOME/horse-ledger")
+    snapshot_dir: str = _opt("", "path", "weight-delta snapshot files; default <data_dir>/snapshots")
+    cache_dir: str = _opt("", "path", "downloaded / converted models; default $XDG_CACHE_HOME/horse-ledger")
+    # engine
+    model: str = _opt("smollm2-135m", "name or dir", "base model to edit (tiny-gpt2, tiny-llama, smollm2-135m, or a dir)")
+    hypernet: str = _opt("", "path", "hypernet checkpoint; empty = the one shipped for the model")
+    device: str = _opt("cpu", "cpu|cuda:N|auto", "where the model runs")
+    dtype: str = _opt("float32", "float32|bfloat16", "weight dtype of the served model")
+    # daemon: batches and claims
+    batch_max_edits: int = _opt(100, "edits", "most edits the daemon claims into one batch")
+    max_attempts: int = _opt(3, "attempts", "a failed edit is retried until it has been tried this often")
+    claim_stale_after_s: int = _opt(3600, "s", "a claim with no heartbeat for this long goes back to pending")
+    heartbeat_every_s: int = _opt(30, "s", "how often a running batch refreshes its claim")
+    # daemon: schedule
+    schedule_cron: str = _opt("0 2 * * *", "cron (5 fields, local time)", "when the nightly batch runs")
+    misfire_grace_s: int = _opt(3600, "s", "a run missed by at most this much still starts")
+    # gate: checks a new snapshot must pass before it is published
+    gate_min_efficacy: float = _opt(0.5, "share 0..1", "per-edit token accuracy on its own prompt, at least")
+    gate_min_canary_agreement: float = _opt(0.95, "share 0..1",
+                                            "greedy next tokens on canary prompts that must not change")
+    gate_max_protected_drop: float = _opt(0.0, "share 0..1", "share of protected facts allowed to flip")
+    gate_min_retention: float = _opt(0.9, "share 0..1", "earlier applied edits that must still hold")
+    gate_bisect_depth: int = _opt(4, "halvings", "how often a failing batch is split to find the bad edits")
+    gate_canary_file: str = _opt("", "path", "canary prompts (JSONL); empty = the shipped sample")
+    gate_max_delta_norm: float = _opt(0.0, "Frobenius norm", "largest allowed delta per layer; 0 = off")
+    # consolidation of snapshot chains
+    consolidate_every_nights: int = _opt(0, "nights", "fold the chain into one snapshot this often; 0 = off")
+    consolidate_max_chain: int = _opt(0, "snapshots", "fold when the chain is this long; 0 = off")
+    consolidate_min_retention: float = _opt(0.0, "share 0..1",
+                                            "fold when retention drops below this; 0 = off")
+    # logging
+    log_json: str = _opt("auto", "auto|true|false", "JSON log lines; auto = when stderr is not a terminal")
+
+    @property
+    def db_path(self) -> Path | None:
+        """The SQLite file behind db_url, or None for a server database or an in-memory one."""
+        prefix = "sqlite:///"
+        if not self.db_url.startswith(prefix) or self.db_url in (prefix, prefix + ":memory:"):
+            return None
+        return Path(self.db_url[len(prefix):].split("?", 1)[0])
+
+    def describe(self) -> list[dict[str, str]]:
+        """Every field as {name, value, unit, env, help}, for `--help`-like listings."""
+        rows = []
+        for f in fields(self):
+            rows.append({"name": f.name, "value": str(getattr(self, f.name)), "unit": f.metadata["unit"],
+                         "env": env_var(f.name), "help": f.metadata["help"]})
+        return rows
+
+
+def env_var(name: str) -> str:
+    """The environment variable that sets field `name`."""
+    f = {f.name: f for f in fields(Settings)}[name]
+    return f.metadata["env"] or ENV_PREFIX + name.upper()
+
+
+def _coerce(name: str, kind: type, raw: Any, origin: str) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).strip().lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError(raw)
+            return int(raw)
+        if kind is float:
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            return float(raw)
+        if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+            raise ValueError(raw)
+        return str(raw)
+    except ValueError:
+        raise ConfigError(f"{origin}: {name} = {raw!r} is not a valid {kind.__name__}; "
+                          f"give a {kind.__name__} ({_unit(name)})") from None
+
+
+def _unit(name: str) -> str:
+    return {f.name: f for f in fields(Settings)}[name].metadata["unit"]
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; create it or drop --config / {ENV_CONFIG}") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}; fix the file") from exc
+    table = data.get(APP_NAME, data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {path}: [{APP_NAME}] must be a table")
+    return table
+
+
+def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str | None = None,
+                  *, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build the Settings: defaults < TOML file < HORSE_LEDGER_* env vars < arguments.
+
+    Args:
+        config_path: the TOML file (the `--config` flag); None = $HORSE_LEDGER_CONFIG or the XDG default.
+        db_url: the `--db` flag; None = keep the lower layers' value.
+        environ: the environment to read (tests pass a dict); None = os.environ.
+        **overrides: other CLI flags, by field name; None values are ignored.
+    Returns:
+        A frozen Settings with every path default filled in.
+    Raises:
+        ConfigError: unreadable file, unknown key, or a value of the wrong type.
+    """
+    env = os.environ if environ is None else environ
+    by_name = {f.name: f for f in fields(Settings)}
+    kinds = {f.name: {"int": int, "float": float, "str": str, "bool": bool}[f.type] for f in fields(Settings)}
+    values: dict[str, Any] = {}
+
+    config_home = _xdg("XDG_CONFIG_HOME", ".config", env)
+    if config_path is not None:
+        path: Path | None = Path(config_path)
+    elif env.get(ENV_CONFIG):
+        path = Path(env[ENV_CONFIG])
+    else:
+        default = config_home / APP_NAME / "config.toml"
+        path = default if default.is_file() else None
+    if path is not None:
+        for key, raw in _read_toml(path).items():
+            if key not in by_name:
+                raise ConfigError(f"config file {path}: unknown key {key!r}; known keys: {', '.join(by_name)}")
+            values[key] = _coerce(key, kinds[key], raw, f"config file {path}")
+
+    for name in by_name:
+        var = env_var(name)
+        if env.get(var, "") != "":
+            values[name] = _coerce(name, kinds[name], env[var], f"environment variable {var}")
+
+    for name, raw in {"db_url": db_url, **overrides}.items():
+        if name not in by_name:
+            raise TypeError(f"load_settings() got an unknown field {name!r}")
+        if raw is not None:
+            values[name] = _coerce(name, kinds[name], raw, f"option for {name}")
+
+    data_dir = Path(values.get("data_dir") or _xdg("XDG_DATA_HOME", ".local/share", env) / APP_NAME)
+    values["data_dir"] = str(data_dir)
+    values.setdefault("db_url", "")
+    if not values["db_url"]:
+        values["db_url"] = f"sqlite:///{data_dir / 'ledger.db'}"
+    if not values.get("snapshot_dir"):
+        values["snapshot_dir"] = str(data_dir / "snapshots")
+    if not values.get("cache_dir"):
+        values["cache_dir"] = str(_xdg("XDG_CACHE_HOME", ".cache", env) / APP_NAME)
+    return dataclasses.replace(Settings(), **values)
+
+
+if __name__ == "__main__":  # python -m ledger.config: print the effective settings
+    for row in load_settings().describe():
+        print(f"{row['name']:28} = {row['value']!s:40} [{row['unit']}] {row['env']}: {row['help']}")

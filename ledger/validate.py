@@ -1,0 +1,230 @@
+"""What an acceptable edit is: `EditSpec`, `validate_edit()`, and the JSONL / CSV readers for `add --from`.
+
+Every check raises `InvalidEdit` naming where (`--subject`, `line 12`) and which field, before anything
+is written. Text is stored verbatim (outer whitespace trimmed): SQL metacharacters and any script are fine;
+control characters, over-long fields and empty fields are not.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import unicodedata
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ledger.errors import InvalidEdit, InvalidInputFile
+from ledger.models import MAX_FIELD_CHARS
+
+FIELDS = ("subject", "prompt", "target", "target_true", "paraphrases", "source", "author", "note")
+REQUIRED = ("subject", "prompt", "target")
+TEXT_FIELDS = ("subject", "prompt", "target", "target_true", "source", "author", "note")
+MAX_PARAPHRASES = 50
+CSV_PARAPHRASE_SEP = "|"  # CSV cells hold several paraphrases as a JSON array or separated by "|"
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """A validated edit as submitted; `ledger.store.Store.add_edits` takes a list of these."""
+
+    subject: str
+    prompt: str
+    target_new: str
+    target_true: str | None = None
+    paraphrases: tuple[str, ...] = field(default_factory=tuple)
+    source: str | None = None
+    author: str | None = None
+    note: str | None = None
+
+    @property
+    def content_hash(self) -> str:
+        """The same fact gives the same hash: subject, prompt, target_new, target_true (NFC, casefolded)."""
+        return _sha256([self.subject, self.prompt, self.target_new, self.target_true])
+
+    @property
+    def key_hash(self) -> str:
+        """Edits with the same key are about the same question: subject and prompt."""
+        return _sha256([self.subject, self.prompt])
+
+    @property
+    def rendered_prompt(self) -> str:
+        return self.prompt.replace("{}", self.subject) if "{}" in self.prompt else self.prompt
+
+
+def _sha256(parts: list[str | None]) -> str:
+    norm = [None if p is None else unicodedata.normalize("NFC", p).casefold() for p in parts]
+    return hashlib.sha256(json.dumps(norm, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _bad_char(text: str) -> str | None:
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if cat == "Cc" or cat == "Cs" or ch in "\u2028\u2029":
+            return f"U+{ord(ch):04X}"
+    return None
+
+
+def check_text(value: Any, name: str, *, where: str | None, required: bool) -> str | None:
+    """One text field: a string, trimmed, non-empty if required, no control characters, ≤ 2,000 chars."""
+    if value is None:
+        if required:
+            raise InvalidEdit(f"is missing; give a non-empty {name}", where=where, field=name)
+        return None
+    if not isinstance(value, str):
+        raise InvalidEdit(f"must be text, not {type(value).__name__} {value!r}", where=where, field=name)
+    text = value.strip()
+    if not text:
+        if required:
+            raise InvalidEdit("is empty or only whitespace; give a non-empty value", where=where, field=name)
+        return None
+    if len(text) > MAX_FIELD_CHARS:
+        raise InvalidEdit(f"is {len(text):,} characters long; the limit is {MAX_FIELD_CHARS:,}",
+                          where=where, field=name)
+    bad = _bad_char(text)
+    if bad:
+        raise InvalidEdit(f"contains the control character {bad}; remove it (use plain text)",
+                          where=where, field=name)
+    return text
+
+
+def validate_edit(raw: Mapping[str, Any], *, where: str | None = None) -> EditSpec:
+    """Check one edit given with the CLI field names (subject, prompt, target, target_true, paraphrases,
+    source, author, note) and return it as an EditSpec.
+
+    Raises:
+        InvalidEdit: naming `where` and the field.
+    """
+    unknown = [k for k in raw if k not in FIELDS]
+    if unknown:
+        raise InvalidEdit(f"unknown field {unknown[0]!r}; the fields are {', '.join(FIELDS)}",
+                          where=where, field=unknown[0])
+    text = {name: check_text(raw.get(name), name, where=where, required=name in REQUIRED) for name in TEXT_FIELDS}
+    subject, prompt, target = text["subject"], text["prompt"], text["target"]
+    n_slots = prompt.count("{}")
+    if n_slots > 1:
+        raise InvalidEdit(f"has {n_slots} '{{}}' slots; use one '{{}}' where the subject goes",
+                          where=where, field="prompt")
+    if n_slots == 0 and subject not in prompt:
+        raise InvalidEdit(f"{prompt!r} neither has a '{{}}' slot nor contains the subject {subject!r}; "
+                          "write '{}' where the subject goes", where=where, field="prompt")
+    if text["target_true"] is not None and text["target_true"].casefold() == target.casefold():
+        raise InvalidEdit(f"target {target!r} equals target_true; an edit must change the answer",
+                          where=where, field="target")
+    paraphrases = _check_paraphrases(raw.get("paraphrases"), where=where)
+    return EditSpec(subject=subject, prompt=prompt, target_new=target, target_true=text["target_true"],
+                    paraphrases=paraphrases, source=text["source"], author=text["author"], note=text["note"])
+
+
+def _check_paraphrases(value: Any, *, where: str | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise InvalidEdit(f"must be a list of strings, not {type(value).__name__}", where=where, field="paraphrases")
+    if len(value) > MAX_PARAPHRASES:
+        raise InvalidEdit(f"has {len(value)} entries; the limit is {MAX_PARAPHRASES}", where=where,
+                          field="paraphrases")
+    out = []
+    for i, item in enumerate(value):
+        out.append(check_text(item, f"paraphrases[{i}]", where=where, required=True))
+    return tuple(dict.fromkeys(out))  # drop repeats, keep order
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+def read_edit_file(path: str | Path) -> list[EditSpec]:
+    """Read and validate every edit in a JSONL (.jsonl, .ndjson, .json) or CSV (.csv) file.
+
+    All or nothing: the first problem raises, naming the line and the field, and no edit is returned.
+    Raises:
+        InvalidInputFile / InvalidEdit
+    """
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in (".jsonl", ".ndjson", ".json", ".csv"):
+        raise InvalidInputFile(f"{path}: cannot tell the format from the extension {ext or '(none)'!r}; "
+                               "name the file .jsonl or .csv")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidInputFile(f"{path} cannot be read: {exc.strerror}; check the path") from None
+    text = _decode(data, path)
+    rows = _jsonl_rows(text, path) if ext != ".csv" else _csv_rows(text, path)
+    return [validate_edit(raw, where=f"{path.name}: line {lineno}") for lineno, raw in rows]
+
+
+def _decode(data: bytes, path: Path) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise InvalidInputFile(f"{path.name}: line {line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at "
+                               f"column {col}); save the file as UTF-8") from None
+    return text.removeprefix("\ufeff")
+
+
+def _jsonl_rows(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    rows = []
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidInputFile(f"{path.name}: line {lineno}: malformed JSON ({exc.msg} at column {exc.colno}); "
+                                   "each line must be one JSON object") from None
+        if not isinstance(obj, dict):
+            raise InvalidInputFile(f"{path.name}: line {lineno}: a JSON {type(obj).__name__}, not an object; "
+                                   "each line must be one JSON object with the fields " + ", ".join(FIELDS))
+        rows.append((lineno, obj))
+    return iter(rows)
+
+
+def _csv_rows(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = reader.fieldnames or []
+    except csv.Error as exc:
+        raise InvalidInputFile(f"{path.name}: line 1: bad CSV header ({exc})") from None
+    header = [h.strip() for h in header]
+    reader.fieldnames = header
+    missing = [f for f in REQUIRED if f not in header]
+    if missing:
+        raise InvalidInputFile(f"{path.name}: line 1: missing column(s) {', '.join(missing)}; the header needs "
+                               f"{', '.join(REQUIRED)} (optional: {', '.join(FIELDS[3:])})")
+    unknown = [h for h in header if h not in FIELDS]
+    if unknown:
+        raise InvalidInputFile(f"{path.name}: line 1: unknown column {unknown[0]!r}; the columns are "
+                               f"{', '.join(FIELDS)}")
+    rows = []
+    try:
+        for record in reader:
+            lineno = reader.line_num
+            if None in record:
+                raise InvalidInputFile(f"{path.name}: line {lineno}: more cells than header columns; "
+                                       "quote cells that contain commas")
+            if any(v is None for v in record.values()):
+                raise InvalidInputFile(f"{path.name}: line {lineno}: fewer cells than header columns")
+            raw: dict[str, Any] = {k: (v if v.strip() else None) for k, v in record.items()}
+            if raw.get("paraphrases") is not None:
+                raw["paraphrases"] = _csv_paraphrases(raw["paraphrases"], path, lineno)
+            rows.append((lineno, raw))
+    except csv.Error as exc:
+        raise InvalidInputFile(f"{path.name}: line {reader.line_num}: bad CSV ({exc})") from None
+    return iter(rows)
+
+
+def _csv_paraphrases(cell: str, path: Path, lineno: int) -> list[Any]:
+    if cell.lstrip().startswith("["):
+        try:
+            value = json.loads(cell)
+        except json.JSONDecodeError as exc:
+            raise InvalidInputFile(f"{path.name}: line {lineno}: field 'paraphrases': malformed JSON array "
+                                   f"({exc.msg})") from None
+        return value if isinstance(value, list) else [value]
+    return [p for p in cell.split(CSV_PARAPHRASE_SEP)]
