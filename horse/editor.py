@@ -1,0 +1,414 @@
+"""The Editor: a hypernet bound to one base model, turning edit requests into weight deltas.
+
+Owns the editing pipeline of HORSE / MALMEN (paper steps 3–7):
+    tokenise → capture K^l, G^l (hooks.py) → residuals R^l from the hypernet (hypernet.py)
+    → spread R̂^l (spread.py) → ridge solve ΔW^l (solve.py) → `Deltas` (deltas.py)
+and the hypernet checkpoint format: one safetensors file whose header metadata holds a JSON card
+(architecture, module names, shapes, rank, blocks, spread, variant, training data hash, base-model
+fingerprint; the normaliser state is in the tensors), plus the same card as a readable `<file>.json`.
+No pickle: checkpoints are read with safetensors only.
+
+The editor never writes model weights: `compute_deltas` returns deltas, and applying them (with exact
+restore) is `horse.deltas.apply_deltas`. The model's parameters and train/eval mode are restored after the
+capture pass.
+
+    editor = Editor.from_checkpoint("hypernet.safetensors", model)
+    deltas, timings_s = editor.compute_deltas(model, tok, requests)
+    with apply_deltas(model, deltas): ...
+
+Tests: `python -m pytest tests/horse/test_editor.py tests/horse/test_checkpoint.py -q`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from horse.arch import default_target_modules, get_module, module_shape_KV
+from horse.deltas import Deltas, LayerDelta, fingerprint_modules
+from horse.errors import BadCheckpoint, CheckpointMismatch, EngineError
+from horse.hooks import Captured, capture
+from horse.hypernet import HyperConfig, HyperNetSet, layer_residuals
+from horse.solve import RidgeSolution, ridge_solve
+from horse.spread import spread_residuals
+from horse.tokens import TokenizedBatch, chunked, tokenize_pairs
+from horse.types import EditRequest
+
+CARD_KEY = "horse_card"
+FORMAT_VERSION = 1
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put the model in eval mode (dropout off) for the block and restore its previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def lm_batches(
+    tok: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[str], batch_size: int,
+    device: torch.device,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask, labels) per LM mini-batch of `batch_size` pairs, on `device`."""
+    out = []
+    for idx in chunked(list(range(len(prompts))), batch_size):
+        b: TokenizedBatch = tokenize_pairs(tok, [prompts[i] for i in idx], [answers[i] for i in idx]).to(device)
+        out.append((b.input_ids, b.attention_mask, b.labels))
+    return out
+
+
+@dataclass
+class Prediction:
+    """One pass of the editor over a captured batch (kept by meta-training for the backward stage)."""
+
+    captured: Captured
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]]  # net key → (mean_D, std_D) used
+    resids_NV: list[torch.Tensor]  # R^l, ascending
+    spread_NV: list[torch.Tensor]  # R̂^l
+    lams: list[torch.Tensor]  # λ_l
+    solutions: list[RidgeSolution]
+
+
+class Editor:
+    """A HORSE / MALMEN hypernet bound to a base model (by module names, shapes and fingerprint).
+
+    Attributes:
+        config: the HyperConfig (module_names always filled in).
+        nets: the hypernets (an nn.Module; meta-training optimises its parameters).
+        fingerprint: sha256 of the target modules' original weights of the base model.
+        update_normaliser: when True, every `compute_deltas` merges its inputs into the running
+            normaliser (off by default: serving is deterministic and stateless).
+        metadata: the checkpoint card's extra fields (training data hash, steps, metrics, ...).
+    """
+
+    def __init__(
+        self, config: HyperConfig, nets: HyperNetSet, fingerprint: str, shapes_KV: Sequence[tuple[int, int]],
+        metadata: dict | None = None,
+    ) -> None:
+        self.config = config
+        self.nets = nets
+        self.fingerprint = fingerprint
+        self.shapes_KV = [tuple(s) for s in shapes_KV]
+        self.update_normaliser = False
+        self.metadata: dict = dict(metadata or {})
+
+    # ------------------------------------------------------------------ construction
+
+    @property
+    def module_names(self) -> list[str]:
+        return list(self.config.module_names)
+
+    @classmethod
+    def new(cls, model: nn.Module, config: HyperConfig | None = None) -> Editor:
+        """An untrained editor for `model` (identity hypernet, η = eta_init, λ = exp(lamda_init)).
+
+        Args:
+            model: the base model; its target modules' weights are fingerprinted now.
+            config: the settings; empty `module_names` means the model's default targets.
+        """
+        config = config or HyperConfig()
+        names = list(config.module_names) or default_target_modules(model, config.n_last_layers)
+        config = replace(config, module_names=tuple(names))
+        shapes = [module_shape_KV(get_module(model, n)) for n in names]
+        nets = HyperNetSet(config, names, shapes).to(model_device(model))
+        return cls(config, nets, fingerprint_modules(model, names), shapes)
+
+    def to(self, device: str | torch.device) -> Editor:
+        """Move the hypernets to `device` (in place); returns self."""
+        self.nets.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.nets.parameters()).device
+
+    # ------------------------------------------------------------------ the pipeline
+
+    def capture(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
+        *, lm_batch_size: int = 25,
+    ) -> Captured:
+        """Step 3: keys and gradients of the edit prompt → new target, at the answer tokens."""
+        if not requests:
+            raise EngineError("no requests to edit; give at least one EditRequest")
+        batches = lm_batches(
+            tokenizer, [r.prompt for r in requests], [r.target for r in requests], lm_batch_size, model_device(model)
+        )
+        with eval_mode(model):
+            return capture(model, self.module_names, batches)
+
+    def normaliser_stats(self, captured: Captured, *, update: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per net: merge this batch into the running normaliser when `update`, then return the stats to use."""
+        stats = {}
+        for key, net in self.nets.nets.items():
+            rows = [
+                torch.cat([captured.keys_NK[n], captured.grads_NV[n]], dim=-1)
+                for n in self.module_names
+                if self.nets.slots[n][0] == key
+            ]
+            x_ND = torch.cat(rows).to(self.device)
+            if update:
+                net.normaliser.update(x_ND)
+            mean_D, std_D = net.normaliser.stats_for(x_ND)
+            stats[key] = (mean_D.to(self.device), std_D.to(self.device))
+        return stats
+
+    def residuals(
+        self, captured: Captured, stats: dict[str, tuple[torch.Tensor, torch.Tensor]], *, names: Sequence[str] | None = None
+    ) -> list[torch.Tensor]:
+        """Step 5: R^l per layer (autograd follows the current grad mode)."""
+        out = []
+        for name in names or self.module_names:
+            net, layer = self.nets.net_for(name)
+            key = self.nets.slots[name][0]
+            out.append(
+                layer_residuals(
+                    net, layer, captured.keys_NK[name].to(self.device), captured.grads_NV[name].to(self.device),
+                    stats[key], self.config.chunk_tokens,
+                )
+            )
+        return out
+
+    def lams(self) -> list[torch.Tensor]:
+        """λ_l per layer, ascending (detached)."""
+        out = []
+        for name in self.module_names:
+            net, layer = self.nets.net_for(name)
+            out.append(net.lam(layer).detach())
+        return out
+
+    def predict(self, captured: Captured, *, update_normaliser: bool | None = None,
+                timings_s: dict[str, float] | None = None) -> Prediction:
+        """Steps 4–7 without gradients: residuals, spread, ridge solve per layer."""
+        timings_s = {} if timings_s is None else timings_s
+        update = self.update_normaliser if update_normaliser is None else update_normaliser
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            stats = self.normaliser_stats(captured, update=update)
+            resids = self.residuals(captured, stats)
+            _sync(self.device)
+            t1 = time.perf_counter()
+            grads = [captured.grads_NV[n].to(self.device) for n in self.module_names]
+            spread = spread_residuals(resids, grads, self.config.spread)
+            _sync(self.device)
+            t2 = time.perf_counter()
+            lams = self.lams()
+            solutions = [
+                ridge_solve(captured.keys_NK[n].to(self.device), r, lam)
+                for n, r, lam in zip(self.module_names, spread, lams)
+            ]
+            _sync(self.device)
+            t3 = time.perf_counter()
+        timings_s.update(hypernet=t1 - t0, spread=t2 - t1, solve=t3 - t2)
+        return Prediction(captured, stats, resids, spread, lams, solutions)
+
+    def compute_deltas(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
+        *, lm_batch_size: int = 25,
+    ) -> tuple[Deltas, dict[str, float]]:
+        """Weight deltas that write `requests` into `model` (the model itself is not changed).
+
+        Args:
+            model: the base model the editor was built for (fp32 or bf16, any device).
+            tokenizer: its tokenizer.
+            requests: the facts to edit, at least one.
+            lm_batch_size: requests per LM mini-batch of the capture pass.
+
+        Returns:
+            (deltas keyed by module path, fp32 K×V dense or factored; timings in seconds by stage:
+            capture, hypernet, spread, solve, total).
+
+        Raises:
+            EngineError: for no requests, empty prompts or targets.
+        """
+        timings_s: dict[str, float] = {}
+        t0 = time.perf_counter()
+        captured = self.capture(model, tokenizer, requests, lm_batch_size=lm_batch_size)
+        _sync(model_device(model))
+        timings_s["capture"] = time.perf_counter() - t0
+        prediction = self.predict(captured, timings_s=timings_s)
+        deltas = solutions_to_deltas(self.module_names, prediction.solutions)
+        timings_s["total"] = time.perf_counter() - t0
+        return deltas, timings_s
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def card(self, extra_metadata: dict | None = None) -> dict:
+        """The JSON card saved with the checkpoint."""
+        card = {
+            "format": "horse-hypernet",
+            "format_version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "module_names": self.module_names,
+            "shapes_KV": [list(s) for s in self.shapes_KV],
+            "rank": self.config.rank,
+            "n_blocks": self.config.n_blocks,
+            "spread": self.config.spread,
+            "variant": self.config.variant,
+            "base_model_fingerprint": self.fingerprint,
+            "normaliser": {k: {"count": float(n.normaliser.count)} for k, n in self.nets.nets.items()},
+        }
+        card.update(self.metadata)
+        card.update(extra_metadata or {})
+        return card
+
+    def save(self, path: str | os.PathLike, *, extra_metadata: dict | None = None,
+             dtype: torch.dtype | None = None) -> Path:
+        """Write the hypernet (safetensors, atomic) and its card (`<path>.json`).
+
+        Args:
+            path: the .safetensors file.
+            extra_metadata: JSON-safe fields added to the card (training data hash, steps, metrics).
+            dtype: store floating parameters in this dtype (e.g. torch.bfloat16 to ship); normaliser
+                buffers always stay float64.
+
+        Returns:
+            the path written.
+        """
+        path = Path(path)
+        card = self.card(extra_metadata)
+        tensors = {}
+        for k, v in self.nets.state_dict().items():
+            v = v.detach().cpu()
+            if dtype is not None and v.is_floating_point() and ".normaliser." not in k:
+                v = v.to(dtype)
+            tensors[k] = v.contiguous()
+        blob = safetensors_save(tensors, metadata={CARD_KEY: json.dumps(card)})
+        atomic_write(path, blob)
+        atomic_write(path.with_suffix(path.suffix + ".json"), (json.dumps(card, indent=2) + "\n").encode())
+        return path
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, model: nn.Module, *, force: bool = False) -> Editor:
+        """Load a hypernet for `model`.
+
+        Raises:
+            BadCheckpoint: the file is not a readable horse hypernet.
+            CheckpointMismatch: the module names or shapes do not exist in `model`, or (unless `force`)
+                the base-model fingerprint differs.
+        """
+        tensors, card = read_checkpoint(path)
+        config = HyperConfig.from_dict(card["config"])
+        names = list(card["module_names"])
+        shapes = [tuple(s) for s in card["shapes_KV"]]
+        for name, shape in zip(names, shapes):
+            try:
+                actual = module_shape_KV(get_module(model, name))
+            except EngineError as exc:
+                raise CheckpointMismatch(
+                    f"hypernet {path} edits module {name!r}, which this model ({type(model).__name__}) lacks; "
+                    "train a hypernet for this model (horse-ledger hypernet train)"
+                ) from exc
+            if tuple(actual) != tuple(shape):
+                raise CheckpointMismatch(
+                    f"hypernet {path} expects {name} of shape (K, V) = {tuple(shape)}, the model has {actual}; "
+                    "train a hypernet for this model (horse-ledger hypernet train); --force does not override shapes"
+                )
+        fingerprint = fingerprint_modules(model, names)
+        if fingerprint != card["base_model_fingerprint"] and not force:
+            raise CheckpointMismatch(
+                f"hypernet {path} was trained on another base model (fingerprint "
+                f"{card['base_model_fingerprint'][:12]}…, this model {fingerprint[:12]}…); train one for this "
+                "model, or pass --force (force=True) to use it anyway"
+            )
+        nets = HyperNetSet(config, names, shapes)
+        own = nets.state_dict()
+        if set(own) != set(tensors):
+            raise BadCheckpoint(
+                f"hypernet {path} has tensors {sorted(set(tensors) ^ set(own))[:4]} that do not match its card; "
+                "the file is damaged or from another version: retrain it"
+            )
+        for k, v in own.items():
+            if tuple(tensors[k].shape) != tuple(v.shape):
+                raise BadCheckpoint(f"hypernet {path}: tensor {k} has shape {tuple(tensors[k].shape)}, "
+                                    f"expected {tuple(v.shape)}; retrain it")
+        nets.load_state_dict({k: tensors[k].to(own[k].dtype) for k in own})
+        metadata = {k: v for k, v in card.items() if k not in _CARD_CORE_KEYS}
+        editor = cls(config, nets.to(model_device(model)), card["base_model_fingerprint"], shapes, metadata)
+        return editor
+
+
+_CARD_CORE_KEYS = frozenset({
+    "format", "format_version", "config", "module_names", "shapes_KV", "rank", "n_blocks", "spread",
+    "variant", "base_model_fingerprint", "normaliser",
+})
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, card) of a hypernet file, via safetensors only.
+
+    Raises:
+        BadCheckpoint: missing file, not safetensors, or no horse card.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadCheckpoint(f"hypernet file {path} does not exist; give the path of a .safetensors hypernet")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types for a damaged header
+        raise BadCheckpoint(f"{path} is not a readable safetensors file ({exc}); re-download or retrain it") from exc
+    if CARD_KEY not in meta:
+        raise BadCheckpoint(f"{path} is a safetensors file without a horse hypernet card; give a hypernet file")
+    try:
+        card = json.loads(meta[CARD_KEY])
+    except json.JSONDecodeError as exc:
+        raise BadCheckpoint(f"{path}: the hypernet card is not valid JSON; retrain it") from exc
+    if card.get("format") != "horse-hypernet":
+        raise BadCheckpoint(f"{path} is not a horse hypernet (format {card.get('format')!r})")
+    return tensors, card
+
+
+def solutions_to_deltas(module_names: Sequence[str], solutions: Sequence[RidgeSolution]) -> Deltas:
+    """RidgeSolution per module → fp32 LayerDelta per module (factored when that is smaller)."""
+    deltas: Deltas = {}
+    for name, sol in zip(module_names, solutions):
+        if sol.is_factored:
+            assert sol.keys_NK is not None and sol.coef_NV is not None
+            deltas[name] = LayerDelta(keys_NK=sol.keys_NK.float(), coef_NV=sol.coef_NV.float())
+        else:
+            deltas[name] = LayerDelta(dense_KV=sol.to_dense().float())
+    return deltas
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same directory, fsync, rename, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
