@@ -122,7 +122,7 @@ def transition(session: Session, ids: Iterable[int], src: EditStatus | str, dst:
 
 
 def _raise_illegal(session: Session, chunk: list[int], src: EditStatus, dst: EditStatus) -> None:
-    found = dict(session.execute(select(Edit.id, Edit.status).where(Edit.id.in_(chunk))).tuples().all())
+    found = dict(session.execute(select(Edit.id, Edit.status).where(Edit.id.in_(chunk))).all())
     current = {i: found.get(i, "missing") for i in chunk if found.get(i) != src.value}
     # rows we may already have moved in this statement show dst; they are rolled back with the transaction
     current = {i: s for i, s in current.items() if s != dst.value} or current

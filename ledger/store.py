@@ -321,14 +321,14 @@ class Store:
             for chunk in _chunks(hashes):
                 rows = s.execute(select(Edit.content_hash, Edit.id, Edit.status)
                                  .where(Edit.content_hash.in_(chunk), Edit.status.in_([a.value for a in ACTIVE]))
-                                 .order_by(Edit.id)).tuples()
+                                 .order_by(Edit.id))
                 for h, i, st in rows:
                     by_hash.setdefault(h, (i, st))
             pending_by_key: dict[str, int] = {}
             for chunk in _chunks(keys):
                 rows = s.execute(select(Edit.key_hash, Edit.id)
                                  .where(Edit.key_hash.in_(chunk), Edit.status == EditStatus.PENDING.value)
-                                 .order_by(Edit.id)).tuples()
+                                 .order_by(Edit.id))
                 for k, i in rows:
                     pending_by_key[k] = i
 
@@ -471,7 +471,7 @@ class Store:
         with self.session() as s:
             stale = Edit.heartbeat_at < cutoff
             rows = s.execute(self._lock(select(Edit.id, Edit.batch_id)
-                                        .where(Edit.status == EditStatus.CLAIMED.value, stale))).tuples().all()
+                                        .where(Edit.status == EditStatus.CLAIMED.value, stale))).all()
             ids = [i for i, _ in rows]
             transition(s, ids, EditStatus.CLAIMED, EditStatus.PENDING, actor=actor,
                        reason=f"claim went stale: no heartbeat for {stale_after_s:g} s",
@@ -580,7 +580,7 @@ class Store:
     def status_counts(self) -> dict[str, int]:
         """Number of edits per status, every status present (zero included)."""
         with self.session(write=False) as s:
-            got = dict(s.execute(select(Edit.status, func.count()).group_by(Edit.status)).tuples().all())
+            got = dict(s.execute(select(Edit.status, func.count()).group_by(Edit.status)).all())
         return {st.value: int(got.get(st.value, 0)) for st in EditStatus}
 
     def get_batch(self, batch_id: int) -> BatchRecord:
@@ -604,7 +604,7 @@ class Store:
     def heads(self) -> dict[str, int | None]:
         """base_model → current snapshot id (None = base), for every model with a head row."""
         with self.session(write=False) as s:
-            return dict(s.execute(select(Head.base_model, Head.snapshot_id).order_by(Head.base_model)).tuples().all())
+            return dict(s.execute(select(Head.base_model, Head.snapshot_id).order_by(Head.base_model)).all())
 
     def get_snapshot(self, snapshot_id: int) -> Snapshot:
         with self.session(write=False) as s:
