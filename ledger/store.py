@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, Callable
 
-from sqlalchemy import Engine, create_engine, event, func, insert, select, text, update
+from sqlalchemy import Engine, create_engine, event, func, insert, or_, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -271,8 +271,12 @@ class Store:
     # ---- schema
     def upgrade(self, revision: str = "head") -> str | None:
         """Upgrade the schema to `revision` (under a lock, so racing processes migrate once); returns it."""
-        from migrations import current_revision, upgrade
+        from migrations import current_revision, head_revision, upgrade
 
+        if revision == "head":  # the common case: already at head, no lock, no Alembic environment
+            with self.engine.connect() as conn:
+                if _has_version_table(conn) and current_revision(conn) == head_revision():
+                    return head_revision()
         with self._write_engine.begin() as conn:
             if self.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATE_LOCK})
@@ -543,7 +547,9 @@ class Store:
             statuses = [status] if isinstance(status, str) else list(status)
             q = q.where(Edit.status.in_([EditStatus(x).value for x in statuses]))
         if subject:
-            q = q.where(func.lower(Edit.subject).contains(subject.lower(), autoescape=True))
+            # lower() is ASCII-only on SQLite (and in a C-locale PostgreSQL): also match the text as given
+            q = q.where(or_(Edit.subject.contains(subject, autoescape=True),
+                            func.lower(Edit.subject).contains(subject.lower(), autoescape=True)))
         if since is not None:
             q = q.where(Edit.submitted_at >= since)
         if batch_id is not None:
@@ -694,6 +700,12 @@ def set_head(session: Session, base_model: str, snapshot_id: int | None, *, acto
     record_event(session, "head.moved", actor=actor, snapshot_id=snapshot_id, reason=reason,
                  payload={"base_model": base_model, "from": previous, "to": snapshot_id})
     return previous
+
+
+def _has_version_table(conn: Any) -> bool:
+    from sqlalchemy import inspect
+
+    return inspect(conn).has_table("alembic_version")
 
 
 def _chunks(items: list[Any], size: int = _IN_CHUNK) -> Iterator[list[Any]]:

@@ -9,6 +9,7 @@ migrations work from a checkout and from an installed wheel alike:
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from alembic import command
@@ -31,7 +32,9 @@ def alembic_config(connection: Connection | None = None, url: str | None = None)
     return cfg
 
 
+@functools.cache
 def head_revision() -> str:
+    """The newest revision in this package (cached: the scripts do not change while we run)."""
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
