@@ -190,3 +190,30 @@ def capture(
         grads_NV={n: torch.cat(v) for n, v in grads.items()},
         loss_per_batch=losses,
     )
+
+
+@contextmanager
+def delta_hooks(model: nn.Module, deltas_KV: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Run the model as if W^l ← W^l + ΔW^l, without touching any weight (meta-training's edited model).
+
+    Each target module's output gets `input @ ΔW_KV` added (x(W + Δ) = xW + xΔ), computed in ΔW's dtype and
+    cast to the output's. When ΔW_KV requires grad, autograd gives Γ^l = ∂L/∂ΔW^l = ∂L/∂W^l at the edited
+    weights (K×V) — what the two-stage meta-gradient needs — with no parameter gradient of the LM.
+    Handles are removed on exit.
+    """
+    handles = []
+
+    def make_hook(delta_KV: torch.Tensor):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            extra = args[0].to(delta_KV.dtype) @ delta_KV
+            return output + extra.to(output.dtype)
+
+        return hook
+
+    try:
+        for name, delta in deltas_KV.items():
+            handles.append(get_module(model, name).register_forward_hook(make_hook(delta)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
