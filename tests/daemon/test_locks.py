@@ -32,9 +32,7 @@ def _other_process_tries(db_url, tmp_path, model):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_second_applier_is_refused_then_gets_the_lock(backend, tmp_path, request):
-    db_url = f"sqlite:///{tmp_path / 'ledger.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
+def test_second_applier_is_refused_then_gets_the_lock(db_url, tmp_path):
     settings = _settings(db_url, tmp_path)
     with applier_lock(settings, "tiny-llama"):
         out = _other_process_tries(db_url, tmp_path, "tiny-llama")

@@ -1,0 +1,230 @@
+"""Reading snapshots back: list them, diff two of them, verify files and materialisation.
+
+Owns `horse-ledger snapshots`, `diff` and `verify`'s logic (the CLI only formats). Nothing here writes.
+
+    rows = snapshot_rows(store, "tiny-llama")
+    report = verify(settings, store, snapshot_id=None)   # None = the head; report.ok
+    d = diff(store, "tiny-llama", 3, 5)
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+
+from daemon import snapshots
+from daemon.errors import SnapshotCorrupt
+from daemon.materialise import ChainLink, Materialised, chain, head_id, links, materialise, weights_digest
+from ledger.config import Settings
+from ledger.errors import SnapshotNotFound
+from ledger.models import Snapshot, SnapshotEdit, as_utc
+from ledger.store import Store
+
+# Numbers `diff` compares, with where they live in a snapshot's metrics.
+DIFF_METRICS = {
+    "efficacy_mean": ("efficacy_mean",),
+    "canary_agreement": ("gate", "canary_agreement"),
+    "protected_flip_share": ("gate", "protected_flip_share"),
+    "retention": ("gate", "retention"),
+    "retention_abs": ("gate", "retention_abs"),
+    "cumulative_norm_max": ("cumulative_norm_max",),
+    "bytes_per_edit": ("bytes_per_edit",),
+    "chain_length": ("chain_length",),
+}
+
+
+def _get(d: dict[str, Any] | None, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(key)
+    return d
+
+
+def snapshot_rows(store: Store, base_model: str) -> list[dict[str, Any]]:
+    """Every snapshot of a base model, oldest first, as JSON-able dicts (the head marked)."""
+    with store.session(write=False) as s:
+        head = head_id(s, base_model)
+        counts: dict[int, int] = {}
+        for sid, eid in s.execute(select(SnapshotEdit.snapshot_id, SnapshotEdit.edit_id)):
+            counts[sid] = counts.get(sid, 0) + 1
+        rows = []
+        for snap in s.execute(select(Snapshot).where(Snapshot.base_model == base_model)
+                              .order_by(Snapshot.id)).scalars():
+            m = snap.metrics or {}
+            rows.append({
+                "id": snap.id, "parent_id": snap.parent_id, "batch_id": snap.batch_id, "kind": snap.kind,
+                "status": snap.status, "is_head": snap.id == head,
+                "created_at": as_utc(snap.created_at).isoformat().replace("+00:00", "Z"),
+                "n_edits": counts.get(snap.id, 0), "bytes": snap.bytes, "sha256": snap.sha256, "path": snap.path,
+                "efficacy_mean": m.get("efficacy_mean"),
+                "canary_agreement": _get(m, ("gate", "canary_agreement")),
+                "retention": _get(m, ("gate", "retention")),
+                "protected_flip_share": _get(m, ("gate", "protected_flip_share")),
+                "cumulative_norm_max": m.get("cumulative_norm_max"),
+                "layer_norms": m.get("layer_norms", {}),
+            })
+    return rows
+
+
+def _snapshot_or_base(s, base_model: str, ref: int | None) -> Snapshot | None:
+    if ref is None:
+        return None
+    snap = s.get(Snapshot, ref)
+    if snap is None or snap.base_model != base_model:
+        raise SnapshotNotFound(f"{base_model} has no snapshot {ref}; see `horse-ledger snapshots`")
+    return snap
+
+
+def diff(store: Store, base_model: str, a: int | None, b: int | None) -> dict[str, Any]:
+    """Which edits differ between the models at snapshots a and b (None = base), and how the numbers moved."""
+    with store.session(write=False) as s:
+        sa, sb = _snapshot_or_base(s, base_model, a), _snapshot_or_base(s, base_model, b)
+
+        def carried(ref: int | None) -> set[int]:
+            ids = [c.id for c in chain(s, ref)]
+            return set(s.execute(select(SnapshotEdit.edit_id).where(SnapshotEdit.snapshot_id.in_(ids))).scalars()) \
+                if ids else set()
+
+        ea, eb = carried(a), carried(b)
+        ma, mb = (sa.metrics or {}) if sa else {}, (sb.metrics or {}) if sb else {}
+        moved = {}
+        for name, path in DIFF_METRICS.items():
+            va, vb = _get(ma, path), _get(mb, path)
+            delta = (vb - va) if isinstance(va, (int, float)) and isinstance(vb, (int, float)) else None
+            moved[name] = {"a": va, "b": vb, "change": delta}
+        norms_a, norms_b = ma.get("layer_norms", {}) or {}, mb.get("layer_norms", {}) or {}
+        layer_norms = {n: {"a": norms_a.get(n, 0.0 if sa is None else None), "b": norms_b.get(n, 0.0 if sb is None else None)}
+                       for n in sorted(set(norms_a) | set(norms_b))}
+        return {"base_model": base_model, "a": a, "b": b,
+                "chain_a": [c.id for c in chain(s, a)], "chain_b": [c.id for c in chain(s, b)],
+                "only_in_a": sorted(ea - eb), "only_in_b": sorted(eb - ea), "in_both": len(ea & eb),
+                "metrics": moved, "layer_norms": layer_norms}
+
+
+@dataclass
+class Check:
+    snapshot_id: int | None
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class VerifyReport:
+    base_model: str
+    snapshot_id: int | None
+    checks: list[Check] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def add(self, snapshot_id: int | None, name: str, ok: bool, detail: str = "") -> bool:
+        self.checks.append(Check(snapshot_id, name, bool(ok), detail))
+        return bool(ok)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base_model": self.base_model, "snapshot_id": self.snapshot_id, "ok": self.ok,
+                "checks": [asdict(c) for c in self.checks], "orphans": self.orphans}
+
+
+def verify(settings: Settings, store: Store, snapshot_id: int | None = None, *, materialise_check: bool = True,
+           use_head: bool = True) -> VerifyReport:
+    """Check a snapshot and every snapshot under it: files (exist, size, sha256, parse, finite, metadata)
+    and, unless `materialise_check=False`, that materialising the chain reproduces each snapshot's recorded
+    weights digest bit for bit and that the weights are finite.
+
+    Args:
+        snapshot_id: the snapshot to check; None with use_head = the head (None with no head: nothing to check).
+    """
+    import torch
+
+    base_model = settings.model
+    with store.session(write=False) as s:
+        if snapshot_id is None and use_head:
+            snapshot_id = head_id(s, base_model)
+        target = _snapshot_or_base(s, base_model, snapshot_id)
+        rows = chain(s, snapshot_id)
+        info = {r.id: {"path": r.path, "sha256": r.sha256, "bytes": r.bytes, "parent_id": r.parent_id,
+                       "metrics": dict(r.metrics or {}),
+                       "edit_ids": sorted(s.execute(select(SnapshotEdit.edit_id)
+                                                    .where(SnapshotEdit.snapshot_id == r.id)).scalars())}
+                for r in rows}
+        referenced = list(s.execute(select(Snapshot.path).where(Snapshot.base_model == base_model)).scalars())
+        chain_links = [ChainLink(r.id, r.path, r.sha256) for r in rows]
+    del target
+    report = VerifyReport(base_model=base_model, snapshot_id=snapshot_id)
+    files_ok = True
+    for link in chain_links:
+        meta_row = info[link.id]
+        path = snapshots.resolve(settings.snapshot_dir, link.path)
+        if not report.add(link.id, "file exists", path.is_file(), str(path)):
+            files_ok = False
+            continue
+        size = path.stat().st_size
+        report.add(link.id, "size", size == meta_row["bytes"], f"{size} bytes, recorded {meta_row['bytes']}")
+        digest = snapshots.hash_file(path)
+        if not report.add(link.id, "sha256", digest == link.sha256, f"{digest[:16]}…, recorded {link.sha256[:16]}…"):
+            files_ok = False
+            continue
+        try:
+            deltas, meta = snapshots.read_snapshot(settings.snapshot_dir, link.path)
+        except SnapshotCorrupt as exc:
+            report.add(link.id, "readable, finite", False, str(exc))
+            files_ok = False
+            continue
+        finite = all(d.is_finite() for d in deltas.values())
+        report.add(link.id, "readable, finite", finite, f"{len(deltas)} layers")
+        parent = meta.get("parent_snapshot", "")
+        expected_parent = "" if meta_row["parent_id"] is None else str(meta_row["parent_id"])
+        report.add(link.id, "metadata: parent", parent == expected_parent, f"file {parent or 'base'}, row "
+                   f"{expected_parent or 'base'}")
+        report.add(link.id, "metadata: base model", meta.get("base_model") == base_model, meta.get("base_model", ""))
+        try:
+            file_edits = sorted(json.loads(meta.get("edit_ids", "[]")))
+        except json.JSONDecodeError:
+            file_edits = None
+        report.add(link.id, "metadata: edits", file_edits == meta_row["edit_ids"],
+                   f"{len(meta_row['edit_ids'])} edits")
+    report.orphans = [str(p) for p in _orphans(settings, base_model, referenced)]
+
+    if materialise_check and files_ok and chain_links:
+        def check_step(link: ChainLink, m: Materialised) -> None:
+            metrics = info[link.id]["metrics"]
+            recorded, modules = metrics.get("weights_sha256"), metrics.get("weights_modules")
+            if not recorded or not modules:
+                report.add(link.id, "materialised weights digest", True, "no digest recorded (older snapshot)")
+                return
+            actual = weights_digest(m.model, modules)
+            report.add(link.id, "materialised weights digest", actual == recorded,
+                       f"{actual[:16]}…, recorded {recorded[:16]}…")
+
+        try:
+            m = materialise(settings, chain_links, after_each=check_step)
+            finite = all(bool(torch.isfinite(p).all()) for p in m.model.parameters())
+            report.add(snapshot_id, "materialised model finite", finite, f"chain {m.chain_ids}")
+        except Exception as exc:  # noqa: BLE001 - reported as a failed check
+            report.add(snapshot_id, "materialises", False, f"{type(exc).__name__}: {exc}")
+    return report
+
+
+def _orphans(settings: Settings, base_model: str, referenced: list[str]):
+    directory = snapshots.model_dir(settings.snapshot_dir, base_model)
+    if not directory.is_dir():
+        return []
+    keep = {snapshots.resolve(settings.snapshot_dir, p).resolve() for p in referenced}
+    return [p for p in sorted(directory.iterdir()) if p.is_file() and p.resolve() not in keep
+            and (p.suffix == ".safetensors" or ".tmp" in p.name)]
+
+
+def fmt_float(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)

@@ -1,0 +1,359 @@
+"""The daemon's `horse-ledger` commands, loaded lazily by `ledger.cli` (so `horse-ledger add` never imports torch).
+
+    horse-ledger apply [--max N] [--dry-run] [--json]     one batch now (what the scheduler runs)
+    horse-ledger daemon [--once]                           the nightly scheduler (systemd runs this)
+    horse-ledger rollback SNAPSHOT|base [--requeue]        move the head back
+    horse-ledger snapshots [--json]                        the snapshot history, head marked
+    horse-ledger diff A B [--json]                         which edits differ, how the gate's numbers moved
+    horse-ledger verify [SNAPSHOT] [--json]                hashes, NaN, materialisation; exit 1 on failure
+    horse-ledger export SNAPSHOT --out DIR [--deltas-only] a plain HF model dir (or the delta files)
+    horse-ledger ask "PROMPT" [--snapshot S]               greedy continuation and top next tokens
+    horse-ledger init [PATH]                               a commented default config file
+
+Every command takes its settings from `ctx.obj` (`ledger.cli.AppContext`): `--db`, `--config`, env vars.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import click
+
+from daemon.logs import configure_logging
+from ledger.cli import AppContext
+
+pass_app = click.make_pass_decorator(AppContext)
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, ensure_ascii=False, indent=2, default=str))
+
+
+def _logging(app: AppContext) -> None:
+    configure_logging(app.settings.log_json, level=logging.DEBUG if app.debug else logging.INFO)
+
+
+def _snapshot_ref(value: str | None, *, allow_head: bool = True) -> tuple[int | None, bool]:
+    """"base" → (None, False); "head"/None → (None, True); "12" → (12, False)."""
+    if value is None or (allow_head and value.strip().lower() == "head"):
+        return None, True
+    v = value.strip().lower()
+    if v == "base":
+        return None, False
+    try:
+        return int(v), False
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a snapshot id; give a number from `horse-ledger snapshots`, "
+                                 f"`base`{' or `head`' if allow_head else ''}") from None
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    from daemon.audit import fmt_float
+
+    return fmt_float(value, digits)
+
+
+def _print_batch(result) -> None:
+    r = result
+    m = r.metrics or {}
+    gate = m.get("gate") or {}
+    if r.status == "empty":
+        click.echo("nothing pending; no batch run")
+        return
+    if r.status == "abandoned":
+        click.echo(f"batch {r.batch_id}: abandoned; {len(r.released)} edits back to pending")
+        return
+    what = {"published": f"published snapshot {r.snapshot_id} (parent {r.parent_snapshot_id or 'base'})",
+            "dry-run": f"dry run on head {r.parent_snapshot_id or 'base'}: would publish {len(r.applied)} edits",
+            "rejected": "nothing published (gate)", "failed": "nothing published (no edit took)"}[r.status]
+    label = "batch" if r.batch_id is None else f"batch {r.batch_id}"
+    click.echo(f"{label}: {what}: {len(r.applied)} applied, {len(r.failed)} failed, {len(r.rejected)} rejected")
+    if gate:
+        click.echo(f"  efficacy mean {_fmt(m.get('efficacy_mean'))} · canary agreement "
+                   f"{_fmt(gate.get('canary_agreement'))} ({gate.get('canary_n')} prompts) · retention "
+                   f"{_fmt(gate.get('retention'))} ({gate.get('retention_n')} earlier edits) · protected flipped "
+                   f"{len(gate.get('protected_flipped') or [])}/{gate.get('protected_n')}")
+    if r.snapshot_path:
+        click.echo(f"  file {r.snapshot_path} ({r.snapshot_bytes:,} bytes, "
+                   f"{r.snapshot_bytes // max(1, len(r.applied)):,} bytes/edit)")
+    for i, reason in sorted(r.failed.items()):
+        click.echo(f"  failed   {i}: {reason}")
+    for i, reason in sorted(r.rejected.items()):
+        click.echo(f"  rejected {i}: {reason}")
+    t = r.timings_s
+    parts = [f"{k} {t[k]:.2f}" for k in ("load_model", "materialise", "measure_head", "edit", "verify", "gate",
+                                          "write", "commit") if k in t]
+    if "total" in t:
+        click.echo(f"  time {t['total']:.2f} s ({', '.join(parts)})")
+
+
+@click.command()
+@click.option("--max", "max_edits", type=click.IntRange(min=1), default=None,
+              help="Claim at most N pending edits (default: batch_max_edits from the config).")
+@click.option("--dry-run", is_flag=True, help="Claim and write nothing; show what the batch would do.")
+@click.option("--json", "as_json", is_flag=True, help="Print the batch result as JSON.")
+@pass_app
+def apply(app: AppContext, max_edits: int | None, dry_run: bool, as_json: bool) -> None:
+    """Run one batch now: claim pending edits, edit, check, publish a snapshot."""
+    from daemon.cycle import run_batch
+
+    _logging(app)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        stop.set()  # abandon at the next stage boundary: claimed edits go back to pending
+
+    previous = signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        result = run_batch(app.settings, app.store(), max_edits=max_edits, dry_run=dry_run, stop=stop,
+                           actor=f"apply:{app.actor}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if as_json:
+        _echo_json(result.to_dict())
+    else:
+        _print_batch(result)
+
+
+@click.command()
+@click.option("--once", is_flag=True, help="Run a single batch now and exit (no schedule).")
+@pass_app
+def daemon(app: AppContext, once: bool) -> None:
+    """Run batches on the configured schedule (schedule_cron) until SIGTERM."""
+    from daemon.cycle import run_batch
+    from daemon.errors import ApplierBusy
+    from daemon.scheduler import run_daemon
+
+    _logging(app)
+    log = logging.getLogger("daemon.cli")
+    settings, store = app.settings, app.store()
+
+    def job(stop: threading.Event) -> Any:
+        try:
+            result = run_batch(settings, store, stop=stop)
+        except ApplierBusy as exc:
+            log.warning("skipping this run: %s", exc)
+            return None
+        log.info("batch finished", extra={"status": result.status, "batch_id": result.batch_id,
+                                          "snapshot_id": result.snapshot_id, "n_applied": len(result.applied),
+                                          "n_failed": len(result.failed), "n_rejected": len(result.rejected)})
+        return result
+
+    if once:
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        result = run_batch(settings, store, stop=stop)
+        _print_batch(result)
+        return
+    run_daemon(settings, job)
+
+
+@click.command()
+@click.argument("snapshot")
+@click.option("--requeue", is_flag=True, help="Put the rolled-back edits back to pending, to be applied again.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_app
+def rollback(app: AppContext, snapshot: str, requeue: bool, as_json: bool) -> None:
+    """Move the head back to SNAPSHOT (an id, or `base`); later snapshots and their edits are rolled back."""
+    from daemon.rollback import rollback as do_rollback
+
+    target, _ = _snapshot_ref(snapshot, allow_head=False)
+    _logging(app)
+    result = do_rollback(app.settings, app.store(), target, requeue=requeue, actor=app.actor)
+    if as_json:
+        _echo_json(result.to_dict())
+        return
+    to = "base" if result.to_snapshot is None else f"snapshot {result.to_snapshot}"
+    if result.from_snapshot == result.to_snapshot:
+        click.echo(f"head of {result.base_model} is already {to}; nothing to do")
+        return
+    click.echo(f"head of {result.base_model}: {result.from_snapshot or 'base'} → {to}")
+    click.echo(f"  rolled back snapshots {result.rolled_back_snapshots or '-'}; "
+               f"{len(result.rolled_back_edits)} edits {'requeued (pending)' if requeue else 'rolled_back'}")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the snapshots as JSON.")
+@pass_app
+def snapshots(app: AppContext, as_json: bool) -> None:
+    """List the snapshots of the configured model, oldest first; `*` marks the head."""
+    from daemon.audit import snapshot_rows
+
+    rows = snapshot_rows(app.store(), app.settings.model)
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        click.echo(f"no snapshots of {app.settings.model} yet; the head is the base model")
+        return
+    headers = ["", "id", "parent", "batch", "status", "edits", "bytes", "efficacy", "canary", "retention",
+               "norm max", "created"]
+    table = [["*" if r["is_head"] else "", r["id"], r["parent_id"] or "base", r["batch_id"] or "-", r["status"],
+              r["n_edits"], f"{r['bytes']:,}", _fmt(r["efficacy_mean"]), _fmt(r["canary_agreement"]),
+              _fmt(r["retention"]), _fmt(r["cumulative_norm_max"], 4), r["created_at"][:19].replace("T", " ")]
+             for r in rows]
+    cells = [[str(c) for c in row] for row in table]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    if not any(r["is_head"] for r in rows):
+        click.echo("(head: the base model)")
+
+
+@click.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--json", "as_json", is_flag=True, help="Print the diff as JSON.")
+@pass_app
+def diff(app: AppContext, a: str, b: str, as_json: bool) -> None:
+    """Compare the models at snapshots A and B (ids, `base` or `head`): edits and gate measurements."""
+    from daemon.audit import diff as do_diff
+    from daemon.export import resolve_snapshot
+
+    store = app.store()
+    ra, ha = _snapshot_ref(a)
+    rb, hb = _snapshot_ref(b)
+    ra = resolve_snapshot(app.settings, store, ra, use_head=ha)
+    rb = resolve_snapshot(app.settings, store, rb, use_head=hb)
+    d = do_diff(store, app.settings.model, ra, rb)
+    if as_json:
+        _echo_json(d)
+        return
+    name = lambda x: "base" if x is None else f"snapshot {x}"  # noqa: E731
+    click.echo(f"{name(ra)} → {name(rb)} ({app.settings.model})")
+    click.echo(f"  chain A {d['chain_a'] or 'base'}, chain B {d['chain_b'] or 'base'}; {d['in_both']} edits in both")
+    click.echo(f"  only in A: {len(d['only_in_a'])} edits {d['only_in_a'][:20]}")
+    click.echo(f"  only in B: {len(d['only_in_b'])} edits {d['only_in_b'][:20]}")
+    for key, v in d["metrics"].items():
+        if v["a"] is None and v["b"] is None:
+            continue
+        change = "" if v["change"] is None else f"  ({v['change']:+.4g})"
+        click.echo(f"  {key:22} {_fmt(v['a'], 4):>10} → {_fmt(v['b'], 4):<10}{change}")
+
+
+@click.command()
+@click.argument("snapshot", required=False)
+@click.option("--no-materialise", is_flag=True, help="Check files only (skip loading the model).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@pass_app
+def verify(app: AppContext, snapshot: str | None, no_materialise: bool, as_json: bool) -> None:
+    """Check SNAPSHOT (default: the head) and its chain: files, hashes, NaN, bit-exact materialisation."""
+    from daemon.audit import verify as do_verify
+
+    ref, use_head = _snapshot_ref(snapshot)
+    report = do_verify(app.settings, app.store(), ref, materialise_check=not no_materialise, use_head=use_head)
+    if as_json:
+        _echo_json(report.to_dict())
+    else:
+        target = "base" if report.snapshot_id is None else f"snapshot {report.snapshot_id}"
+        if not report.checks:
+            click.echo(f"{app.settings.model}: {target}: nothing to verify")
+        for c in report.checks:
+            click.echo(f"  {'ok  ' if c.ok else 'FAIL'}  [{c.snapshot_id if c.snapshot_id is not None else 'base'}] "
+                       f"{c.name}: {c.detail}")
+        for o in report.orphans:
+            click.echo(f"  note  orphan file (no snapshot names it; the next batch removes it): {o}")
+        click.echo(f"{target}: {'OK' if report.ok else 'FAILED'}")
+    if not report.ok:
+        raise SystemExit(1)
+
+
+@click.command()
+@click.argument("snapshot")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory to write (must be new or empty unless --force).")
+@click.option("--deltas-only", is_flag=True, help="Write the chain's delta files and a manifest.json instead.")
+@click.option("--force", is_flag=True, help="Write into a non-empty directory.")
+@pass_app
+def export(app: AppContext, snapshot: str, out_dir: Path, deltas_only: bool, force: bool) -> None:
+    """Export SNAPSHOT (an id, `head` or `base`) as a plain Hugging Face model dir (or its delta files)."""
+    from daemon.export import export as do_export, resolve_snapshot
+
+    ref, use_head = _snapshot_ref(snapshot)
+    ref = resolve_snapshot(app.settings, app.store(), ref, use_head=use_head)
+    manifest = do_export(app.settings, app.store(), ref, out_dir, deltas_only=deltas_only, force=force)
+    what = "delta files + manifest.json" if deltas_only else "Hugging Face model dir"
+    click.echo(f"exported {'base' if ref is None else f'snapshot {ref}'} of {app.settings.model} to {out_dir} "
+               f"({what}; chain {[c['id'] for c in manifest['chain']] or 'base'}, {len(manifest['edit_ids'])} edits)")
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("--snapshot", "snapshot", default=None, help="Snapshot id, `head` (default) or `base`.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 512), default=20, show_default=True)
+@click.option("--top", "top_k", type=click.IntRange(1, 50), default=5, show_default=True,
+              help="How many most likely next tokens to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
+@pass_app
+def ask(app: AppContext, prompt: str, snapshot: str | None, max_new_tokens: int, top_k: int, as_json: bool) -> None:
+    """Ask the model at a snapshot: greedy continuation of PROMPT and the most likely next tokens."""
+    from daemon.export import ask as do_ask, resolve_snapshot
+
+    ref, use_head = _snapshot_ref(snapshot)
+    ref = resolve_snapshot(app.settings, app.store(), ref, use_head=use_head)
+    out = do_ask(app.settings, app.store(), prompt, ref, max_new_tokens=max_new_tokens, top_k=top_k)
+    if as_json:
+        _echo_json(out)
+        return
+    click.echo(f"[{app.settings.model} @ {'base' if ref is None else f'snapshot {ref}'}]")
+    click.echo(f"{prompt}{click.style(out['continuation'], bold=True)}")
+    click.echo("next token: " + ", ".join(f"{t['token']!r} {t['prob']:.3f}" for t in out["top_tokens"]))
+
+
+def default_config_text(settings) -> str:
+    """A commented TOML config with every setting at its default (paths shown as they resolve here)."""
+    from ledger.config import Settings, env_var
+
+    defaults = Settings()
+    lines = ["# horse-ledger configuration (TOML). Every key is optional; the value shown is the default.",
+             "# Precedence: defaults < this file < HORSE_LEDGER_* environment variables < command-line flags.",
+             "# Use it with `horse-ledger --config FILE ...` or HORSE_LEDGER_CONFIG=FILE; "
+             "`python -m ledger.config` prints the effective values.", ""]
+    sections = {"db_url": "storage", "model": "engine", "batch_max_edits": "batches and claims",
+                "schedule_cron": "schedule (the `horse-ledger daemon` service)",
+                "gate_min_efficacy": "the regression gate", "consolidate_every_nights": "consolidation (issue 6)",
+                "log_json": "logging"}
+    for f in fields(Settings):
+        if f.name in sections:
+            lines += [f"# --- {sections[f.name]}"]
+        meta = f.metadata
+        lines.append(f"# {meta.get('help', '')} [{meta.get('unit', '')}; env {env_var(f.name)}]")
+        value = getattr(defaults, f.name)
+        if value == "" and getattr(settings, f.name, ""):
+            lines.append(f"# {f.name} = {json.dumps(getattr(settings, f.name))}")
+        else:
+            lines.append(f"{f.name} = {json.dumps(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@pass_app
+def init(app: AppContext, path: Path | None, force: bool) -> None:
+    """Write a commented default config file to PATH (default: ~/.config/horse-ledger/config.toml)."""
+    from daemon.errors import DaemonError
+
+    path = path or Path(click.get_app_dir("horse-ledger", force_posix=False)) / "config.toml"
+    if path.exists() and not force:
+        raise DaemonError(f"{path} already exists; edit it, or pass --force to overwrite it with the defaults")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(default_config_text(app.settings))
+    click.echo(f"wrote {path}; edit it, then run `horse-ledger --config {path} apply --dry-run`")
+
+
+@click.command()
+@pass_app
+def consolidate(app: AppContext) -> None:
+    """Fold the head's chain into one snapshot re-derived from the base (not implemented yet)."""
+    from daemon.errors import NotImplementedYet
+
+    raise NotImplementedYet("`horse-ledger consolidate` is not implemented yet (issue 6: consolidation); the "
+                            "head stays base + its chain of incremental snapshots, which rollback and verify support")

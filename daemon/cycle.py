@@ -1,0 +1,586 @@
+"""One batch of the daemon: claim → materialise → edit → verify → gate → publish (issue 4, steps 1–6).
+
+Owns the orchestration of a batch and every status move it makes; the math is `horse`'s, the rules of the
+gate are `daemon.gate`'s, the files are `daemon.snapshots`', the rows and the status machine the ledger's.
+
+    result = run_batch(settings, store)                  # `horse-ledger apply`, and the scheduler's job
+    result = run_batch(settings, store, dry_run=True)    # everything but the writes
+
+1. Under the single-applier lock (`daemon.locks`): recover from crashes (edits still claimed by a batch of
+   this model go back to `pending` — nobody else can hold them while we hold the lock; snapshot files no
+   row names are deleted), sweep stale claims, retry failed edits with attempts < max_attempts, claim up to
+   N pending edits (oldest first), and heartbeat while working.
+2. Materialise the head (`daemon.materialise`): base weights + every delta on the head's chain, in order.
+3. Compute the batch's deltas with the configured hypernet (`horse.editor.Editor`).
+4. Verify each edit took (`daemon.gate.efficacy`); those that did not are `failed` with the measured value,
+   and the deltas are recomputed without them until every remaining edit takes.
+5. Gate the candidate against the head (canary, protected facts, retention, delta norm). On failure,
+   bisect (halves, to `gate_bisect_depth`) to isolate the damaging edits: those are `rejected`, the rest
+   publish if together they pass.
+6. Publish: the delta file first (atomic), then ONE transaction: snapshot row, snapshot_edits, head,
+   edits claimed → applied / failed / rejected, the batch row with every measurement, events.
+
+A crash anywhere leaves no visible partial state: before the commit the edits are merely `claimed` and
+the file (if any) is named by no row; the next batch recovers both. SIGTERM (the `stop` event) abandons
+the batch at the next stage boundary before the write starts: claimed edits go back to `pending`.
+Tests kill real processes at the named stages through the `on_stage` hook.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import insert, select
+
+from daemon import gate, snapshots
+from daemon.errors import BatchRefused, DaemonError
+from daemon.locks import applier_lock
+from daemon.logs import log_context
+from daemon.materialise import ChainLink, Materialised, head_id, links, load_base, materialise, weights_digest
+from ledger.config import Settings
+from ledger.events import record_event
+from ledger.models import Batch, Edit, Snapshot, SnapshotEdit, utcnow
+from ledger.status import EditStatus, transition
+from ledger.store import EditRecord, Store, set_head
+
+log = logging.getLogger("daemon.cycle")
+
+ACTOR = "daemon"
+# Stage names passed to `on_stage`, in order. Before "mid-write" a stop request abandons the batch.
+STAGES = ("locked", "claimed", "materialised", "editing", "edited", "gated", "mid-write", "written", "published")
+_ABANDONABLE = frozenset(STAGES[:STAGES.index("mid-write")])
+SHIPPED_HYPERNETS = Path(__file__).resolve().parent.parent / "horse" / "hypernets"
+
+
+class BatchAbandoned(Exception):
+    """Raised inside the batch when a stop was requested at a stage boundary before the write."""
+
+
+class NoHypernet(DaemonError):
+    """No hypernet is configured or shipped for this model; train one (`horse-ledger hypernet train`) and set
+    `hypernet` in the config."""
+
+
+@dataclass
+class BatchResult:
+    """What one batch did. `status`: empty | published | rejected | failed | abandoned | dry-run."""
+
+    status: str
+    batch_id: int | None = None
+    snapshot_id: int | None = None
+    parent_snapshot_id: int | None = None
+    applied: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)
+    released: list[int] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    snapshot_path: str | None = None
+    snapshot_bytes: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["failed"] = {str(k): v for k, v in self.failed.items()}
+        out["rejected"] = {str(k): v for k, v in self.rejected.items()}
+        return out
+
+
+def hypernet_path(settings: Settings) -> Path:
+    """The hypernet checkpoint to use: `settings.hypernet`, else the one shipped for the model."""
+    from daemon.locks import model_slug
+
+    if settings.hypernet:
+        path = Path(settings.hypernet).expanduser()
+        if not path.is_file():
+            raise NoHypernet(f"hypernet {path} does not exist; fix `hypernet` in the config or train one with "
+                             f"`horse-ledger hypernet train --model {settings.model} --out {path}`")
+        return path
+    shipped = SHIPPED_HYPERNETS / f"{model_slug(settings.model)}.safetensors"
+    if shipped.is_file():
+        return shipped
+    raise NoHypernet(f"no hypernet is configured and none is shipped for {settings.model} ({shipped}); train one "
+                     f"with `horse-ledger hypernet train --model {settings.model} --out FILE` and set "
+                     f"`hypernet = \"FILE\"` in the config")
+
+
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 of a file, cached by (path, size, mtime)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        _FILE_DIGESTS[key] = snapshots.hash_file(path)
+    return _FILE_DIGESTS[key]
+
+
+class Heartbeat:
+    """Refreshes the batch's claim every `every_s` seconds from a background thread while the batch runs."""
+
+    def __init__(self, store: Store, token: str, every_s: float) -> None:
+        self.store, self.token, self.every_s = store, token, max(0.05, float(every_s))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="horse-ledger-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.store.heartbeat(self.token)
+            except Exception:  # noqa: BLE001 - a missed beat is retried; the stale sweep is the backstop
+                log.warning("heartbeat failed; retrying", exc_info=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def to_request(edit: EditRecord):
+    """The engine's EditRequest for a ledger edit."""
+    from horse.types import EditRequest
+
+    return EditRequest(prompt=edit.rendered_prompt, target=edit.target_new, subject=edit.subject,
+                       target_true=edit.target_true, rephrases=tuple(edit.paraphrases), case_id=str(edit.id))
+
+
+def to_fact(edit: EditRecord) -> gate.Fact:
+    return gate.Fact(key=edit.id, prompt=edit.rendered_prompt, answer=edit.target_new,
+                     paraphrases=tuple(edit.paraphrases))
+
+
+def run_batch(settings: Settings, store: Store, *, max_edits: int | None = None, dry_run: bool = False,
+              stop: threading.Event | None = None, on_stage: Callable[[str], None] | None = None,
+              actor: str = ACTOR) -> BatchResult:
+    """Run one batch (see the module docstring). Returns what it did; raises after bookkeeping on errors.
+
+    Args:
+        max_edits: claim at most this many (default settings.batch_max_edits).
+        dry_run: claim nothing and write nothing; report what the batch would do with the oldest pending edits.
+        stop: set by the daemon on SIGTERM; the batch abandons at its next stage boundary before the write.
+        on_stage: called with each name in STAGES as the batch reaches it (tests kill the process there).
+    Raises:
+        ApplierBusy: another process is applying edits to this model.
+    """
+    return _Batch(settings, store, max_edits=max_edits, dry_run=dry_run, stop=stop, on_stage=on_stage,
+                  actor=actor).run()
+
+
+class _Batch:
+    def __init__(self, settings: Settings, store: Store, *, max_edits: int | None, dry_run: bool,
+                 stop: threading.Event | None, on_stage: Callable[[str], None] | None, actor: str) -> None:
+        self.settings, self.store, self.actor = settings, store, actor
+        self.base_model = settings.model
+        self.max_edits = settings.batch_max_edits if max_edits is None else max_edits
+        self.dry_run, self.stop, self.on_stage = dry_run, stop, on_stage
+        self.timings: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+        self.batch_id: int | None = None
+        self.token: str | None = None
+        self.edits: dict[int, EditRecord] = {}
+        self.failed: dict[int, str] = {}
+        self.failed_payload: dict[int, dict[str, Any]] = {}
+        self.rejected: dict[int, str] = {}
+        self.rejected_payload: dict[int, dict[str, Any]] = {}
+        self.efficacy: dict[int, dict[str, float]] = {}
+        self.bisect_log: list[dict[str, Any]] = []
+        self._delta_cache: dict[frozenset[int], Any] = {}
+        self._verdict_cache: dict[frozenset[int], gate.Verdict] = {}
+
+    # ------------------------------------------------------------------ plumbing
+    def _stage(self, name: str) -> None:
+        assert name in STAGES, name
+        log.info("stage %s", name, extra={"stage": name, "elapsed_s": round(time.perf_counter() - self.t0, 3)})
+        if self.on_stage is not None:
+            self.on_stage(name)
+        if self.stop is not None and self.stop.is_set() and name in _ABANDONABLE:
+            raise BatchAbandoned(f"stop requested at stage {name}")
+
+    def _timed(self, key: str, start: float) -> float:
+        now = time.perf_counter()
+        self.timings[key] = self.timings.get(key, 0.0) + (now - start)
+        return now
+
+    # ------------------------------------------------------------------ the batch
+    def run(self) -> BatchResult:
+        if self.dry_run:
+            edits = self.store.list_edits(status=EditStatus.PENDING, limit=self.max_edits, oldest_first=True)
+            if not edits:
+                return BatchResult("empty")
+            self.edits = {e.id: e for e in edits}
+            return self._process()
+        t = time.perf_counter()
+        with applier_lock(self.settings, self.base_model):
+            t = self._timed("lock", t)
+            self._stage("locked")
+            self._recover()
+            claimed = self.store.claim_batch(self.max_edits, base_model=self.base_model, actor=self.actor)
+            t = self._timed("claim", t)
+            if claimed is None:
+                log.info("nothing pending; no batch")
+                return BatchResult("empty", timings_s=dict(self.timings))
+            self.batch_id, self.token = claimed.batch_id, claimed.token
+            self.edits = {e.id: e for e in claimed.edits}
+            with log_context(batch_id=self.batch_id), Heartbeat(self.store, self.token,
+                                                                self.settings.heartbeat_every_s):
+                log.info("claimed %d edits", len(self.edits), extra={"n_edits": len(self.edits)})
+                try:
+                    self._stage("claimed")
+                    self.store.update_batch(self.batch_id, actor=self.actor, status="running")
+                    return self._process()
+                except BatchAbandoned as exc:
+                    released = self.store.release_batch(self.token, actor=self.actor,
+                                                        reason=f"abandoned: {exc}; the edits go back to pending")
+                    log.warning("batch abandoned; %d edits back to pending", len(released))
+                    return BatchResult("abandoned", batch_id=self.batch_id, released=released,
+                                       timings_s=dict(self.timings))
+                except BaseException as exc:
+                    self._fail_batch(exc)
+                    raise
+
+    def _recover(self) -> None:
+        """Crash recovery under the lock: dead claims back to pending, orphan files removed, sweeps."""
+        with self.store.session() as s:
+            rows = s.execute(select(Edit.id, Edit.batch_id).join(Batch, Batch.id == Edit.batch_id)
+                             .where(Edit.status == EditStatus.CLAIMED.value,
+                                    Batch.base_model == self.base_model)).tuples().all()
+            dead = sorted({i for i, _ in rows})
+            transition(s, dead, EditStatus.CLAIMED, EditStatus.PENDING, actor=self.actor,
+                       reason="recovered: the batch that claimed them ended without finishing (crash)",
+                       values={"claim_token": None})
+            stuck = s.execute(select(Batch).where(Batch.base_model == self.base_model,
+                                                  Batch.status.in_(("claimed", "running")))).scalars().all()
+            for batch in stuck:
+                batch.status, batch.finished_at = "abandoned", utcnow()
+                batch.error = "the process running it ended without finishing (crash); its edits went back to pending"
+                record_event(s, "batch.abandoned", actor=self.actor, batch_id=batch.id, reason=batch.error)
+            referenced = list(s.execute(select(Snapshot.path).where(Snapshot.base_model == self.base_model)).scalars())
+        if dead:
+            log.warning("recovered %d edits claimed by a crashed batch", len(dead), extra={"edit_ids": dead[:50]})
+        removed = snapshots.remove_orphans(self.settings.snapshot_dir, self.base_model, referenced)
+        if removed:
+            log.warning("removed %d orphan snapshot files", len(removed), extra={"files": [str(p) for p in removed]})
+        swept = self.store.sweep_stale(self.settings.claim_stale_after_s, actor=self.actor)
+        retried = self.store.retry_failed(self.settings.max_attempts, actor=self.actor)
+        if swept or retried:
+            log.info("swept %d stale claims, retrying %d failed edits", len(swept), len(retried))
+
+    def _fail_batch(self, exc: BaseException) -> None:
+        """An error inside the batch: edits still claimed become failed (retried up to max_attempts)."""
+        reason = f"batch {self.batch_id} failed: {type(exc).__name__}: {exc}"[:1900]
+        try:
+            with self.store.session() as s:
+                ids = list(s.execute(select(Edit.id).where(Edit.claim_token == self.token,
+                                                           Edit.status == EditStatus.CLAIMED.value)).scalars())
+                transition(s, ids, EditStatus.CLAIMED, EditStatus.FAILED, actor=self.actor, reason=reason,
+                           batch_id=self.batch_id, values={"claim_token": None, "last_error": reason})
+                batch = s.get(Batch, self.batch_id)
+                if batch is not None and batch.status not in ("published",):
+                    batch.status, batch.finished_at, batch.error = "failed", utcnow(), reason
+                    batch.metrics = {**(batch.metrics or {}), "timings_s": dict(self.timings)}
+                    record_event(s, "batch.failed", actor=self.actor, batch_id=self.batch_id, reason=reason)
+            log.error("batch failed; %d edits marked failed", len(ids), exc_info=exc)
+        except Exception:  # noqa: BLE001 - the original error matters more; the next batch recovers
+            log.exception("could not record the failed batch; the next batch recovers its edits")
+
+    # ------------------------------------------------------------------ engine work
+    def _process(self) -> BatchResult:
+        from horse.deltas import check_finite
+        from horse.editor import Editor
+
+        t = time.perf_counter()
+        model, tokenizer = load_base(self.settings)
+        t = self._timed("load_model", t)
+        hn_path = hypernet_path(self.settings)
+        self.editor = Editor.from_checkpoint(hn_path, model)
+        self.hypernet_fingerprint = file_fingerprint(hn_path)
+        t = self._timed("load_hypernet", t)
+        with self.store.session(write=False) as s:
+            self.parent_id = head_id(s, self.base_model)
+            self.chain: list[ChainLink] = links(s, self.parent_id)
+            retained = self._retained_facts(s, [c.id for c in self.chain])
+        self.m: Materialised = materialise(self.settings, self.chain, track=self.editor.module_names,
+                                           model_and_tokenizer=(model, tokenizer))
+        self.model, self.tokenizer = model, tokenizer
+        t = self._timed("materialise", t)
+        self._stage("materialised")
+
+        self.probe = gate.Probe(
+            canary_prompts=gate.load_canary(self.settings.gate_canary_file or None),
+            protected=tuple(gate.Fact(key=p.id, prompt=p.rendered_prompt, answer=p.target)
+                            for p in self.store.list_protected()),
+            retained=gate.sample_retained(retained, seed=self.parent_id or 0))
+        self.head_measure = gate.measure(model, tokenizer, self.probe)
+        t = self._timed("measure_head", t)
+
+        self._stage("editing")
+        active = self._settle(sorted(self.edits))
+        self._stage("edited")
+
+        t = time.perf_counter()
+        final: list[int] = []
+        verdict: gate.Verdict | None = None
+        if active:
+            verdict = self._verdict(active)
+            self.bisect_log.append(self._log_entry(active, verdict, depth=0))
+            if verdict.passed:
+                final = active
+            else:
+                log.warning("gate failed: %s; bisecting", "; ".join(verdict.reasons))
+                final, verdict = self._bisect_and_combine(active)
+        self._timed("gate", t)
+        self._stage("gated")
+
+        if self.dry_run:
+            return self._result("dry-run", final, verdict)
+        if not final:
+            return self._finish_without_snapshot(verdict)
+        deltas = self._delta_cache[frozenset(final)]
+        check_finite(deltas)
+        return self._publish(final, deltas, verdict)
+
+    def _retained_facts(self, s, chain_ids: Sequence[int]) -> list[gate.Fact]:
+        if not chain_ids:
+            return []
+        rows = s.execute(select(Edit).join(SnapshotEdit, SnapshotEdit.edit_id == Edit.id)
+                         .where(SnapshotEdit.snapshot_id.in_(list(chain_ids)),
+                                Edit.status == EditStatus.APPLIED.value).order_by(Edit.id)).scalars().unique().all()
+        return [to_fact(EditRecord.from_row(r)) for r in rows]
+
+    def _compute(self, ids: Sequence[int]):
+        """Deltas for exactly these edits on the head (cached per set)."""
+        from horse.deltas import check_finite
+
+        key = frozenset(ids)
+        if key not in self._delta_cache:
+            t = time.perf_counter()
+            deltas, engine_timings = self.editor.compute_deltas(
+                self.model, self.tokenizer, [to_request(self.edits[i]) for i in sorted(ids)])
+            for k, v in engine_timings.items():
+                if k != "total":
+                    self.timings[f"edit_{k}"] = self.timings.get(f"edit_{k}", 0.0) + v
+            self._timed("edit", t)
+            try:
+                check_finite(deltas)
+            except Exception as exc:
+                raise BatchRefused(f"batch {self.batch_id} refused: {exc}") from exc
+            self._delta_cache[key] = deltas
+        return self._delta_cache[key]
+
+    def _settle(self, ids: list[int]) -> list[int]:
+        """Step 4: compute, verify each edit took, drop those that did not, recompute; until all take."""
+        from horse.deltas import apply_deltas
+
+        active = list(ids)
+        while active:
+            deltas = self._compute(active)
+            t = time.perf_counter()
+            with apply_deltas(self.model, deltas):
+                eff = gate.efficacy(self.model, self.tokenizer, [to_fact(self.edits[i]) for i in active])
+            self._timed("verify", t)
+            self.efficacy.update(eff)
+            low = [i for i in active if not eff[i]["efficacy"] >= self.settings.gate_min_efficacy]
+            if not low:
+                break
+            for i in low:
+                e = eff[i]
+                para = "" if e["paraphrase_acc"] != e["paraphrase_acc"] else f", paraphrases {e['paraphrase_acc']:.2f}"
+                self.failed[i] = (f"did not take: efficacy {e['efficacy']:.3f} < gate_min_efficacy "
+                                  f"{self.settings.gate_min_efficacy} (prompt {e['prompt_acc']:.2f}{para})")
+                self.failed_payload[i] = {"efficacy": e, "batch_size": len(active)}
+            log.info("%d of %d edits did not take; recomputing without them", len(low), len(active),
+                     extra={"failed_ids": low[:50]})
+            active = [i for i in active if i not in set(low)]
+        return active
+
+    def _verdict(self, ids: Sequence[int]) -> gate.Verdict:
+        from horse.deltas import apply_deltas
+
+        key = frozenset(ids)
+        if key not in self._verdict_cache:
+            deltas = self._compute(ids)
+            with apply_deltas(self.model, deltas):
+                cand = gate.measure(self.model, self.tokenizer, self.probe)
+                norms = self.m.layer_norms()
+            verdict = gate.judge(self.head_measure, cand, self.probe, self.settings, layer_norms=norms)
+            verdict.metrics["layer_norms"] = norms
+            self._verdict_cache[key] = verdict
+        return self._verdict_cache[key]
+
+    @staticmethod
+    def _log_entry(ids: Sequence[int], verdict: gate.Verdict, depth: int) -> dict[str, Any]:
+        keep = ("canary_agreement", "protected_flip_share", "protected_flipped", "retention", "delta_norm_max")
+        return {"depth": depth, "edit_ids": sorted(ids), "passed": verdict.passed, "reasons": verdict.reasons,
+                **{k: verdict.metrics.get(k) for k in keep}}
+
+    def _bisect(self, ids: list[int], depth: int, level: int) -> tuple[dict[int, gate.Verdict], list[list[int]]]:
+        """Split a failing set in halves until groups pass or the depth runs out. Returns (bad, good groups)."""
+        verdict = self._verdict(ids)
+        if level > 0:
+            self.bisect_log.append(self._log_entry(ids, verdict, depth=level))
+        if verdict.passed:
+            return {}, [ids]
+        if depth <= 0 or len(ids) == 1:
+            return {i: verdict for i in ids}, []
+        half = len(ids) // 2
+        bad_a, good_a = self._bisect(ids[:half], depth - 1, level + 1)
+        bad_b, good_b = self._bisect(ids[half:], depth - 1, level + 1)
+        return {**bad_a, **bad_b}, good_a + good_b
+
+    def _bisect_and_combine(self, active: list[int]) -> tuple[list[int], gate.Verdict | None]:
+        bad, groups = self._bisect(active, self.settings.gate_bisect_depth, 0)
+        for i, v in bad.items():
+            group = sorted(j for j in bad if bad[j] is v)
+            self.rejected[i] = (f"gate: {'; '.join(v.reasons)} (isolated by bisection in a group of {len(group)} "
+                                f"edits: {group[:20]})")[:1900]
+            self.rejected_payload[i] = {"gate": {k: v.metrics.get(k) for k in (
+                "canary_agreement", "protected_flip_share", "protected_flipped", "retention", "retention_lost",
+                "delta_norm_max")}, "group": group[:100]}
+        # Groups that pass alone are combined largest first; a group that breaks the union is retried later.
+        accepted: list[int] = []
+        verdict: gate.Verdict | None = None
+        for group in sorted(groups, key=len, reverse=True):
+            trial = sorted(accepted + group)
+            v = self._verdict(trial)
+            if trial != sorted(group):
+                self.bisect_log.append(self._log_entry(trial, v, depth=-1))
+            if v.passed:
+                accepted, verdict = trial, v
+            else:
+                for i in group:
+                    self.failed[i] = ("passed the gate alone but not together with the rest of the batch "
+                                      f"({'; '.join(v.reasons)}); retried in a later batch")[:1900]
+                    self.failed_payload[i] = {"gate": {k: v.metrics.get(k) for k in ("canary_agreement",
+                                              "protected_flip_share", "retention")}}
+        if accepted and accepted != sorted(active):
+            # The published subset gets its own deltas: check again that each of its edits takes.
+            settled = self._settle(accepted)
+            if settled != accepted:
+                verdict = self._verdict(settled) if settled else None
+                if verdict is not None and not verdict.passed:
+                    for i in settled:
+                        self.failed[i] = f"gate failed after bisection: {'; '.join(verdict.reasons)}"[:1900]
+                    settled, verdict = [], None
+            accepted = settled
+        log.info("bisection: %d rejected, %d to publish", len(bad), len(accepted))
+        return accepted, verdict
+
+    # ------------------------------------------------------------------ writes
+    def _batch_metrics(self, verdict: gate.Verdict | None, final: Sequence[int]) -> dict[str, Any]:
+        self.timings["total"] = time.perf_counter() - self.t0
+        return {
+            "head_snapshot_id": self.parent_id,
+            "head": gate.baseline_metrics(self.head_measure, self.probe, self.settings),
+            "gate": verdict.metrics if verdict is not None else None,
+            "bisect": self.bisect_log,
+            "efficacy": {str(k): v for k, v in sorted(self.efficacy.items())},
+            "efficacy_mean": (sum(self.efficacy[i]["efficacy"] for i in final) / len(final)) if final else None,
+            "n_claimed": len(self.edits), "n_applied": len(final), "n_failed": len(self.failed),
+            "n_rejected": len(self.rejected),
+            "hypernet_fingerprint": self.hypernet_fingerprint,
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+        }
+
+    def _result(self, status: str, final: Sequence[int], verdict: gate.Verdict | None, **kw: Any) -> BatchResult:
+        return BatchResult(status=status, batch_id=self.batch_id, parent_snapshot_id=self.parent_id,
+                           applied=sorted(final), failed=dict(self.failed), rejected=dict(self.rejected),
+                           metrics=self._batch_metrics(verdict, final), timings_s=dict(self.timings), **kw)
+
+    def _move_unpublished(self, s) -> None:
+        for i, reason in sorted(self.failed.items()):
+            transition(s, [i], EditStatus.CLAIMED, EditStatus.FAILED, actor=self.actor, reason=reason,
+                       batch_id=self.batch_id, payload=self.failed_payload.get(i),
+                       values={"claim_token": None, "last_error": reason})
+        for i, reason in sorted(self.rejected.items()):
+            transition(s, [i], EditStatus.CLAIMED, EditStatus.REJECTED, actor=self.actor, reason=reason,
+                       batch_id=self.batch_id, payload=self.rejected_payload.get(i),
+                       values={"claim_token": None, "last_error": reason})
+
+    def _finish_without_snapshot(self, verdict: gate.Verdict | None) -> BatchResult:
+        status = "rejected" if self.rejected else "failed"
+        result = self._result(status, [], verdict)
+        with self.store.session() as s:
+            self._move_unpublished(s)
+            batch = s.get(Batch, self.batch_id)
+            batch.status, batch.finished_at, batch.metrics = status, utcnow(), result.metrics
+            batch.error = f"nothing published: {len(self.failed)} failed, {len(self.rejected)} rejected"
+            record_event(s, f"batch.{status}", actor=self.actor, batch_id=self.batch_id, reason=batch.error)
+        log.warning("batch published nothing", extra={"n_failed": len(self.failed), "n_rejected": len(self.rejected)})
+        return result
+
+    def _publish(self, final: list[int], deltas, verdict: gate.Verdict | None) -> BatchResult:
+        from horse.deltas import add_deltas_, frobenius_norms
+
+        t = time.perf_counter()
+        add_deltas_(self.model, deltas)  # the model now is exactly what materialising the new snapshot gives
+        touched = sorted(set(self.m.base_weights) | set(deltas))
+        norms = self.m.layer_norms()
+        digest = weights_digest(self.model, touched)
+        metadata = snapshots.snapshot_metadata(
+            base_model=self.base_model, base_fingerprint=self.editor.fingerprint,
+            hypernet_fingerprint=self.hypernet_fingerprint, parent_snapshot_id=self.parent_id,
+            batch_id=self.batch_id, edit_ids=final)
+        stem = f"b{self.batch_id:06d}-{self.token[:8]}"
+        file = snapshots.write_snapshot(self.settings.snapshot_dir, self.base_model, stem, deltas, metadata,
+                                        on_stage=self._stage)
+        t = self._timed("write", t)
+        self._stage("written")
+        result = self._result("published", final, verdict, snapshot_path=file.rel_path, snapshot_bytes=file.bytes)
+        snap_metrics = {
+            "gate": verdict.metrics if verdict is not None else None,
+            "head": result.metrics["head"],
+            "efficacy_mean": result.metrics["efficacy_mean"],
+            "n_edits": len(final), "bytes_per_edit": file.bytes / len(final),
+            "layer_norms": norms, "cumulative_norm_max": max(norms.values()) if norms else 0.0,
+            "batch_delta_norms": frobenius_norms(deltas),
+            "delta_layers": {n: ("factored" if d.is_factored else "dense") for n, d in deltas.items()},
+            "weights_sha256": digest, "weights_modules": touched,
+            "base_fingerprint": self.editor.fingerprint, "hypernet_fingerprint": self.hypernet_fingerprint,
+            "chain_length": len(self.chain) + 1,
+        }
+        with self.store.session() as s:
+            current = head_id(s, self.base_model)
+            if current != self.parent_id:
+                raise DaemonError(f"the head of {self.base_model} moved from {self.parent_id} to {current} during "
+                                  f"batch {self.batch_id}; nothing was published, the batch will be retried")
+            snap = Snapshot(parent_id=self.parent_id, batch_id=self.batch_id, base_model=self.base_model,
+                            kind="incremental", path=file.rel_path, sha256=file.sha256, bytes=file.bytes,
+                            created_at=utcnow(), status="published", metrics=snap_metrics)
+            s.add(snap)
+            s.flush()
+            s.execute(insert(SnapshotEdit), [{"snapshot_id": snap.id, "edit_id": i} for i in final])
+            set_head(s, self.base_model, snap.id, actor=self.actor, reason=f"batch {self.batch_id} published")
+            transition(s, final, EditStatus.CLAIMED, EditStatus.APPLIED, actor=self.actor, batch_id=self.batch_id,
+                       snapshot_id=snap.id, values={"claim_token": None, "last_error": None},
+                       payload_by_id={i: {"efficacy": self.efficacy.get(i)} for i in final})
+            self._move_unpublished(s)
+            batch = s.get(Batch, self.batch_id)
+            batch.status, batch.finished_at = "published", utcnow()
+            self._timed("commit", t)
+            result.metrics = self._batch_metrics(verdict, final)
+            result.metrics["snapshot_id"] = snap.id
+            batch.metrics = result.metrics
+            record_event(s, "snapshot.published", actor=self.actor, batch_id=self.batch_id, snapshot_id=snap.id,
+                         payload={"parent": self.parent_id, "path": file.rel_path, "sha256": file.sha256,
+                                  "bytes": file.bytes, "n_edits": len(final)})
+            record_event(s, "batch.published", actor=self.actor, batch_id=self.batch_id, snapshot_id=snap.id,
+                         payload={"n_applied": len(final), "n_failed": len(self.failed),
+                                  "n_rejected": len(self.rejected)})
+            snapshot_id = snap.id
+        result.snapshot_id = snapshot_id
+        result.timings_s = dict(self.timings)
+        with log_context(snapshot_id=snapshot_id):
+            log.info("published snapshot %d: %d applied, %d failed, %d rejected", snapshot_id, len(final),
+                     len(self.failed), len(self.rejected), extra={"bytes": file.bytes})
+            self._stage("published")
+        return result

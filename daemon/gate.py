@@ -1,0 +1,234 @@
+"""The regression gate: what a candidate model must keep before its snapshot is published.
+
+Owns the rules, not the math: every number comes from `horse.metrics` (teacher-forced answer-token
+accuracy, answer log-probabilities, greedy next tokens). For one batch the head (the model before the
+batch) is measured once; each candidate (the head plus the batch's deltas, or a subset of them while
+bisecting) is measured on the same probe and judged against the head:
+
+- efficacy (step 4, per edit): mean token accuracy over the edit's prompt and its paraphrases (each
+  sentence counts once). An edit takes when it reaches `gate_min_efficacy`.
+- canary agreement: share of canary prompts whose greedy next token is unchanged; at least
+  `gate_min_canary_agreement`.
+- protected facts: a fact flips when its answer-token accuracy drops below the head's (for one-token
+  answers: the answer stops being the model's top choice). Share flipped at most `gate_max_protected_drop`.
+- retention: of the edits already applied on the chain that hold on the head (efficacy ≥
+  `gate_min_efficacy` on their prompt), the share that still hold; at least `gate_min_retention`. The
+  absolute share (over all of them) is recorded too, for the consolidation policy.
+- delta norm (`gate_max_delta_norm` > 0): largest per-layer Frobenius norm of the cumulative delta.
+- anything non-finite refuses the candidate.
+
+Measurements are plain JSON-able dicts: they are stored on the batch and the snapshot rows.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ledger.config import Settings
+
+SHIPPED_CANARY = Path(__file__).resolve().parent / "assets" / "canary.jsonl"
+# Past this many applied edits the gate measures retention on a fixed sample (the benchmarks measure all).
+RETENTION_SAMPLE_MAX = 2000
+CANARY_SAMPLE_MAX = 2000
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A prompt and the answer it must produce. `key` is the edit id or the protected-fact id."""
+
+    key: int
+    prompt: str
+    answer: str
+    paraphrases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Everything the gate measures on each model state during one batch."""
+
+    canary_prompts: tuple[str, ...]
+    protected: tuple[Fact, ...] = ()
+    retained: tuple[Fact, ...] = ()
+
+
+@dataclass
+class Measurement:
+    """One model state measured on a Probe (tensors are on the CPU)."""
+
+    canary_next_ids: torch.Tensor            # [C] greedy next token per canary prompt
+    protected_acc: torch.Tensor              # [P] answer-token accuracy
+    protected_logprob: torch.Tensor          # [P] mean answer log-prob
+    retained_acc: torch.Tensor               # [R] answer-token accuracy on the edit's own prompt
+
+
+@dataclass
+class Verdict:
+    """The gate's decision on a candidate, with every number it used."""
+
+    passed: bool
+    metrics: dict[str, Any]
+    reasons: list[str] = field(default_factory=list)
+
+
+def load_canary(path: str | Path | None = None, *, limit: int = CANARY_SAMPLE_MAX) -> tuple[str, ...]:
+    """Canary prompts from a JSONL file (one object per line with a "prompt" field; "locality_prompt",
+    "loc" or "src" are accepted too) or a plain-text file (one prompt per line). Empty = the shipped sample."""
+    path = Path(path) if path else SHIPPED_CANARY
+    prompts: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if path.suffix == ".jsonl" or line.startswith("{"):
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{lineno}: not JSON ({exc}); fix the canary file") from None
+                text = next((obj[k] for k in ("prompt", "locality_prompt", "loc", "src") if obj.get(k)), None)
+                if not isinstance(text, str):
+                    raise ValueError(f'{path}:{lineno}: no "prompt" field; fix the canary file')
+                prompts.append(text)
+            else:
+                prompts.append(line)
+    return tuple(prompts[:limit])
+
+
+def sample_retained(facts: Sequence[Fact], *, seed: int = 0, limit: int = RETENTION_SAMPLE_MAX) -> tuple[Fact, ...]:
+    """All applied edits, or a fixed random sample of `limit` of them (sorted by key)."""
+    if len(facts) <= limit:
+        return tuple(facts)
+    picked = random.Random(seed).sample(list(facts), limit)
+    return tuple(sorted(picked, key=lambda f: f.key))
+
+
+def _empty() -> torch.Tensor:
+    return torch.zeros(0)
+
+
+@torch.no_grad()
+def measure(model, tokenizer, probe: Probe, *, batch_size: int = 32) -> Measurement:
+    """Measure one model state on the probe (forward passes only)."""
+    from horse import metrics
+
+    def acc(facts: Sequence[Fact]) -> torch.Tensor:
+        if not facts:
+            return _empty()
+        return metrics.answer_token_accuracy(model, tokenizer, [f.prompt for f in facts],
+                                             [f.answer for f in facts], batch_size=batch_size).float().cpu()
+
+    canary = (metrics.next_token_ids(model, tokenizer, list(probe.canary_prompts)).cpu()
+              if probe.canary_prompts else torch.zeros(0, dtype=torch.long))
+    protected_lp = (metrics.answer_logprobs(model, tokenizer, [f.prompt for f in probe.protected],
+                                            [f.answer for f in probe.protected], batch_size=batch_size).float().cpu()
+                    if probe.protected else _empty())
+    return Measurement(canary_next_ids=canary, protected_acc=acc(probe.protected),
+                       protected_logprob=protected_lp, retained_acc=acc(probe.retained))
+
+
+@torch.no_grad()
+def efficacy(model, tokenizer, facts: Sequence[Fact], *, batch_size: int = 32) -> dict[int, dict[str, float]]:
+    """Per-edit efficacy (step 4): token accuracy on the prompt, mean over paraphrases, and their mean.
+
+    Returns:
+        {edit id: {"prompt_acc", "paraphrase_acc" (NaN when none), "efficacy"}}.
+    """
+    from horse import metrics
+
+    prompts, answers, owner = [], [], []
+    for fact in facts:
+        for text in (fact.prompt, *fact.paraphrases):
+            prompts.append(text)
+            answers.append(fact.answer)
+            owner.append(fact.key)
+    if not prompts:
+        return {}
+    accs = metrics.answer_token_accuracy(model, tokenizer, prompts, answers, batch_size=batch_size).float().tolist()
+    out: dict[int, dict[str, float]] = {}
+    i = 0
+    for fact in facts:
+        n = 1 + len(fact.paraphrases)
+        vals = accs[i:i + n]
+        i += n
+        para = sum(vals[1:]) / (n - 1) if n > 1 else float("nan")
+        out[fact.key] = {"prompt_acc": vals[0], "paraphrase_acc": para, "efficacy": sum(vals) / n}
+    return out
+
+
+def _finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t.float()).all()) for t in tensors if t.numel())
+
+
+def judge(head: Measurement, cand: Measurement, probe: Probe, settings: Settings, *,
+          layer_norms: Mapping[str, float] | None = None) -> Verdict:
+    """Compare a candidate with the head and decide.
+
+    Args:
+        layer_norms: per-layer Frobenius norm of the candidate's cumulative delta (for gate_max_delta_norm).
+    Returns:
+        A Verdict whose metrics hold every number (JSON-able) and whose reasons say which check failed.
+    """
+    reasons: list[str] = []
+    m: dict[str, Any] = {}
+    if not _finite(cand.protected_acc, cand.protected_logprob, cand.retained_acc):
+        reasons.append("the candidate's measurements are not finite (NaN/Inf)")
+
+    n_canary = int(cand.canary_next_ids.numel())
+    agree = float((cand.canary_next_ids == head.canary_next_ids).float().mean()) if n_canary else 1.0
+    m["canary_agreement"] = agree
+    m["canary_n"] = n_canary
+    if agree < settings.gate_min_canary_agreement:
+        reasons.append(f"canary agreement {agree:.3f} < {settings.gate_min_canary_agreement}")
+
+    n_prot = len(probe.protected)
+    flipped = [probe.protected[i].key for i in range(n_prot)
+               if float(cand.protected_acc[i]) < float(head.protected_acc[i]) - 1e-6]
+    share = len(flipped) / n_prot if n_prot else 0.0
+    m.update(protected_n=n_prot, protected_flipped=flipped, protected_flip_share=share,
+             protected_acc_mean=float(cand.protected_acc.mean()) if n_prot else None,
+             protected_logprob_change_mean=float((cand.protected_logprob - head.protected_logprob).mean())
+             if n_prot else None)
+    if share > settings.gate_max_protected_drop + 1e-12:
+        reasons.append(f"{len(flipped)} of {n_prot} protected facts flipped ({share:.3f} > "
+                       f"{settings.gate_max_protected_drop}): ids {flipped[:20]}")
+
+    n_ret = len(probe.retained)
+    held_head = head.retained_acc >= settings.gate_min_efficacy
+    held_cand = cand.retained_acc >= settings.gate_min_efficacy
+    n_held_head = int(held_head.sum())
+    kept = int((held_head & held_cand).sum())
+    retention = kept / n_held_head if n_held_head else 1.0
+    lost = [probe.retained[i].key for i in range(n_ret) if bool(held_head[i]) and not bool(held_cand[i])]
+    m.update(retention=retention, retention_abs=(float(held_cand.float().mean()) if n_ret else None),
+             retention_acc_mean=(float(cand.retained_acc.mean()) if n_ret else None),
+             retention_n=n_ret, retention_lost=lost[:100])
+    if retention < settings.gate_min_retention:
+        reasons.append(f"retention {retention:.3f} < {settings.gate_min_retention}: "
+                       f"{len(lost)} earlier edits no longer hold, ids {lost[:20]}")
+
+    if layer_norms:
+        biggest = max(layer_norms.values())
+        m["delta_norm_max"] = biggest
+        if not math.isfinite(biggest):
+            reasons.append("the cumulative delta is not finite (NaN/Inf)")
+        elif settings.gate_max_delta_norm > 0 and biggest > settings.gate_max_delta_norm:
+            reasons.append(f"cumulative delta norm {biggest:.4g} > gate_max_delta_norm {settings.gate_max_delta_norm}")
+    m["passed"] = not reasons
+    return Verdict(passed=not reasons, metrics=m, reasons=reasons)
+
+
+def baseline_metrics(head: Measurement, probe: Probe, settings: Settings) -> dict[str, Any]:
+    """What the head itself scores (stored with the batch, so diffs can show how numbers moved)."""
+    held = head.retained_acc >= settings.gate_min_efficacy
+    return {"canary_n": len(probe.canary_prompts), "protected_n": len(probe.protected),
+            "protected_acc_mean": float(head.protected_acc.mean()) if probe.protected else None,
+            "retention_n": len(probe.retained),
+            "retention_abs": float(held.float().mean()) if probe.retained else None,
+            "retention_acc_mean": float(head.retained_acc.mean()) if probe.retained else None}

@@ -1,0 +1,186 @@
+"""Materialising a snapshot: the base model plus every delta on the snapshot's chain, in order.
+
+Owns the one definition of "the model at snapshot S": load the base model fresh, then
+`horse.deltas.add_deltas_` each snapshot's deltas from the root of the chain to S. The result is
+deterministic, so rolling back to S gives the bit-identical weights S was gated and published with; the
+weights are never un-edited by subtraction. `weights_digest` (sha256 over the touched modules) is stored
+with every snapshot and `horse-ledger verify` recomputes it.
+
+    m = materialise(settings, session, snapshot_id)      # None = the unedited base
+    m.model, m.tokenizer, m.chain_ids, m.layer_norms()
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from daemon import snapshots
+from daemon.errors import SnapshotCorrupt
+from ledger.config import Settings
+from ledger.errors import SnapshotNotFound
+from ledger.models import Head, Snapshot
+
+
+def resolve_device(device: str) -> str:
+    """settings.device → a torch device string ("auto" = cuda:0 when CUDA is available, else cpu)."""
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """settings.dtype → torch dtype."""
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        from daemon.errors import DaemonError
+        raise DaemonError(f"dtype = {dtype!r} is not supported; use float32 or bfloat16") from None
+
+
+def load_base(settings: Settings):
+    """The unedited base model and its tokenizer, as configured."""
+    from horse.zoo import load_model
+
+    model, tokenizer = load_model(settings.model, device=resolve_device(settings.device),
+                                  dtype=resolve_dtype(settings.dtype), cache_dir=settings.cache_dir or None,
+                                  progress=False)
+    model.eval()
+    return model, tokenizer
+
+
+def head_id(session: Session, base_model: str) -> int | None:
+    """The head snapshot id of a base model (None = the unedited base)."""
+    return session.execute(select(Head.snapshot_id).where(Head.base_model == base_model)).scalar_one_or_none()
+
+
+def chain(session: Session, snapshot_id: int | None) -> list[Snapshot]:
+    """The snapshots from the root of the chain to `snapshot_id`, root first ([] for the base)."""
+    out: list[Snapshot] = []
+    seen: set[int] = set()
+    current = snapshot_id
+    while current is not None:
+        if current in seen:
+            raise SnapshotCorrupt(f"snapshot {current} is its own ancestor; the ledger is damaged")
+        seen.add(current)
+        snap = session.get(Snapshot, current)
+        if snap is None:
+            raise SnapshotNotFound(f"snapshot {current} does not exist; see `horse-ledger snapshots`")
+        out.append(snap)
+        current = snap.parent_id
+    return out[::-1]
+
+
+@dataclass(frozen=True)
+class ChainLink:
+    """What materialisation needs from a snapshot row (detached from any session)."""
+
+    id: int
+    path: str
+    sha256: str
+
+
+@dataclass
+class Materialised:
+    """A model at a snapshot, with what is needed to measure how far it moved from the base."""
+
+    model: Any
+    tokenizer: Any
+    snapshot_id: int | None
+    chain_ids: list[int]
+    base_weights: dict[str, torch.Tensor] = field(default_factory=dict)   # fp32 copies of touched modules
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def touched_modules(self) -> list[str]:
+        return sorted(self.base_weights)
+
+    def track(self, module_names: Sequence[str]) -> None:
+        """Also keep base copies of these modules (before they are edited), for norms and digests."""
+        from horse.arch import get_module
+
+        for name in module_names:
+            if name not in self.base_weights:
+                if self.chain_ids:
+                    raise AssertionError(f"{name} must be tracked before the first delta is added")
+                self.base_weights[name] = get_module(self.model, name).weight.detach().float().cpu().clone()
+
+    def layer_norms(self) -> dict[str, float]:
+        """Per-layer Frobenius norm of the cumulative delta (current weights − base weights), fp32."""
+        return layer_norms(self.model, self.base_weights)
+
+
+def layer_norms(model, base_weights: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Frobenius norm of (W − W_base) per module (layout-independent), as floats."""
+    from horse.arch import get_module
+
+    return {name: float(torch.linalg.norm(get_module(model, name).weight.detach().float().cpu() - base))
+            for name, base in sorted(base_weights.items())}
+
+
+def weights_digest(model, module_names: Sequence[str]) -> str:
+    """sha256 over the current weights of `module_names` (name, dtype, shape, raw bytes), in name order."""
+    from horse.arch import get_module
+
+    digest = hashlib.sha256()
+    for name in sorted(module_names):
+        weight = get_module(model, name).weight.detach().contiguous().cpu()
+        digest.update(f"{name}|{weight.dtype}|{tuple(weight.shape)}|".encode())
+        digest.update(weight.view(torch.uint8).numpy().tobytes() if weight.numel() else b"")
+    return digest.hexdigest()
+
+
+def links(session: Session, snapshot_id: int | None) -> list[ChainLink]:
+    """The chain of `snapshot_id` as detached links, root first."""
+    return [ChainLink(s.id, s.path, s.sha256) for s in chain(session, snapshot_id)]
+
+
+def materialise(settings: Settings, chain_links: Sequence[ChainLink], *, track: Sequence[str] = (),
+                model_and_tokenizer: tuple[Any, Any] | None = None,
+                after_each: Callable[[ChainLink, Materialised], None] | None = None) -> Materialised:
+    """Load the base model and add the deltas of `chain_links` in order.
+
+    Args:
+        chain_links: from `links(session, snapshot_id)`, root first.
+        track: modules to keep base copies of even when the chain does not touch them (the editor's).
+        model_and_tokenizer: a freshly loaded, unedited base model to reuse instead of loading one.
+        after_each: called after each snapshot's deltas are added (verify checks every step's digest).
+    Raises:
+        SnapshotCorrupt: a file is missing, altered (sha256) or holds NaN/Inf.
+    """
+    from horse.deltas import add_deltas_
+
+    t0 = time.perf_counter()
+    model, tokenizer = model_and_tokenizer or load_base(settings)
+    t_load = time.perf_counter() - t0
+    m = Materialised(model=model, tokenizer=tokenizer, snapshot_id=chain_links[-1].id if chain_links else None,
+                     chain_ids=[])
+    m.track(track)
+    t_read = t_add = 0.0
+    for link in chain_links:
+        t1 = time.perf_counter()
+        deltas, _meta = snapshots.read_snapshot(settings.snapshot_dir, link.path, sha256=link.sha256)
+        t2 = time.perf_counter()
+        bad = [name for name, d in deltas.items() if not d.is_finite()]
+        if bad:
+            raise SnapshotCorrupt(f"snapshot {link.id} holds NaN/Inf in {bad[:3]}; roll back past it")
+        new = [n for n in deltas if n not in m.base_weights]
+        if new:
+            from horse.arch import get_module
+            for name in new:  # first touched by this snapshot: the chain so far left it at its base value
+                m.base_weights[name] = get_module(model, name).weight.detach().float().cpu().clone()
+        with torch.no_grad():
+            add_deltas_(model, deltas)
+        m.chain_ids.append(link.id)
+        t_read += t2 - t1
+        t_add += time.perf_counter() - t2
+        if after_each is not None:
+            after_each(link, m)
+    m.timings_s = {"load": t_load, "read": t_read, "add": t_add, "total": time.perf_counter() - t0}
+    return m
