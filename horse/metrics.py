@@ -232,8 +232,118 @@ def harmonic_mean(values: Sequence[float]) -> float:
     return len(values) / sum(1.0 / v for v in values)
 
 
-def _mean(t: torch.Tensor) -> float:
-    return float(t.float().mean()) if t.numel() else float("nan")
+# per-request score names: *_win are 0/1, *_gap are probability differences, token_* / gen_* are 0…1;
+# nan marks a request without the fields a score needs (no target_true, no rephrase, no locality prompt).
+REQUEST_SCORES = ("es_win", "es_gap", "ps_win", "ps_gap", "ns_win", "ns_gap", "token_es", "token_gs", "token_ls")
+GENERATION_SCORES = ("gen_es", "gen_ps")
+
+
+def request_scores(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    *,
+    batch_size: int = 32,
+    with_generation: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Every metric per request, so batches can be concatenated and summarised once (`summarise_scores`).
+
+    Returns:
+        name → B float tensor, names in REQUEST_SCORES (+ GENERATION_SCORES when `with_generation`),
+        nan where the request lacks the needed fields. Rephrase scores are averaged over a request's
+        rephrases; generation uses its first rephrase.
+    """
+    reqs = list(requests)
+    b = len(reqs)
+    nan = lambda: torch.full((b,), float("nan"))  # noqa: E731
+    out = {name: nan() for name in REQUEST_SCORES}
+    if not reqs:
+        return out
+    prompts = [r.prompt for r in reqs]
+    targets = [r.target for r in reqs]
+
+    def score(ps: list[str], ans: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return score_answers(model, tok, ps, ans, batch_size=batch_size)
+
+    lp_new, out["token_es"] = score(prompts, targets)
+
+    # ES: P(target) vs P(target_true) on the prompt
+    es_idx = [i for i, r in enumerate(reqs) if r.target_true]
+    if es_idx:
+        lp_true, _ = score([prompts[i] for i in es_idx], [reqs[i].target_true for i in es_idx])
+        p_new, p_true = lp_new[es_idx].exp(), lp_true.exp()
+        out["es_win"][es_idx] = (p_new > p_true).float()
+        out["es_gap"][es_idx] = p_new - p_true
+
+    # PS and token GS: every rephrase, then averaged per request
+    owner = [i for i, r in enumerate(reqs) for _ in r.rephrases]
+    ph_prompts = [ph for r in reqs for ph in r.rephrases]
+    if owner:
+        lp_ph_new, acc_gs = score(ph_prompts, [targets[i] for i in owner])
+        rows, values = _per_owner(owner, acc_gs)
+        out["token_gs"][rows] = values
+        ps_k = [k for k, i in enumerate(owner) if reqs[i].target_true]
+        if ps_k:
+            lp_ph_true, _ = score([ph_prompts[k] for k in ps_k], [reqs[owner[k]].target_true for k in ps_k])
+            p_new, p_true = lp_ph_new[ps_k].exp(), lp_ph_true.exp()
+            rows, values = _per_owner([owner[k] for k in ps_k], (p_new > p_true).float())
+            out["ps_win"][rows] = values
+            rows, values = _per_owner([owner[k] for k in ps_k], p_new - p_true)
+            out["ps_gap"][rows] = values
+
+    # NS and token LS: the locality prompt, its own answer against the new target
+    loc_idx = [i for i, r in enumerate(reqs) if r.locality_prompt and r.locality_answer]
+    if loc_idx:
+        loc_prompts = [reqs[i].locality_prompt for i in loc_idx]
+        lp_loc_true, out["token_ls"][loc_idx] = score(loc_prompts, [reqs[i].locality_answer for i in loc_idx])
+        lp_loc_new, _ = score(loc_prompts, [targets[i] for i in loc_idx])
+        out["ns_win"][loc_idx] = (lp_loc_true.exp() > lp_loc_new.exp()).float()
+        out["ns_gap"][loc_idx] = lp_loc_true.exp() - lp_loc_new.exp()
+
+    if with_generation:
+        out["gen_es"] = generated_matches(model, tok, prompts, targets, batch_size=batch_size).float()
+        out["gen_ps"] = nan()
+        ph_idx = [i for i, r in enumerate(reqs) if r.rephrases]
+        if ph_idx:
+            out["gen_ps"][ph_idx] = generated_matches(
+                model, tok, [reqs[i].rephrases[0] for i in ph_idx], [targets[i] for i in ph_idx], batch_size=batch_size
+            ).float()
+    return out
+
+
+def concat_scores(parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate per-request scores of several batches (keys present in every part)."""
+    if not parts:
+        return {}
+    keys = [k for k in parts[0] if all(k in p for p in parts)]
+    return {k: torch.cat([p[k] for p in parts]) for k in keys}
+
+
+def _nanmean(t: torch.Tensor) -> tuple[float, int]:
+    ok = ~torch.isnan(t)
+    n = int(ok.sum())
+    return (float(t[ok].double().mean()) if n else float("nan")), n
+
+
+def summarise_scores(scores: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The summary metrics from per-request scores (means over the requests that have each score).
+
+    Returns:
+        cf_es, cf_ps, cf_ns, cf_score (harmonic mean of the three), cf_es_mag, cf_ps_mag, cf_ns_mag,
+        token_es, token_gs, token_ls, gen_es / gen_ps when present, and counts n_requests, n_es, n_ps, n_ns.
+    """
+    out: dict[str, float] = {}
+    names = {"es_win": "cf_es", "ps_win": "cf_ps", "ns_win": "cf_ns",
+             "es_gap": "cf_es_mag", "ps_gap": "cf_ps_mag", "ns_gap": "cf_ns_mag"}
+    for key, value in scores.items():
+        mean, n = _nanmean(value)
+        out[names.get(key, key)] = mean
+        if key.endswith("_win"):
+            out["n_" + key[:2]] = float(n)
+    out["n_requests"] = float(len(next(iter(scores.values())))) if scores else 0.0
+    out["cf_score"] = harmonic_mean([out.get("cf_es", float("nan")), out.get("cf_ps", float("nan")),
+                                     out.get("cf_ns", float("nan"))])
+    return out
 
 
 def evaluate(
@@ -250,71 +360,18 @@ def evaluate(
         dict of floats (fractions; nan when no request has the needed fields):
         cf_es, cf_ps, cf_ns, cf_score, cf_es_mag, cf_ps_mag, cf_ns_mag,
         token_es, token_gs, token_ls, gen_es, gen_ps (when with_generation),
-        and counts n_requests, n_es, n_ps, n_ns, n_ls.
+        and counts n_requests, n_es, n_ps, n_ns.
     """
-    reqs = list(requests)
-    prompts = [r.prompt for r in reqs]
-    targets = [r.target for r in reqs]
-    out: dict[str, float] = {"n_requests": float(len(reqs))}
-
-    def score(ps: list[str], ans: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return score_answers(model, tok, ps, ans, batch_size=batch_size)
-
-    lp_new, acc_es = score(prompts, targets)
-    out["token_es"] = _mean(acc_es)
-
-    # ES: requests with a known true answer
-    es_idx = [i for i, r in enumerate(reqs) if r.target_true]
-    lp_true, _ = score([prompts[i] for i in es_idx], [reqs[i].target_true for i in es_idx])
-    p_new, p_true = lp_new[es_idx].exp(), lp_true.exp()
-    out["cf_es"] = _mean(p_new > p_true)
-    out["cf_es_mag"] = _mean(p_new - p_true)
-    out["n_es"] = float(len(es_idx))
-
-    # PS and token GS: every rephrase, averaged per request then over requests
-    owner, ph_prompts = [], []
-    for i, r in enumerate(reqs):
-        for ph in r.rephrases:
-            owner.append(i)
-            ph_prompts.append(ph)
-    lp_ph_new, acc_gs = score(ph_prompts, [targets[i] for i in owner])
-    ps_rows = [k for k, i in enumerate(owner) if reqs[i].target_true]
-    lp_ph_true, _ = score([ph_prompts[k] for k in ps_rows], [reqs[owner[k]].target_true for k in ps_rows])
-    win = (lp_ph_new[ps_rows].exp() > lp_ph_true.exp()).float()
-    gap = lp_ph_new[ps_rows].exp() - lp_ph_true.exp()
-    out["cf_ps"] = _mean(_per_owner([owner[k] for k in ps_rows], win))
-    out["cf_ps_mag"] = _mean(_per_owner([owner[k] for k in ps_rows], gap))
-    out["token_gs"] = _mean(_per_owner(owner, acc_gs))
-    out["n_ps"] = float(len(set(owner[k] for k in ps_rows)))
-
-    # NS and token LS: the locality prompt, its own answer against the new target
-    loc_idx = [i for i, r in enumerate(reqs) if r.locality_prompt and r.locality_answer]
-    loc_prompts = [reqs[i].locality_prompt for i in loc_idx]
-    lp_loc_true, acc_ls = score(loc_prompts, [reqs[i].locality_answer for i in loc_idx])
-    lp_loc_new, _ = score(loc_prompts, [targets[i] for i in loc_idx])
-    out["cf_ns"] = _mean(lp_loc_true.exp() > lp_loc_new.exp())
-    out["cf_ns_mag"] = _mean(lp_loc_true.exp() - lp_loc_new.exp())
-    out["token_ls"] = _mean(acc_ls)
-    out["n_ns"] = out["n_ls"] = float(len(loc_idx))
-
-    out["cf_score"] = harmonic_mean([out["cf_es"], out["cf_ps"], out["cf_ns"]])
-
-    if with_generation:
-        out["gen_es"] = _mean(generated_matches(model, tok, prompts, targets, batch_size=batch_size))
-        ph_first = [(i, r.rephrases[0]) for i, r in enumerate(reqs) if r.rephrases]
-        out["gen_ps"] = _mean(
-            generated_matches(model, tok, [p for _, p in ph_first], [targets[i] for i, _ in ph_first], batch_size=batch_size)
-        )
-    return out
+    return summarise_scores(
+        request_scores(model, tok, requests, batch_size=batch_size, with_generation=with_generation)
+    )
 
 
-def _per_owner(owner: Sequence[int], values: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` per distinct owner (in order of first appearance)."""
-    if not len(owner):
-        return torch.zeros(0)
-    keys = sorted(set(owner), key=list(owner).index)
+def _per_owner(owner: Sequence[int], values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct owners in order of first appearance, mean of `values` per owner)."""
+    keys = list(dict.fromkeys(owner))
     pos = {k: j for j, k in enumerate(keys)}
     index = torch.tensor([pos[o] for o in owner])
     sums = torch.zeros(len(keys)).index_add_(0, index, values.float())
     counts = torch.zeros(len(keys)).index_add_(0, index, torch.ones(len(owner)))
-    return sums / counts
+    return torch.tensor(keys), sums / counts

@@ -107,7 +107,7 @@ def test_evaluate_counterfact_metrics_by_hand(tiny_tok):
     assert out["token_es"] == pytest.approx(0.5) and out["token_gs"] == pytest.approx(0.5)
     # locality "tt": t after " " is not the argmax (n is), t after t is → 0.5; "zz" → 0
     assert out["token_ls"] == pytest.approx(0.25)
-    assert out["n_ps"] == 1 and out["n_ns"] == 2
+    assert out["n_ps"] == 1 and out["n_ns"] == 2 and out["n_es"] == 2
     model.set(" ", "t", 4.0)  # now the true answer wins
     out = evaluate(model, tiny_tok, reqs[:1], with_generation=False)
     assert out["cf_es"] == 0.0 and out["cf_ns"] == 1.0 and out["cf_score"] == 0.0
@@ -173,3 +173,22 @@ def test_evaluate_restores_training_mode_and_reports_generation(tiny_gpt2):
     lp_new = answer_logprobs(model, tok, ["The sky is"], ["blue"])
     lp_true = answer_logprobs(model, tok, ["The sky is"], ["green"])
     assert out["cf_es"] == float(lp_new.exp() > lp_true.exp())
+
+
+def test_batches_concatenate_to_the_whole(tiny_llama):
+    from horse.metrics import concat_scores, request_scores, summarise_scores
+
+    model, tok = tiny_llama
+    reqs = [
+        EditRequest(prompt=f"Fact {i} is", target=f"t{i}", target_true=("old" if i % 2 else None),
+                    rephrases=(f"F{i}:",) * (i % 3), locality_prompt=("Loc" if i % 4 else None), locality_answer="a")
+        for i in range(7)
+    ]
+    whole = evaluate(model, tok, reqs, with_generation=False)
+    parts = [request_scores(model, tok, reqs[:3]), request_scores(model, tok, reqs[3:])]
+    merged = summarise_scores(concat_scores(parts))
+    assert merged.keys() == whole.keys()
+    for key in whole:
+        assert merged[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7, nan_ok=True), key
+    assert whole["n_es"] == 3 and whole["n_requests"] == 7 and whole["n_ns"] == 5
+    assert whole["n_ps"] == 2  # requests with a rephrase AND a target_true: i = 1, 5
