@@ -8,7 +8,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Mapping
 
-from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from ledger.models import Event, utcnow
@@ -18,7 +17,7 @@ def record_event(session: Session, kind: str, *, actor: str, edit_id: int | None
                  batch_id: int | None = None, snapshot_id: int | None = None, reason: str | None = None,
                  payload: Mapping[str, Any] | None = None, at: datetime | None = None) -> None:
     """Append one audit event, e.g. kind="batch.claimed", "snapshot.published", "head.moved"."""
-    session.execute(insert(Event), [event_row(kind, actor=actor, edit_id=edit_id, batch_id=batch_id,
+    session.execute(Event.__table__.insert(), [event_row(kind, actor=actor, edit_id=edit_id, batch_id=batch_id,
                                               snapshot_id=snapshot_id, reason=reason, payload=payload, at=at)])
 
 

@@ -75,8 +75,10 @@ class EditRecord:
         return render_prompt(self.prompt, self.subject)
 
     @classmethod
-    def from_row(cls, row: Edit) -> EditRecord:
-        values = {f.name: getattr(row, f.name) for f in fields(cls)}
+    def from_row(cls, row: Any) -> EditRecord:
+        """From an Edit ORM object or a Core row of the edits table."""
+        get = row._mapping.__getitem__ if hasattr(row, "_mapping") else row.__getattribute__
+        values = {name: get(name) for name in _EDIT_FIELDS}
         for name in ("submitted_at", "updated_at", "claimed_at", "heartbeat_at"):
             values[name] = as_utc(values[name])
         values["paraphrases"] = list(values["paraphrases"] or [])
@@ -86,6 +88,9 @@ class EditRecord:
         out = {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
         out["rendered_prompt"] = self.rendered_prompt
         return out
+
+
+_EDIT_FIELDS = tuple(f.name for f in fields(EditRecord))
 
 
 @dataclass(frozen=True)
@@ -358,21 +363,21 @@ class Store:
                 n_new += 1
 
             new_rows = [p[1] for p in plan if p[0] == "new"]
-            ids: list[int] = []
+            ids = self._allocate_edit_ids(s, len(new_rows))
             step = 5000
             for start in range(0, len(new_rows), step):
                 part = new_rows[start:start + step]
+                got = ids[start:start + len(part)]
                 values = [{
-                    "subject": sp.subject, "prompt": sp.prompt, "target_new": sp.target_new,
+                    "id": edit_id, "subject": sp.subject, "prompt": sp.prompt, "target_new": sp.target_new,
                     "target_true": sp.target_true, "paraphrases": list(sp.paraphrases), "source": sp.source,
                     "author": sp.author, "note": sp.note, "submitted_at": now, "updated_at": now,
                     "content_hash": sp.content_hash, "key_hash": sp.key_hash,
                     "status": EditStatus.PENDING.value, "attempts": 0,
                     "supersedes_id": ref[1] if ref and ref[0] == "id" else None,
-                } for sp, ref, _ in part]
-                got = s.execute(insert(Edit).returning(Edit.id, sort_by_parameter_order=True), values).scalars().all()
-                ids.extend(got)
-                s.execute(insert(Event), [event_row("edit.created", actor=actor, edit_id=i, at=now,
+                } for edit_id, (sp, ref, _) in zip(got, part)]
+                s.execute(Edit.__table__.insert(), values)
+                s.execute(Event.__table__.insert(), [event_row("edit.created", actor=actor, edit_id=i, at=now,
                                                     payload={"source": sp.source} if sp.source else None)
                                           for i, (sp, _, _) in zip(got, part)])
                 if progress:
@@ -409,6 +414,17 @@ class Store:
             progress(len(specs))
         return results
 
+    def _allocate_edit_ids(self, s: Session, n: int) -> list[int]:
+        """n fresh edit ids. Called under add_edits' lock (SQLite write lock / advisory lock), so plain
+        inserts with explicit ids are safe and far faster than RETURNING row by row."""
+        if n == 0:
+            return []
+        if self.dialect == "postgresql":
+            seq = text("SELECT nextval(pg_get_serial_sequence('edits', 'id')) FROM generate_series(1, :n)")
+            return sorted(s.execute(seq, {"n": n}).scalars())
+        start = s.execute(select(func.coalesce(func.max(Edit.id), 0))).scalar_one() + 1
+        return list(range(start, start + n))
+
     def cancel(self, edit_id: int, *, actor: str, reason: str | None = None) -> EditRecord:
         """pending → cancelled."""
         with self.session() as s:
@@ -444,7 +460,8 @@ class Store:
                                "attempts": Edit.attempts + 1})
             record_event(s, "batch.claimed", actor=actor, batch_id=batch.id,
                          payload={"n_edits": len(ids), "base_model": base_model}, at=now)
-            rows = s.execute(select(Edit).where(Edit.id.in_(ids)).order_by(Edit.id)).scalars().all()
+            cols = [Edit.__table__.c[name] for name in _EDIT_FIELDS]
+            rows = s.execute(select(*cols).where(Edit.id.in_(ids)).order_by(Edit.id)).all()
             return ClaimedBatch(batch_id=batch.id, token=token, edits=[EditRecord.from_row(r) for r in rows])
 
     def heartbeat(self, token: str) -> int:

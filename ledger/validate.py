@@ -13,6 +13,7 @@ import json
 import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +40,12 @@ class EditSpec:
     author: str | None = None
     note: str | None = None
 
-    @property
+    @cached_property
     def content_hash(self) -> str:
         """The same fact gives the same hash: subject, prompt, target_new, target_true (NFC, casefolded)."""
         return _sha256([self.subject, self.prompt, self.target_new, self.target_true])
 
-    @property
+    @cached_property
     def key_hash(self) -> str:
         """Edits with the same key are about the same question: subject and prompt."""
         return _sha256([self.subject, self.prompt])
@@ -55,8 +56,9 @@ class EditSpec:
 
 
 def _sha256(parts: list[str | None]) -> str:
-    norm = [None if p is None else unicodedata.normalize("NFC", p).casefold() for p in parts]
-    return hashlib.sha256(json.dumps(norm, ensure_ascii=False).encode("utf-8")).hexdigest()
+    # fields never hold control characters, so \x1f separates them unambiguously and \x00 marks None
+    norm = "\x1f".join("\x00" if p is None else unicodedata.normalize("NFC", p).casefold() for p in parts)
+    return hashlib.sha256(norm.encode("utf-8")).hexdigest()
 
 
 def _bad_char(text: str) -> str | None:
