@@ -1,0 +1,125 @@
+"""Meta-training loop: resume = uninterrupted run, optimizer state files, early stopping, logs, and the
+learning test (a trained hypernet edits held-out facts far better than an untrained one)."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from horse.deltas import apply_deltas
+from horse.editor import Editor
+from horse.hypernet import HyperConfig
+from horse.metatrain import TrainConfig, optimizer_path, train_hypernet
+from horse.tokens import tokenize_pairs
+from horse.types import EditRequest
+from horse.zoo import load_model
+
+COLORS = ["red", "blue", "gold", "jade", "pink", "gray", "teal", "navy"]
+
+
+def synthetic_facts(n: int, seed: int = 0) -> list[EditRequest]:
+    """'The color of <name> is' → a colour word, with a rephrase and an unrelated locality pair."""
+    rng = random.Random(seed)
+
+    def name() -> str:
+        return "".join(rng.choice("bcdfghklmnprstvz") + rng.choice("aeiou") for _ in range(3)).capitalize()
+
+    facts = []
+    for _ in range(n):
+        subject, other = name(), name()
+        facts.append(EditRequest(
+            prompt=f"The color of {subject} is", target=rng.choice(COLORS), subject=subject,
+            rephrases=(f"{subject} has the color",),
+            locality_prompt=f"The home of {other} is", locality_answer="far",
+        ))
+    return facts
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return load_model("tiny-llama")
+
+
+def _token_accuracy(model, tok, prompts, answers) -> float:
+    b = tokenize_pairs(tok, prompts, answers)
+    with torch.no_grad():
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    mask = b.labels != -100
+    return float((logits.argmax(-1)[mask] == b.labels[mask]).float().mean())
+
+
+def _edit_scores(editor: Editor, model, tok, facts, batch: int) -> tuple[float, float]:
+    """Mean token accuracy (ES on the edit prompt, GS on the rephrase) over batches of held-out edits."""
+    es, gs = [], []
+    for s in range(0, len(facts), batch):
+        reqs = facts[s : s + batch]
+        deltas, _ = editor.compute_deltas(model, tok, reqs)
+        with apply_deltas(model, deltas):
+            es.append(_token_accuracy(model, tok, [r.prompt for r in reqs], [r.target for r in reqs]))
+            gs.append(_token_accuracy(model, tok, [r.rephrases[0] for r in reqs], [r.target for r in reqs]))
+    return sum(es) / len(es), sum(gs) / len(gs)
+
+
+def test_resume_equals_uninterrupted_run(llama, tmp_path) -> None:
+    model, tok = llama
+    facts = synthetic_facts(24)
+    hyper = HyperConfig(rank=8, eta_init=1e-3)
+    cfg = TrainConfig(steps=4, n_edits=4, lr=1e-3, lm_batch_size=2, checkpoint_every=2)
+    straight = train_hypernet(model, tok, facts, hyper=hyper, train=cfg, out_path=tmp_path / "a.safetensors",
+                              progress=False)
+    first = TrainConfig(**{**cfg.__dict__, "steps": 2})
+    train_hypernet(model, tok, facts, hyper=hyper, train=first, out_path=tmp_path / "b.safetensors", progress=False)
+    assert optimizer_path(tmp_path / "b.safetensors").exists()
+    resumed = train_hypernet(model, tok, facts, train=cfg, out_path=tmp_path / "b.safetensors", resume=True,
+                             progress=False)
+    for (k, a), (_, b) in zip(straight.nets.state_dict().items(), resumed.nets.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9, msg=k)
+    lines = [json.loads(x) for x in (tmp_path / "b.safetensors.log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    assert all("gen_loss" in x and "loc_loss" in x and "grad_norm" in x for x in lines)
+    card = json.loads((tmp_path / "b.safetensors.json").read_text())
+    assert card["training"]["step"] == 4 and len(card["training"]["data_sha256"]) == 64
+
+
+def test_early_stopping_on_validation(llama, tmp_path) -> None:
+    model, tok = llama
+    facts = synthetic_facts(20, seed=1)
+    cfg = TrainConfig(steps=50, n_edits=4, lr=0.0, lm_batch_size=4, val_every=1, val_edits=4, patience=2,
+                      update_normaliser=False, checkpoint_every=0)
+    train_hypernet(model, tok, facts[:16], hyper=HyperConfig(rank=4), train=cfg, val_requests=facts[16:],
+                   out_path=tmp_path / "h.safetensors", progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "h.safetensors.log.jsonl").read_text().splitlines()]
+    assert len(lines) == 3  # lr 0: the first evaluation is the best, two more without gain, then stop
+    assert all("val_loss" in x for x in lines)
+    assert json.loads((tmp_path / "h.safetensors.json").read_text())["training"]["reason"] == "early-stop"
+
+
+@pytest.mark.slow
+def test_meta_training_learns_to_edit_held_out_facts(llama) -> None:
+    """tiny-llama (random weights, width 64), 300 training facts, 200 meta-steps × 10 edits, 1 thread:
+    held-out edits in batches of 10 reach token ES ≈ 0.37 / GS ≈ 0.44 (observed), against 0.00 / 0.00 for the
+    untrained hypernet and 0.00 for the unedited model. Asserted with margin: ES, GS ≥ 0.2, untrained ≤ 0.05."""
+    model, tok = llama
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _learning_run(model, tok)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _learning_run(model, tok) -> None:
+    facts = synthetic_facts(400)
+    train, held_out = facts[:300], facts[300:]
+    hyper = HyperConfig(rank=32, n_blocks=2, eta_init=1e-3)
+    untrained = Editor.new(model, hyper)
+    trained = train_hypernet(model, tok, train, hyper=hyper,
+                             train=TrainConfig(steps=200, n_edits=10, lr=1e-3, lm_batch_size=10, checkpoint_every=0),
+                             progress=False)
+    es0, gs0 = _edit_scores(untrained, model, tok, held_out, batch=10)
+    es1, gs1 = _edit_scores(trained, model, tok, held_out, batch=10)
+    print(f"untrained ES {es0:.3f} GS {gs0:.3f}; trained ES {es1:.3f} GS {gs1:.3f}")
+    assert es0 <= 0.05 and gs0 <= 0.05
+    assert es1 >= 0.2 and gs1 >= 0.2
