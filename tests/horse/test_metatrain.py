@@ -123,3 +123,24 @@ def _learning_run(model, tok) -> None:
     print(f"untrained ES {es0:.3f} GS {gs0:.3f}; trained ES {es1:.3f} GS {gs1:.3f}")
     assert es0 <= 0.05 and gs0 <= 0.05
     assert es1 >= 0.2 and gs1 >= 0.2
+
+
+def test_cli_train_resume_and_info(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from horse.cli import hypernet
+
+    records = json.loads(open("data/counterfact/counterfact-train.json").read())[:8]
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "h.safetensors"
+    args = ["train", "--model", "tiny-llama", "--data", str(data), "--out", str(out), "--n-edits", "4",
+            "--rank", "8", "--lr", "1e-3", "--lm-batch-size", "4", "--quiet", "--variant", "malmen"]
+    result = CliRunner().invoke(hypernet, [*args, "--steps", "1"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(hypernet, [*args, "--steps", "2", "--resume"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(hypernet, ["info", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0 and "malmen / none" in result.output and "trained steps" in result.output
+    card = json.loads(CliRunner().invoke(hypernet, ["info", "--json", str(out)]).output)
+    assert card["training"]["step"] == 2
