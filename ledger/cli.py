@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import traceback
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,10 +95,12 @@ class DomainFailure(click.ClickException):
     def show(self, file: Any = None) -> None:
         out = file or sys.stderr
         click.echo(f"Error: {self.exc}", file=out, err=True)
-        cause = self.exc.__cause__
+        cause, shown = self.exc.__cause__, str(self.exc)
         while cause is not None:
-            click.echo(f"  caused by {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}",
-                       file=out, err=True)
+            line = str(cause).splitlines()[0] if str(cause) else ""
+            if line not in shown:  # skip causes that only repeat what was said
+                click.echo(f"  caused by {type(cause).__name__}: {line}", file=out, err=True)
+                shown += line
             cause = cause.__cause__
 
 
@@ -179,12 +182,17 @@ def _clip(text: str | None, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _width(text: str) -> int:
+    """Terminal columns: wide (CJK) characters take two."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 0 if unicodedata.combining(ch) else 1
+               for ch in text)
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     cells = [[str(c) for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
-    for row in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    widths = [max([_width(h)] + [_width(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    for row in [list(headers), *cells]:
+        click.echo("  ".join(c + " " * (w - _width(c)) for c, w in zip(row, widths)).rstrip())
 
 
 def _since(value: datetime | None) -> datetime | None:

@@ -132,5 +132,8 @@ def _raise_illegal(session: Session, chunk: list[int], src: EditStatus, dst: Edi
     if len(set(current.values())) == 1:
         only = next(iter(current.values()))
         hint = _HINTS.get(EditStatus(only), "") if only != "missing" else "see `horse-ledger list`"
+    if current and set(current.values()) == {dst.value}:
+        ids = ", ".join(str(i) for i in list(current)[:10])
+        raise IllegalTransition(f"edit {ids}{more} is already {dst}; nothing to do", current=current)
     msg = f"cannot move to {dst}: {', '.join(parts)}{more}, not {src}"
     raise IllegalTransition(f"{msg}; {hint}" if hint else msg, current=current)

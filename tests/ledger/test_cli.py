@@ -50,7 +50,7 @@ def test_list_show_log_status_cancel(run_cli):
     r = run_cli("cancel", "2", "--reason", "wrong")
     assert r.exit_code == 0 and "edit 2 cancelled" in r.stdout
     again = run_cli("cancel", "2")
-    assert again.exit_code == 1 and "edit 2 is cancelled, not pending" in again.stderr
+    assert again.exit_code == 1 and "edit 2 is already cancelled; nothing to do" in again.stderr
     log = json.loads(run_cli("log", "--edit", "2", "--json").stdout)
     assert [e["kind"] for e in log] == ["edit.cancelled", "edit.created"] and log[0]["reason"] == "wrong"
     assert "edit.cancelled" in run_cli("log").stdout.splitlines()[0]
