@@ -31,7 +31,7 @@ from ledger.config import Settings, load_settings
 from ledger.errors import LedgerError
 
 LAZY_COMMANDS = {
-    "hypernet": "horse.cli:hypernet", "eval": "horse.cli:eval_cmd", "model": "horse.cli:model",
+    "hypernet": "horse.cli:hypernet", "eval": "horse.evalcli:eval_cmd", "model": "horse.evalcli:model",
     "apply": "daemon.cli:apply", "rollback": "daemon.cli:rollback", "snapshots": "daemon.cli:snapshots",
     "diff": "daemon.cli:diff", "verify": "daemon.cli:verify", "export": "daemon.cli:export",
     "ask": "daemon.cli:ask", "daemon": "daemon.cli:daemon", "init": "daemon.cli:init",
