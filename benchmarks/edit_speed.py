@@ -3,8 +3,8 @@
     python benchmarks/edit_speed.py                                   # smollm2-135m, N = 100 and 1000
     python benchmarks/edit_speed.py --model tiny-llama --n-edits 10 100 --repeats 2   # smoke run
 
-For each N (the first N CounterFact records of data/counterfact/counterfact-edit.json) it times, after one
-warm-up, `repeats` runs of
+For each N (the first N CounterFact records of data/counterfact/counterfact-edit.json) it times, after
+`warmup` untimed runs, `repeats` runs of
 - the edit: `Editor.compute_deltas` (capture / hypernet / spread / solve) + `apply_deltas` (apply),
 - baseline "naive": forward with full logits, mean CE on the answer tokens, `loss.backward()` into every
   parameter (what the reference implementation's capture does),
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> dict:
     results = {"model": args.model, "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
                "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                "lm_batch_size": args.lm_batch_size, "rank": editor.config.rank, "n_blocks": editor.config.n_blocks,
-               "repeats": args.repeats, "runs": {}}
+               "repeats": args.repeats, "warmup": args.warmup, "runs": {}}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
     for n in args.n_edits:
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> dict:
         batches = lm_batches(tok, [r.prompt for r in requests], [r.target for r in requests], args.lm_batch_size,
                              device)
         stages: dict[str, list[float]] = {}
-        for rep in range(args.repeats + 1):  # the first run is a warm-up
+        for rep in range(args.repeats + args.warmup):  # the first `warmup` runs are not timed
             deltas, timings = editor.compute_deltas(model, tok, requests, lm_batch_size=args.lm_batch_size)
             t0 = time.perf_counter()
             handle = apply_deltas(model, deltas)
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> dict:
             timings["total"] = sum(timings[k] for k in ("capture", "hypernet", "spread", "solve", "apply"))
             timings["naive_capture"] = naive_capture_s(model, batches, device)
             timings["floor_capture"] = floor_capture_s(model, editor.module_names, batches, device)
-            if rep > 0:
+            if rep >= args.warmup:
                 for k, v in timings.items():
                     stages.setdefault(k, []).append(v)
         med = {k: statistics.median(v) for k, v in stages.items()}
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default=str(ROOT / "data/counterfact/counterfact-edit.json"))
     p.add_argument("--n-edits", type=int, nargs="+", default=[100, 1000])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     p.add_argument("--lm-batch-size", type=int, default=25)
     p.add_argument("--rank", type=int, default=1920)
     p.add_argument("--blocks", type=int, default=2)

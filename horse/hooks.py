@@ -11,6 +11,9 @@ Two speed choices (REFERENCE_RESULTS.md, "The floor for one edit"): the LM head 
 answer positions (hidden states gathered first), and G is taken with `torch.autograd.grad` with respect to
 the module outputs, so no parameter gradient is computed and the backward stops at the first edited layer.
 
+It also owns `delta_hooks`, which runs the model as the edited model W + ΔW without writing any weight
+(meta-training's edited forward pass: autograd then gives Γ = ∂L/∂ΔW directly, in ΔW's precision).
+
 Dimension key: B batch, T positions, N answer tokens, K = d_k, V = d_v, H hidden width.
 Tests: `python -m pytest tests/horse/test_hooks.py -q`.
 """
