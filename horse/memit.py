@@ -359,82 +359,86 @@ def _head_logits(model: nn.Module, hidden_NH: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class _Group:
-    """One mini-batch of facts through the z optimisation, with what the first pass cached."""
+class _Batch:
+    """One forward of the z optimisation: the facts `facts` (global indices) under one context template
+    (`template` ≥ 0) or their KL prompt (`template` = −1), with what the first pass cached."""
 
-    facts: torch.Tensor                     # global fact indices, B_g
+    facts: torch.Tensor
+    template: int
     rows: _Rows
-    n_answer_B: torch.Tensor                # answer tokens per fact
     block_args: tuple = ()
     block_kwargs: dict = field(default_factory=dict)
     block_input: torch.Tensor | None = None
     kl_init_logp: torch.Tensor | None = None
 
 
-def _z_forward(model: nn.Module, group: _Group, *, z_block: nn.Module, blocks: nn.ModuleList, z_index: int,
-               mlp_out: nn.Module, delta_BV: torch.Tensor, replay: bool, capture: bool,
-               init_out: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward of one group with δ added at the MLP output of the last edited layer (subject's last token).
+def _z_forward(model: nn.Module, batch: _Batch, *, blocks: nn.ModuleList, z_index: int, mlp_out: nn.Module,
+               delta_BV: torch.Tensor, replay: bool, capture: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of one batch with δ added at the last edited layer's MLP output, at the subject's last token.
 
-    Returns (answer log-probs N, KL-row log-softmax B_g × vocab). With `capture`, records the block-L input,
-    its call arguments, and (into init_out) h^L at the lookup position of every sequence.
+    Returns:
+        (answer log-probs N, or KL-row log-softmax B × vocab for a KL batch; h^L at the lookup position of
+        each row, detached, when `capture`, else an empty tensor). With `capture` the block-L input and its
+        call arguments are cached on the batch so later steps can `replay` from block L.
     """
-    rows = group.rows
+    rows = batch.rows
     seq_idx = torch.arange(rows.input_ids.shape[0], device=rows.input_ids.device)
-    add_SV = delta_BV[group.facts[rows.fact_S]]
+    add_SV = delta_BV[batch.facts[rows.fact_S]]
+    z_block = blocks[z_index]
+    got: list[torch.Tensor] = []
 
     def add_delta(module, args, out):
         # eq. 16: h^L ← h^L + δ at the subject's last token (δ enters through the MLP's output)
         return out.index_put((seq_idx, rows.lookup_S), add_SV.to(out.dtype), accumulate=True)
 
     def grab_input(module, args, kwargs):
-        group.block_args = tuple(a for a in args[1:])
-        group.block_kwargs = dict(kwargs)
-        group.block_input = (args[0] if args else kwargs["hidden_states"]).detach()
+        batch.block_args = tuple(args[1:])
+        batch.block_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        batch.block_input = (args[0] if args else kwargs["hidden_states"]).detach()
 
     def grab_output(module, args, out):
-        init_out.append(_first(out).detach()[seq_idx, rows.lookup_S].float())  # type: ignore[union-attr]
+        got.append(_first(out).detach()[seq_idx, rows.lookup_S].float())
 
     hooks: list[tuple[nn.Module, str, object]] = [(mlp_out, "fwd", add_delta)]
     if capture:
         hooks += [(z_block, "pre_kw", grab_input), (z_block, "fwd", grab_output)]
     base = model.base_model
     with _hooks(hooks):
-        if replay:
-            hidden = group.block_input
-            kwargs = dict(group.block_kwargs)
-            kwargs.pop("hidden_states", None)
+        if replay:  # blocks below L do not depend on δ: start from the cached block-L input
+            hidden = batch.block_input
             for block in blocks[z_index:]:
-                hidden = _first(block(hidden, *group.block_args, **kwargs))
+                hidden = _first(block(hidden, *batch.block_args, **batch.block_kwargs))
             hidden = _final_norm(base)(hidden)  # type: ignore[misc]
         else:
             hidden = base(input_ids=rows.input_ids, attention_mask=rows.attention_mask,
                           use_cache=False).last_hidden_state
-    ans_logits = _head_logits(model, hidden[rows.ans_row_N, rows.ans_pos_N])
-    ans_logp_N = torch.log_softmax(ans_logits, dim=-1).gather(1, rows.ans_id_N[:, None])[:, 0]
-    kl_rows = (rows.template_S < 0).nonzero(as_tuple=True)[0]
-    kl_logits = _head_logits(model, hidden[kl_rows, rows.lookup_S[kl_rows]])
-    return ans_logp_N, torch.log_softmax(kl_logits, dim=-1)
+    h_L = got[0] if got else torch.zeros(0)
+    if batch.template < 0:
+        return torch.log_softmax(_head_logits(model, hidden[seq_idx, rows.lookup_S]), dim=-1), h_L
+    logits = _head_logits(model, hidden[rows.ans_row_N, rows.ans_pos_N])
+    return torch.log_softmax(logits, dim=-1).gather(1, rows.ans_id_N[:, None])[:, 0], h_L
 
 
-def _group_losses_B(group: _Group, ans_logp_N: torch.Tensor, kl_logp_BX: torch.Tensor,
-                    delta_BV: torch.Tensor, init_norm_B: torch.Tensor, config: MemitConfig,
+def _batch_losses_B(batch: _Batch, out: torch.Tensor, n_answer_B: torch.Tensor, config: MemitConfig,
                     n_templates: int) -> torch.Tensor:
-    """Per-fact loss of the reference `compute_z`: mean-over-templates NLL per answer token + KL + decay."""
-    rows = group.rows
-    b_local = rows.fact_S[rows.ans_row_N]
-    nll_B = torch.zeros(len(group.facts), dtype=ans_logp_N.dtype, device=ans_logp_N.device)
-    nll_B = nll_B.index_add(0, b_local, -ans_logp_N) / (group.n_answer_B * n_templates)
-    # KL(current ‖ initial) on "{subject} is a" at the subject's last token (the reference's kl_div call)
-    kl_B = (kl_logp_BX.exp() * (kl_logp_BX - group.kl_init_logp)).sum(dim=1)  # type: ignore[operator]
-    delta_g = delta_BV[group.facts]
-    decay_B = config.v_weight_decay * delta_g.norm(dim=1) / init_norm_B[group.facts] ** 2
-    return nll_B + config.kl_factor * kl_B + decay_B
+    """This batch's share of each of its facts' loss (reference `compute_z`): NLL per answer token averaged
+    over the templates, or kl_factor · KL(current ‖ initial) on "{subject} is a" at the subject's last token."""
+    rows = batch.rows
+    if batch.template < 0:
+        return config.kl_factor * (out.exp() * (out - batch.kl_init_logp)).sum(dim=1)  # type: ignore[operator]
+    fact_N = rows.fact_S[rows.ans_row_N]
+    nll_B = torch.zeros(len(batch.facts), dtype=out.dtype, device=out.device).index_add(0, fact_N, -out)
+    return nll_B / (n_answer_B[batch.facts] * n_templates)
 
 
 def compute_z_BV(model: nn.Module, tok, requests: Sequence[EditRequest], config: MemitConfig,
                  ) -> tuple[torch.Tensor, dict[str, float]]:
     """Target vectors z_b = h_b^L + δ_b at the last edited layer, all facts optimised together (eq. 16).
+
+    Facts are sorted by prompt length and cut into groups of `lm_batch_size`; each group runs one forward
+    per context template and one for the KL prompts (little padding). Per step every batch's loss is
+    back-propagated at once; a fact whose total loss is below `early_stop_loss` is then frozen (its δ is
+    not updated), which is the reference's per-fact `break` before the backward.
 
     Args:
         model: the causal LM (unchanged on return).
@@ -450,43 +454,43 @@ def compute_z_BV(model: nn.Module, tok, requests: Sequence[EditRequest], config:
     mlp_out = get_module(model, z_layer)
     blocks_path, z_index = _block_path(z_layer)
     blocks = get_module(model, blocks_path)
-    z_block = blocks[z_index]
     templates = config.context_templates
     n_t = len(templates)
-    per_group = max(1, config.lm_batch_size // (n_t + 1))
+    B = len(requests)
+    width = module_shape_KV(mlp_out)[1]
     can_replay = (_final_norm(model.base_model) is not None
                   and not any(getattr(model.config, k, None) for k in _HEAD_EXTRAS))
-    groups: list[_Group] = []
-    for start in range(0, len(requests), per_group):
-        chunk = requests[start:start + per_group]
-        rows = _build_rows(tok, chunk, templates, config.kl_template, with_answers=True).to(device)
-        n_ans = torch.bincount(rows.fact_S[rows.ans_row_N], minlength=len(chunk)) // n_t
-        groups.append(_Group(torch.arange(start, start + len(chunk), device=device), rows, n_ans.float()))
 
-    B = len(requests)
-    width = None
-    init_BV: torch.Tensor | None = None
+    order = sorted(range(B), key=lambda b: len(tok(requests[b].prompt)["input_ids"]))
+    batches: list[_Batch] = []
+    n_answer_B = torch.zeros(B, device=device)
+    for start in range(0, B, config.lm_batch_size):
+        idx = order[start:start + config.lm_batch_size]
+        chunk = [requests[b] for b in idx]
+        facts = torch.tensor(idx, dtype=torch.long, device=device)
+        for t, template in enumerate(templates):
+            rows = _build_rows(tok, chunk, [template], None, with_answers=True).to(device)
+            if t == 0:
+                n_answer_B[facts] = torch.bincount(rows.fact_S[rows.ans_row_N], minlength=len(idx)).float()
+            batches.append(_Batch(facts, t, rows))
+        batches.append(_Batch(facts, -1, _build_rows(tok, chunk, [], config.kl_template,
+                                                     with_answers=False).to(device)))
+
+    init_BV = torch.zeros(B, width, device=device)
     replay = False
     with _frozen(model), torch.no_grad():
-        # first pass (δ = 0): h^L (the reference's target_init, from the "{}" sequence) and the KL reference
-        zeros = None
-        for gi, g in enumerate(groups):
-            init_out: list[torch.Tensor] = []
-            if zeros is None:
-                width = module_shape_KV(mlp_out)[1]
-                zeros = torch.zeros(B, width, device=device)
-                init_BV = torch.zeros(B, width, device=device)
-            full, kl_logp = _z_forward(model, g, z_block=z_block, blocks=blocks, z_index=z_index,
-                                       mlp_out=mlp_out, delta_BV=zeros, replay=False, capture=True,
-                                       init_out=init_out)
-            g.kl_init_logp = kl_logp
-            plain = (g.rows.template_S == 0).nonzero(as_tuple=True)[0]
-            init_BV[g.facts[g.rows.fact_S[plain]]] = init_out[0][plain]  # type: ignore[index]
-            if gi == 0 and can_replay:
-                again, _ = _z_forward(model, g, z_block=z_block, blocks=blocks, z_index=z_index,
-                                      mlp_out=mlp_out, delta_BV=zeros, replay=True, capture=False)
-                replay = bool(torch.allclose(full, again, atol=1e-4, rtol=1e-4))
-    assert init_BV is not None
+        zeros = torch.zeros(B, width, device=device)
+        for i, batch in enumerate(batches):
+            out, h_L = _z_forward(model, batch, blocks=blocks, z_index=z_index, mlp_out=mlp_out,
+                                  delta_BV=zeros, replay=False, capture=True)
+            if batch.template == 0:  # the reference's target_init: h^L on the plain prompt
+                init_BV[batch.facts] = h_L
+            if batch.template < 0:
+                batch.kl_init_logp = out
+            if i == 0 and can_replay:
+                again, _ = _z_forward(model, batch, blocks=blocks, z_index=z_index, mlp_out=mlp_out,
+                                      delta_BV=zeros, replay=True, capture=False)
+                replay = bool(torch.allclose(out, again, atol=1e-4, rtol=1e-4))
     init_norm_B = init_BV.norm(dim=1)
     max_norm_B = config.clamp_norm_factor * init_norm_B
 
@@ -494,35 +498,41 @@ def compute_z_BV(model: nn.Module, tok, requests: Sequence[EditRequest], config:
     opt = torch.optim.Adam([delta_BV], lr=config.lr)
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     steps_B = torch.zeros(B, dtype=torch.long, device=device)
-    loss_B = torch.full((B,), float("nan"), device=device)
+    loss_B = torch.zeros(B, device=device)
     with _frozen(model):
         for step in range(config.max_steps):
+            is_last = step == config.max_steps - 1
             opt.zero_grad(set_to_none=False)
-            for g in groups:
-                active = ~done_B[g.facts]
+            active_B = ~done_B
+            loss_B = torch.where(active_B, torch.zeros_like(loss_B), loss_B)
+            for batch in batches:
+                active = active_B[batch.facts]
                 if not bool(active.any()):
                     continue
-                ans_logp, kl_logp = _z_forward(model, g, z_block=z_block, blocks=blocks, z_index=z_index,
-                                               mlp_out=mlp_out, delta_BV=delta_BV, replay=replay, capture=False)
-                losses = _group_losses_B(g, ans_logp, kl_logp, delta_BV, init_norm_B, config, n_t)
-                loss_B[g.facts[active]] = losses.detach()[active]
-                # the reference stops a fact once its loss is small, and never steps after the last forward
-                stop = active & (losses.detach() < config.early_stop_loss)
-                done_B[g.facts[stop]] = True
-                train = active & ~stop
-                if step < config.max_steps - 1 and bool(train.any()):
-                    losses[train].sum().backward()
-                    steps_B[g.facts[train]] += 1
-            if step == config.max_steps - 1 or bool(done_B.all()):
+                out, _ = _z_forward(model, batch, blocks=blocks, z_index=z_index, mlp_out=mlp_out,
+                                    delta_BV=delta_BV, replay=replay, capture=False)
+                part = _batch_losses_B(batch, out, n_answer_B, config, n_t)
+                loss_B[batch.facts[active]] += part.detach()[active]
+                if not is_last:
+                    part[active].sum().backward()
+            # weight decay ‖δ‖ / ‖h^L‖² (the reference's v_weight_decay term)
+            decay_B = config.v_weight_decay * delta_BV.norm(dim=1) / init_norm_B ** 2
+            loss_B = torch.where(active_B, loss_B + decay_B.detach(), loss_B)
+            if not is_last:
+                decay_B[active_B].sum().backward()
+            # the reference stops a fact once its loss is small, and never steps after the last forward
+            done_B = done_B | (active_B & (loss_B < config.early_stop_loss))
+            if is_last or bool(done_B.all()):
                 break
+            steps_B += (~done_B).long()
             with torch.no_grad():
                 before = delta_BV.detach().clone()
                 opt.step()
-                # Adam moves rows with zero grad through its momentum: keep finished facts' δ fixed
+                # Adam moves rows through its momentum: keep finished facts' δ fixed
                 delta_BV[done_B] = before[done_B]
                 delta_BV.copy_(clamp_rows_BV(delta_BV, max_norm_B))
     z_BV = (init_BV + delta_BV.detach()).float()
-    stats = {"z_steps_mean": float(steps_B.float().mean()), "z_final_loss_mean": float(loss_B.nanmean()),
+    stats = {"z_steps_mean": float(steps_B.float().mean()), "z_final_loss_mean": float(loss_B.mean()),
              "z_converged_share": float(done_B.float().mean()), "z_replay": float(replay),
              "z_delta_norm_ratio_mean": float((delta_BV.detach().norm(dim=1) / init_norm_B).mean())}
     return z_BV, stats
