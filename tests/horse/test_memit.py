@@ -50,7 +50,7 @@ TINY_CORPUS = corpus_texts()[:600]
 
 
 def _tiny_config(model, **overrides) -> MemitConfig:
-    return MemitConfig.for_model(model, cov_tokens_per_dim=10, max_steps=5, **overrides)
+    return MemitConfig.for_model(model, **{"cov_tokens_per_dim": 10, "max_steps": 5, **overrides})
 
 
 # --------------------------------------------------------------------------- pure math
