@@ -47,13 +47,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from horse.arch import get_module, module_shape_KV, num_layers
 from horse.covariance import layer_second_moments, shrink_KK
 from horse.deltas import Deltas, LayerDelta, apply_deltas
 from horse.errors import EngineError, NonFiniteDelta
+from horse.hooks import frozen_parameters
 from horse.tokens import encode_pair
 from horse.types import EditRequest
 
@@ -330,19 +330,6 @@ def _hooks(pairs: Sequence[tuple[nn.Module, str, object]]) -> Iterator[None]:
             h.remove()
 
 
-@contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-
-
 def _final_norm(base: nn.Module) -> nn.Module | None:
     for name in ("norm", "ln_f", "final_layer_norm", "final_layernorm"):
         mod = getattr(base, name, None)
@@ -478,7 +465,7 @@ def compute_z_BV(model: nn.Module, tok, requests: Sequence[EditRequest], config:
 
     init_BV = torch.zeros(B, width, device=device)
     replay = False
-    with _frozen(model), torch.no_grad():
+    with frozen_parameters(model), torch.no_grad():
         zeros = torch.zeros(B, width, device=device)
         for i, batch in enumerate(batches):
             out, h_L = _z_forward(model, batch, blocks=blocks, z_index=z_index, mlp_out=mlp_out,
@@ -499,7 +486,7 @@ def compute_z_BV(model: nn.Module, tok, requests: Sequence[EditRequest], config:
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     steps_B = torch.zeros(B, dtype=torch.long, device=device)
     loss_B = torch.zeros(B, device=device)
-    with _frozen(model):
+    with frozen_parameters(model):
         for step in range(config.max_steps):
             is_last = step == config.max_steps - 1
             opt.zero_grad(set_to_none=False)
