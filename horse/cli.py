@@ -146,3 +146,36 @@ def info_cmd(path: Path, as_json: bool) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
+
+
+@hypernet.command("pack")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dtype", type=click.Choice(("bfloat16", "float16", "float32")), default="bfloat16",
+              show_default=True, help="Store the hypernet's weights in this dtype (normaliser stays float64).")
+@click.option("--card", "card_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A JSON object merged into the card (e.g. the command that made it and measured metrics).")
+def pack_cmd(src: Path, dst: Path, dtype: str, card_path: Path | None) -> None:
+    """Write a smaller copy of a trained hypernet to ship (cast weights, add card fields)."""
+    from safetensors.torch import save as safetensors_save
+
+    import torch
+
+    from horse.editor import CARD_KEY, atomic_write, read_checkpoint
+    from horse.errors import EngineError
+
+    tensors, card = read_checkpoint(src)
+    if card_path is not None:
+        try:
+            extra = json.loads(card_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EngineError(f"{card_path}: not a JSON object ({exc}); fix the file and run again") from exc
+        if not isinstance(extra, dict):
+            raise EngineError(f"{card_path}: the card must be a JSON object, not {type(extra).__name__}")
+        card.update(extra)
+    target = getattr(torch, dtype)
+    out = {k: (v.to(target) if v.is_floating_point() and ".normaliser." not in k else v).contiguous()
+           for k, v in tensors.items()}
+    atomic_write(dst, safetensors_save(out, metadata={CARD_KEY: json.dumps(card)}))
+    atomic_write(dst.with_suffix(dst.suffix + ".json"), (json.dumps(card, indent=2) + "\n").encode())
+    click.echo(f"wrote {dst} ({dst.stat().st_size / 2**20:.1f} MiB, {dtype})")
