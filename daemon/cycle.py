@@ -253,7 +253,7 @@ class _Batch:
         with self.store.session() as s:
             rows = s.execute(select(Edit.id, Edit.batch_id).join(Batch, Batch.id == Edit.batch_id)
                              .where(Edit.status == EditStatus.CLAIMED.value,
-                                    Batch.base_model == self.base_model)).tuples().all()
+                                    Batch.base_model == self.base_model)).all()
             dead = sorted({i for i, _ in rows})
             transition(s, dead, EditStatus.CLAIMED, EditStatus.PENDING, actor=self.actor,
                        reason="recovered: the batch that claimed them ended without finishing (crash)",

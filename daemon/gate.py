@@ -9,10 +9,11 @@ bisecting) is measured on the same probe and judged against the head:
   sentence counts once). An edit takes when it reaches `gate_min_efficacy`.
 - canary agreement: share of canary prompts whose greedy next token is unchanged; at least
   `gate_min_canary_agreement`.
-- protected facts: a fact flips when its answer-token accuracy drops below the head's (for one-token
-  answers: the answer stops being the model's top choice). Share flipped at most `gate_max_protected_drop`.
-- retention: of the edits already applied on the chain that hold on the head (efficacy ≥
-  `gate_min_efficacy` on their prompt), the share that still hold; at least `gate_min_retention`. The
+- protected facts: a fact the head holds (answer-token accuracy ≥ HOLD_MIN_ACCURACY: at least half its
+  answer tokens are the model's teacher-forced top choice) flips when the candidate no longer holds it; a fact the head
+  does not hold flips when its accuracy drops at all. Share flipped at most `gate_max_protected_drop`.
+- retention: of the edits already applied on the chain that hold on the head (token accuracy ≥
+  HOLD_MIN_ACCURACY on their prompt), the share that still hold; at least `gate_min_retention`. The
   absolute share (over all of them) is recorded too, for the consolidation policy.
 - delta norm (`gate_max_delta_norm` > 0): largest per-layer Frobenius norm of the cumulative delta.
 - anything non-finite refuses the candidate.
@@ -37,6 +38,9 @@ SHIPPED_CANARY = Path(__file__).resolve().parent / "assets" / "canary.jsonl"
 # Past this many applied edits the gate measures retention on a fixed sample (the benchmarks measure all).
 RETENTION_SAMPLE_MAX = 2000
 CANARY_SAMPLE_MAX = 2000
+# A fact "holds" when at least this share of its answer tokens are the model's teacher-forced top choice.
+# Fixed (not gate_min_efficacy) so that relaxing the efficacy bar never switches the protection off.
+HOLD_MIN_ACCURACY = 0.5
 
 
 @dataclass(frozen=True)
@@ -188,8 +192,8 @@ def judge(head: Measurement, cand: Measurement, probe: Probe, settings: Settings
         reasons.append(f"canary agreement {agree:.3f} < {settings.gate_min_canary_agreement}")
 
     n_prot = len(probe.protected)
-    flipped = [probe.protected[i].key for i in range(n_prot)
-               if float(cand.protected_acc[i]) < float(head.protected_acc[i]) - 1e-6]
+    floor = torch.clamp(head.protected_acc, max=HOLD_MIN_ACCURACY) - 1e-6
+    flipped = [probe.protected[i].key for i in range(n_prot) if float(cand.protected_acc[i]) < float(floor[i])]
     share = len(flipped) / n_prot if n_prot else 0.0
     m.update(protected_n=n_prot, protected_flipped=flipped, protected_flip_share=share,
              protected_acc_mean=float(cand.protected_acc.mean()) if n_prot else None,
@@ -200,8 +204,8 @@ def judge(head: Measurement, cand: Measurement, probe: Probe, settings: Settings
                        f"{settings.gate_max_protected_drop}): ids {flipped[:20]}")
 
     n_ret = len(probe.retained)
-    held_head = head.retained_acc >= settings.gate_min_efficacy
-    held_cand = cand.retained_acc >= settings.gate_min_efficacy
+    held_head = head.retained_acc >= HOLD_MIN_ACCURACY
+    held_cand = cand.retained_acc >= HOLD_MIN_ACCURACY
     n_held_head = int(held_head.sum())
     kept = int((held_head & held_cand).sum())
     retention = kept / n_held_head if n_held_head else 1.0
@@ -226,7 +230,7 @@ def judge(head: Measurement, cand: Measurement, probe: Probe, settings: Settings
 
 def baseline_metrics(head: Measurement, probe: Probe, settings: Settings) -> dict[str, Any]:
     """What the head itself scores (stored with the batch, so diffs can show how numbers moved)."""
-    held = head.retained_acc >= settings.gate_min_efficacy
+    held = head.retained_acc >= HOLD_MIN_ACCURACY
     return {"canary_n": len(probe.canary_prompts), "protected_n": len(probe.protected),
             "protected_acc_mean": float(head.protected_acc.mean()) if probe.protected else None,
             "retention_n": len(probe.retained),
