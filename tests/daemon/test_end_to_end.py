@@ -187,7 +187,7 @@ def test_harmful_batch_is_bisected(db_url, daemon_settings, cli_runner, tmp_path
 
 
 def test_edits_that_do_not_take_fail_with_the_measured_value(db_url, daemon_settings, cli_runner, tmp_path):
-    settings = daemon_settings(db_url, gate_min_efficacy=0.99, max_attempts=2)
+    settings = daemon_settings(db_url, gate_min_efficacy=1.01, max_attempts=2)  # above any efficacy: none takes
     cfg = write_config(tmp_path / "config.toml", settings)
     store = Store(db_url)
     _add(cli_runner, cfg, tmp_path, "hard", [fact(8, color="turquoise"), fact(9, color="magentaish")])
