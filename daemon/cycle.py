@@ -102,9 +102,13 @@ def hypernet_path(settings: Settings) -> Path:
             raise NoHypernet(f"hypernet {path} does not exist; fix `hypernet` in the config or train one with "
                              f"`horse-ledger hypernet train --model {settings.model} --out {path}`")
         return path
-    shipped = SHIPPED_HYPERNETS / f"{model_slug(settings.model)}.safetensors"
-    if shipped.is_file():
-        return shipped
+    # horse ships `horse/hypernets/<model>-<method>.safetensors` (see horse.evalcli.default_hypernet)
+    candidates = [SHIPPED_HYPERNETS / f"{Path(settings.model).name}-horse.safetensors",
+                  SHIPPED_HYPERNETS / f"{model_slug(settings.model)}.safetensors"]
+    shipped = candidates[0]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
     raise NoHypernet(f"no hypernet is configured and none is shipped for {settings.model} ({shipped}); train one "
                      f"with `horse-ledger hypernet train --model {settings.model} --out FILE` and set "
                      f"`hypernet = \"FILE\"` in the config")
