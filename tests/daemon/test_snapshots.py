@@ -1,0 +1,88 @@
+"""daemon/snapshots.py: atomic delta files, hashes, orphan cleanup; daemon/cli.py init and consolidate."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from daemon import snapshots
+from daemon.errors import SnapshotCorrupt
+from horse.deltas import LayerDelta
+
+
+def _deltas():
+    g = torch.Generator().manual_seed(0)
+    return {"model.layers.5.mlp.down_proj": LayerDelta(keys_NK=torch.randn(3, 8, generator=g),
+                                                       coef_NV=torch.randn(3, 4, generator=g))}
+
+
+def test_write_read_hash_and_metadata(tmp_path):
+    meta = snapshots.snapshot_metadata(base_model="tiny-llama", base_fingerprint="b" * 64, hypernet_fingerprint="h",
+                                       parent_snapshot_id=None, batch_id=7, edit_ids=[3, 1])
+    seen = []
+    f = snapshots.write_snapshot(tmp_path, "tiny-llama", "b000007-x", _deltas(), meta, on_stage=seen.append)
+    assert seen == ["mid-write"] and f.rel_path == "tiny-llama/b000007-x.safetensors"
+    assert snapshots.hash_file(tmp_path / f.rel_path) == f.sha256 and f.bytes == (tmp_path / f.rel_path).stat().st_size
+    deltas, got = snapshots.read_snapshot(tmp_path, f.rel_path, sha256=f.sha256)
+    assert torch.equal(deltas["model.layers.5.mlp.down_proj"].to_dense(), _deltas()["model.layers.5.mlp.down_proj"].to_dense())
+    assert got["edit_ids"] == "[1, 3]" and got["parent_snapshot"] == "" and got["batch_id"] == "7"
+    with pytest.raises(SnapshotCorrupt):  # never overwritten
+        snapshots.write_snapshot(tmp_path, "tiny-llama", "b000007-x", _deltas(), meta)
+    (tmp_path / f.rel_path).write_bytes((tmp_path / f.rel_path).read_bytes()[:-3] + b"xyz")
+    with pytest.raises(SnapshotCorrupt, match="sha256"):
+        snapshots.read_snapshot(tmp_path, f.rel_path, sha256=f.sha256)
+
+
+def test_a_crash_mid_write_leaves_a_temp_file_that_cleanup_removes(tmp_path):
+    class Crash(Exception):
+        pass
+
+    def crash(stage):
+        raise Crash(stage)
+
+    keep = snapshots.write_snapshot(tmp_path, "m", "keep", _deltas(), {"a": "b"})
+    with pytest.raises(Crash):
+        snapshots.write_snapshot(tmp_path, "m", "partial", _deltas(), {"a": "b"}, on_stage=crash)
+    uncommitted = snapshots.write_snapshot(tmp_path, "m", "uncommitted", _deltas(), {"a": "b"})
+    names = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert ".partial.safetensors.tmp" in names and "uncommitted.safetensors" in names
+    removed = snapshots.remove_orphans(tmp_path, "m", [keep.rel_path])
+    assert sorted(p.name for p in removed) == [".partial.safetensors.tmp", "uncommitted.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["keep.safetensors"]
+    assert uncommitted.rel_path not in [p.name for p in (tmp_path / "m").iterdir()]
+
+
+def test_init_writes_a_loadable_commented_config_and_consolidate_refuses(tmp_path):
+    from click.testing import CliRunner
+
+    from ledger.cli import cli
+    from ledger.config import load_settings
+
+    path = tmp_path / "config.toml"
+    runner = CliRunner()
+    r = runner.invoke(cli, ["--db", f"sqlite:///{tmp_path / 'l.db'}", "init", str(path)])
+    assert r.exit_code == 0, r.output
+    text = path.read_text()
+    assert "# --- the regression gate" in text and 'schedule_cron = "0 2 * * *"' in text
+    s = load_settings(config_path=path, environ={})
+    assert (s.model, s.gate_bisect_depth) == ("smollm2-135m", 4)
+    again = runner.invoke(cli, ["--db", f"sqlite:///{tmp_path / 'l.db'}", "init", str(path)])
+    assert again.exit_code == 1 and "already exists" in again.output
+    r = runner.invoke(cli, ["--db", f"sqlite:///{tmp_path / 'l.db'}", "consolidate"])
+    assert r.exit_code == 1 and "not implemented yet" in r.output
+
+
+def test_log_lines_are_json_with_batch_ids():
+    import io
+    import logging
+
+    from daemon.logs import configure_logging, log_context
+
+    buf = io.StringIO()
+    configure_logging("auto", stream=buf)  # not a TTY → JSON
+    with log_context(batch_id=12):
+        with log_context(snapshot_id=3):
+            logging.getLogger("daemon.cycle").info("published", extra={"bytes": 10})
+    line = json.loads(buf.getvalue().strip().splitlines()[-1])
+    assert (line["msg"], line["batch_id"], line["snapshot_id"], line["bytes"]) == ("published", 12, 3, 10)
