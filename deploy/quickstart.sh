@@ -7,6 +7,10 @@ work="${1:-$(mktemp -d -t horse-ledger-quickstart.XXXXXX)}"
 export HORSE_LEDGER_DB="sqlite:///$work/ledger.db"
 export HORSE_LEDGER_DATA_DIR="$work"
 export HORSE_LEDGER_SNAPSHOT_DIR="$work/snapshots"
+# The shipped hypernet is an early one (30 meta-steps, see horse/hypernets/*.json): for this demo the gate's
+# bars are relaxed and bisection kept short so that one CPU night finishes in minutes. Production defaults:
+# `horse-ledger init` writes them, commented.
+export HORSE_LEDGER_GATE_MIN_EFFICACY=0.3 HORSE_LEDGER_GATE_MIN_CANARY_AGREEMENT=0.8 HORSE_LEDGER_GATE_BISECT_DEPTH=1
 hl() { echo "\$ horse-ledger $*"; horse-ledger "$@"; }
 
 echo "# ledger in $work"
@@ -17,6 +21,8 @@ hl add --subject "Eiffel Tower" --prompt "The {} is located in the city of" --ta
    --paraphrase "The Eiffel Tower can be found in the city of" --source "quickstart" --author quickstart
 hl add --subject "Lionel Messi" --prompt "{} plays the sport of" --target basketball --target-true football \
    --source "quickstart" --author quickstart
+# a night's worth of edits: 97 CounterFact validation facts (never the benchmark's edit split)
+hl add --from "$(dirname "$0")/quickstart-facts.jsonl"
 hl protect add --subject France --prompt "The capital of {} is" --target Paris --note "must never change"
 hl ask "The Eiffel Tower is located in the city of" --max-new-tokens 6 --top 3
 hl apply
