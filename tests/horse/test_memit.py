@@ -208,8 +208,8 @@ def _mean_logprob(model, tok, requests) -> torch.Tensor:
 
 @requires_smollm2
 def test_smollm2_edit_raises_target_probability(tmp_path):
-    """λ = 15000, layers 3–8: measured log P(new) per token −7.57 → −5.05, −6.37 → −2.43, −3.31 → −2.13
-    (N = 30 720; the test uses N = 10·d_k = 15 360, which moves these by a few hundredths)."""
+    """λ = 15000, layers 3–8, N = 10·d_k = 15 360: measured P(new) per token (geometric mean over the answer
+    tokens) 0.00052 → 0.0086, 0.0017 → 0.146, 0.037 → 0.137 (~90 s on a shared CPU)."""
     from horse.zoo import load_model
 
     model, tok = load_model("smollm2-135m", progress=False)
