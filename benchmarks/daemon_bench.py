@@ -10,8 +10,9 @@ split by stage, and snapshot bytes per edit. Not a timed test; it prints a table
    Timings by stage come from the batch itself. The hypernet is `--hypernet`, else the shipped one, else a
    fresh (untrained) editor for the model — the cost is the same, the efficacy is not (reported).
 2. Materialisation: `--snapshots` snapshot files shaped like that batch's delta (same layers, same factored
-   N) are written as one chain; we time `materialise` (base load + read + add every delta, in order) against
-   a plain `load_model`, each the median of `--repeats`. Target ≤ 2×.
+   N) are written as one chain. Cold: base load + read + add every delta in order (no cache; what `verify`
+   does). Head: what the daemon does each night — base load + the head's verified weights cache (written at
+   publish). Both against a plain `load_model`, median of `--repeats`. Target ≤ 2×.
 3. Bytes per edit of the real batch's snapshot file.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from daemon import snapshots  # noqa: E402
 from daemon.cycle import hypernet_path, run_batch  # noqa: E402
 from daemon.errors import DaemonError  # noqa: E402
-from daemon.materialise import ChainLink, load_base, materialise  # noqa: E402
+from daemon.materialise import ChainLink, load_base, materialise, weights_digest  # noqa: E402
 from horse.deltas import LayerDelta  # noqa: E402
 from ledger.config import load_settings  # noqa: E402
 from ledger.models import Snapshot, utcnow  # noqa: E402
@@ -81,6 +82,8 @@ def main() -> None:
     ap.add_argument("--min-efficacy", type=float, default=0.5,
                     help="gate_min_efficacy (0 exercises every stage even with an untrained hypernet)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--skip-batch", type=int, default=0, metavar="N_TOKENS",
+                    help="skip the batch; shape the synthetic snapshots as factored deltas of N_TOKENS rows")
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -98,10 +101,10 @@ def main() -> None:
 
         # 1. one nightly batch end to end
         t0 = time.perf_counter()
-        result = run_batch(settings, store)
+        result = run_batch(settings, store) if not args.skip_batch else None
         wall = time.perf_counter() - t0
-        snap = store.get_snapshot(result.snapshot_id) if result.snapshot_id else None
-        batch = {"status": result.status, "wall_s": wall, "n_applied": len(result.applied),
+        snap = store.get_snapshot(result.snapshot_id) if result and result.snapshot_id else None
+        batch = {} if result is None else {"status": result.status, "wall_s": wall, "n_applied": len(result.applied),
                  "n_failed": len(result.failed), "n_rejected": len(result.rejected),
                  "stages_s": {k: round(v, 3) for k, v in result.timings_s.items()},
                  "efficacy_mean": result.metrics.get("efficacy_mean"),
@@ -118,7 +121,8 @@ def main() -> None:
             shapes = {n: (d.keys_NK.shape[0] if d.is_factored else None, d.shape_KV) for n, d in deltas.items()}
         else:
             from horse.arch import default_target_modules, get_module, module_shape_KV
-            shapes = {n: (3 * args.edits, module_shape_KV(get_module(model, n))) for n in default_target_modules(model)}
+            shapes = {n: (args.skip_batch or 3 * args.edits, module_shape_KV(get_module(model, n)))
+                      for n in default_target_modules(model)}
         del model
         chain: list[ChainLink] = []
         parent = None
@@ -143,6 +147,19 @@ def main() -> None:
             chain.append(ChainLink(parent, f.rel_path, f.sha256))
         chain_bytes = sum(snapshots.resolve(settings.snapshot_dir, c.path).stat().st_size for c in chain)
 
+        # cold: base + every delta of the chain (what a fresh machine or `verify` does)
+        from horse.arch import get_module
+        t0 = time.perf_counter()
+        m = materialise(settings, chain, use_cache=False)
+        cold_s = time.perf_counter() - t0
+        cold_split = m.timings_s
+        touched = m.touched_modules()
+        digest = weights_digest(m.model, touched)
+        snapshots.write_weights_cache(settings.snapshot_dir, settings.model, chain[-1].id,
+                                      {n: get_module(m.model, n).weight for n in touched})
+        del m
+        chain[-1] = ChainLink(chain[-1].id, chain[-1].path, chain[-1].sha256, digest, tuple(touched))
+
         loads, mats, parts = [], [], []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
@@ -155,18 +172,22 @@ def main() -> None:
             del m
         mat = {"plain_load_s": statistics.median(loads), "materialise_s": statistics.median(mats),
                "ratio": statistics.median(mats) / statistics.median(loads), "n_snapshots": args.snapshots,
-               "chain_bytes": chain_bytes,
+               "chain_bytes": chain_bytes, "cold_no_cache_s": cold_s,
+               "cold_split_s": {k: round(v, 3) for k, v in cold_split.items()},
                "split_s": {k: round(statistics.median(p[k] for p in parts), 3) for k in parts[0]}}
         store.close()
 
     out = {"model": args.model, "device": args.device, "torch_threads": torch.get_num_threads(),
            "batch": batch, "materialise": mat}
     print(json.dumps(out, indent=2))
-    print(f"\n{args.model}: batch of {args.edits} edits: {batch['status']}, {batch['n_applied']} applied, "
+    if batch:
+        print(f"\n{args.model}: batch of {args.edits} edits: {batch['status']}, {batch['n_applied']} applied, "
           f"{wall:.1f} s wall; snapshot {batch['snapshot_bytes']} bytes = {batch['bytes_per_edit'] or 0:,.0f} B/edit")
-    print("  stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in batch["stages_s"].items()))
+        print("  stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in batch["stages_s"].items()))
     print(f"  materialise base + {args.snapshots} snapshots: {mat['materialise_s']:.2f} s vs plain load "
           f"{mat['plain_load_s']:.2f} s = {mat['ratio']:.2f}x (target <= 2x); split {mat['split_s']}")
+    print(f"  without the weights cache (cold, every delta added): {mat['cold_no_cache_s']:.2f} s "
+          f"= {mat['cold_no_cache_s'] / mat['plain_load_s']:.1f}x; split {mat['cold_split_s']}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2) + "\n")

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from daemon import snapshots
 from daemon.errors import SnapshotCorrupt
-from daemon.materialise import ChainLink, Materialised, chain, head_id, links, materialise, weights_digest
+from daemon.materialise import ChainLink, Materialised, chain, head_id, link_of, links, materialise, weights_digest
 from ledger.config import Settings
 from ledger.errors import SnapshotNotFound
 from ledger.models import Snapshot, SnapshotEdit, as_utc
@@ -156,7 +156,7 @@ def verify(settings: Settings, store: Store, snapshot_id: int | None = None, *, 
                                                     .where(SnapshotEdit.snapshot_id == r.id)).scalars())}
                 for r in rows}
         referenced = list(s.execute(select(Snapshot.path).where(Snapshot.base_model == base_model)).scalars())
-        chain_links = [ChainLink(r.id, r.path, r.sha256) for r in rows]
+        chain_links = [link_of(r) for r in rows]
     del target
     report = VerifyReport(base_model=base_model, snapshot_id=snapshot_id)
     files_ok = True

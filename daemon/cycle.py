@@ -272,6 +272,10 @@ class _Batch:
         if dead:
             log.warning("recovered %d edits claimed by a crashed batch", len(dead), extra={"edit_ids": dead[:50]})
         removed = snapshots.remove_orphans(self.settings.snapshot_dir, self.base_model, referenced)
+        with self.store.session(write=False) as s:
+            published = list(s.execute(select(Snapshot.id).where(Snapshot.base_model == self.base_model,
+                                                                 Snapshot.status == "published")).scalars())
+        snapshots.prune_weights_cache(self.settings.snapshot_dir, self.base_model, valid_ids=published)
         if removed:
             log.warning("removed %d orphan snapshot files", len(removed), extra={"files": [str(p) for p in removed]})
         swept = self.store.sweep_stale(self.settings.claim_stale_after_s, actor=self.actor)
@@ -582,6 +586,12 @@ class _Batch:
                                   "n_rejected": len(self.rejected)})
             snapshot_id = snap.id
         result.snapshot_id = snapshot_id
+        try:  # derived data, after the commit: a crash here only costs the next materialisation some time
+            from horse.arch import get_module
+            snapshots.write_weights_cache(self.settings.snapshot_dir, self.base_model, snapshot_id,
+                                          {n: get_module(self.model, n).weight for n in touched})
+        except OSError:
+            log.warning("could not write the weights cache of snapshot %d", snapshot_id, exc_info=True)
         result.timings_s = dict(self.timings)
         with log_context(snapshot_id=snapshot_id):
             log.info("published snapshot %d: %d applied, %d failed, %d rejected", snapshot_id, len(final),

@@ -6,6 +6,12 @@ deterministic, so rolling back to S gives the bit-identical weights S was gated 
 weights are never un-edited by subtraction. `weights_digest` (sha256 over the touched modules) is stored
 with every snapshot and `horse-ledger verify` recomputes it.
 
+Speed: adding a long chain of deltas costs far more than loading the model, so the materialised weights of
+the touched modules of recent snapshots are kept as a derived cache (`daemon.snapshots.write_weights_cache`).
+Materialising starts from the newest cached snapshot on the chain — only after checking that the cached
+weights hash to that snapshot's recorded digest, so the result is bit-identical either way — and adds the
+deltas after it. Deleting the cache never changes a result, only its speed.
+
     m = materialise(settings, session, snapshot_id)      # None = the unedited base
     m.model, m.tokenizer, m.chain_ids, m.layer_norms()
 """
@@ -85,6 +91,8 @@ class ChainLink:
     id: int
     path: str
     sha256: str
+    weights_sha256: str | None = None   # digest of the materialised touched modules (snapshot metrics)
+    weights_modules: tuple[str, ...] = ()
 
 
 @dataclass
@@ -138,12 +146,18 @@ def weights_digest(model, module_names: Sequence[str]) -> str:
 
 def links(session: Session, snapshot_id: int | None) -> list[ChainLink]:
     """The chain of `snapshot_id` as detached links, root first."""
-    return [ChainLink(s.id, s.path, s.sha256) for s in chain(session, snapshot_id)]
+    return [link_of(s) for s in chain(session, snapshot_id)]
+
+
+def link_of(snap: Snapshot) -> ChainLink:
+    m = snap.metrics or {}
+    return ChainLink(snap.id, snap.path, snap.sha256, m.get("weights_sha256"), tuple(m.get("weights_modules") or ()))
 
 
 def materialise(settings: Settings, chain_links: Sequence[ChainLink], *, track: Sequence[str] = (),
                 model_and_tokenizer: tuple[Any, Any] | None = None,
-                after_each: Callable[[ChainLink, Materialised], None] | None = None) -> Materialised:
+                after_each: Callable[[ChainLink, Materialised], None] | None = None,
+                use_cache: bool = True) -> Materialised:
     """Load the base model and add the deltas of `chain_links` in order.
 
     Args:
@@ -151,6 +165,7 @@ def materialise(settings: Settings, chain_links: Sequence[ChainLink], *, track: 
         track: modules to keep base copies of even when the chain does not touch them (the editor's).
         model_and_tokenizer: a freshly loaded, unedited base model to reuse instead of loading one.
         after_each: called after each snapshot's deltas are added (verify checks every step's digest).
+        use_cache: start from the newest verified weights cache on the chain (verify turns it off).
     Raises:
         SnapshotCorrupt: a file is missing, altered (sha256) or holds NaN/Inf.
     """
@@ -163,7 +178,12 @@ def materialise(settings: Settings, chain_links: Sequence[ChainLink], *, track: 
                      chain_ids=[])
     m.track(track)
     t_read = t_add = 0.0
-    for link in chain_links:
+    start = 0
+    t1 = time.perf_counter()
+    if use_cache and after_each is None:
+        start = _start_from_cache(settings, chain_links, m)
+    t_cache = time.perf_counter() - t1
+    for link in chain_links[start:]:
         t1 = time.perf_counter()
         deltas, _meta = snapshots.read_snapshot(settings.snapshot_dir, link.path, sha256=link.sha256)
         t2 = time.perf_counter()
@@ -182,5 +202,37 @@ def materialise(settings: Settings, chain_links: Sequence[ChainLink], *, track: 
         t_add += time.perf_counter() - t2
         if after_each is not None:
             after_each(link, m)
-    m.timings_s = {"load": t_load, "read": t_read, "add": t_add, "total": time.perf_counter() - t0}
+    m.timings_s = {"load": t_load, "cache": t_cache, "read": t_read, "add": t_add,
+                   "total": time.perf_counter() - t0, "from_cache": float(start)}
     return m
+
+
+def _start_from_cache(settings: Settings, chain_links: Sequence[ChainLink], m: Materialised) -> int:
+    """Load the newest valid weights cache on the chain into m.model; return how many links it covers."""
+    from horse.arch import get_module
+
+    for i in range(len(chain_links) - 1, -1, -1):
+        link = chain_links[i]
+        if not link.weights_sha256 or not link.weights_modules:
+            continue
+        weights = snapshots.read_weights_cache(settings.snapshot_dir, settings.model, link.id)
+        if weights is None or set(weights) != set(link.weights_modules):
+            continue
+        saved = {}
+        with torch.no_grad():
+            for name, w in weights.items():
+                param = get_module(m.model, name).weight
+                if tuple(param.shape) != tuple(w.shape) or param.dtype != w.dtype:
+                    break
+                if name not in m.base_weights:
+                    m.base_weights[name] = param.detach().float().cpu().clone()
+                saved[name] = param.detach().clone()
+                param.copy_(w.to(param.device))
+            else:
+                if weights_digest(m.model, link.weights_modules) == link.weights_sha256:
+                    m.chain_ids.extend(c.id for c in chain_links[:i + 1])
+                    return i + 1
+        with torch.no_grad():  # a stale or damaged cache: put the base weights back, ignore it
+            for name, original in saved.items():
+                get_module(m.model, name).weight.copy_(original)
+    return 0

@@ -157,3 +157,75 @@ def remove_orphans(snapshot_dir: str | os.PathLike[str], base_model: str, refere
     if removed:
         _fsync_dir(directory)
     return removed
+
+
+# ------------------------------------------------------------------ the weights cache (derived, deletable)
+
+CACHE_DIR = "cache"
+
+
+def weights_cache_path(snapshot_dir: str | os.PathLike[str], base_model: str, snapshot_id: int) -> Path:
+    return model_dir(snapshot_dir, base_model) / CACHE_DIR / f"s{snapshot_id:08d}.weights.safetensors"
+
+
+def write_weights_cache(snapshot_dir: str | os.PathLike[str], base_model: str, snapshot_id: int,
+                        weights: Mapping, *, keep: int = 4) -> Path:
+    """Keep the materialised weights of a snapshot's touched modules (tensors in the model's dtype) so that
+    materialising it does not re-add its whole chain; prune all but the newest `keep` cache files."""
+    from safetensors.torch import save as st_save
+
+    path = weights_cache_path(snapshot_dir, base_model, snapshot_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = st_save({k: v.detach().cpu().contiguous() for k, v in weights.items()},
+                   metadata={"format": "horse-ledger/weights-cache/1", "snapshot_id": str(snapshot_id)})
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    prune_weights_cache(snapshot_dir, base_model, keep=keep)
+    return path
+
+
+def read_weights_cache(snapshot_dir: str | os.PathLike[str], base_model: str, snapshot_id: int):
+    """The cached weights of a snapshot ({module: tensor}) or None when there is none or it is unreadable.
+    The caller checks them against the snapshot's recorded digest before trusting them."""
+    from safetensors.torch import load_file
+
+    path = weights_cache_path(snapshot_dir, base_model, snapshot_id)
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception:  # noqa: BLE001 - a damaged cache is simply not used
+        return None
+
+
+def prune_weights_cache(snapshot_dir: str | os.PathLike[str], base_model: str, *, keep: int = 4,
+                        valid_ids: Iterable[int] | None = None) -> list[Path]:
+    """Delete temp files, caches of snapshots not in `valid_ids` (when given), and all but the newest `keep`."""
+    directory = model_dir(snapshot_dir, base_model) / CACHE_DIR
+    if not directory.is_dir():
+        return []
+    valid = None if valid_ids is None else {int(i) for i in valid_ids}
+    removed = []
+    caches = []
+    for path in sorted(directory.iterdir()):
+        if ".tmp" in path.name:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+            continue
+        try:
+            sid = int(path.name.split(".")[0][1:])
+        except ValueError:
+            continue
+        if valid is not None and sid not in valid:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        else:
+            caches.append((sid, path))
+    for _, path in sorted(caches)[:-keep] if keep > 0 else caches:
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

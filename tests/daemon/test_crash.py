@@ -99,7 +99,7 @@ def test_sigkill_at_each_stage_loses_nothing(stage, db_url, daemon_settings, tmp
     assert counts["claimed"] == 0 and counts["pending"] == 0 and counts["applied"] == 3, counts
     snaps = store.list_snapshots()
     assert [s.id for s in snaps] == [result.snapshot_id] and store.head("tiny-llama").id == result.snapshot_id
-    left = sorted(p.name for p in model_dir(settings.snapshot_dir, "tiny-llama").iterdir())
+    left = sorted(p.name for p in model_dir(settings.snapshot_dir, "tiny-llama").iterdir() if p.is_file())
     assert left == [Path(snaps[0].path).name], left  # orphans gone, only the published file
     kinds = [e.kind for e in store.events(limit=None, oldest_first=True)]
     assert "batch.abandoned" in kinds
