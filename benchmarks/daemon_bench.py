@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--snapshots", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--min-canary", type=float, default=0.95, help="gate_min_canary_agreement")
     ap.add_argument("--min-efficacy", type=float, default=0.5,
                     help="gate_min_efficacy (0 exercises every stage even with an untrained hypernet)")
     ap.add_argument("--out", type=Path, default=None)
@@ -95,7 +96,8 @@ def main() -> None:
         hn, hn_kind = ensure_hypernet(settings, work)
         settings = load_settings(environ={}, db_url=settings.db_url, data_dir=str(work), model=args.model,
                                  hypernet=hn, device=args.device, cache_dir=settings.cache_dir,
-                                 batch_max_edits=args.edits, gate_min_efficacy=args.min_efficacy)
+                                 batch_max_edits=args.edits, gate_min_efficacy=args.min_efficacy,
+                                 gate_min_canary_agreement=args.min_canary)
         store = Store(settings.db_url)
         store.add_edits(edit_specs(args.edits), actor="bench")
 
@@ -112,7 +114,7 @@ def main() -> None:
                           for k in ("canary_agreement", "protected_flip_share", "retention")},
                  "snapshot_bytes": snap.bytes if snap else None,
                  "bytes_per_edit": (snap.bytes / max(1, len(result.applied))) if snap else None,
-                 "hypernet": hn_kind}
+                 "hypernet": hn_kind, "gate_min_canary_agreement": args.min_canary}
 
         # 2. materialise base + N snapshots shaped like the batch's delta
         model, _ = load_base(settings)

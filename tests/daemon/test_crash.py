@@ -24,25 +24,29 @@ from ledger.store import Store
 from tests.daemon.conftest import REPO_ROOT, fact, subprocess_env, write_config
 
 RUNNER = textwrap.dedent("""
-    import signal, sys, threading, time
+    import os, signal, sys, threading, time
     from ledger.config import load_settings
     from ledger.store import Store
     from daemon.cycle import run_batch
     cfg, pause_at, pause_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    go_file = sys.argv[4] if len(sys.argv) > 4 else None
     settings = load_settings(config_path=cfg, environ={})
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     def on_stage(name):
         print("STAGE", name, flush=True)
         if name == pause_at:
-            time.sleep(pause_s)
+            deadline = time.monotonic() + pause_s
+            while time.monotonic() < deadline and not (go_file and os.path.exists(go_file)):
+                time.sleep(0.05)
     result = run_batch(settings, Store(settings.db_url), on_stage=on_stage, stop=stop)
     print("RESULT", result.status, result.snapshot_id, flush=True)
 """)
 
 
-def _start(cfg: Path, pause_at: str, pause_s: float = 600.0) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", RUNNER, str(cfg), pause_at, str(pause_s)], cwd=REPO_ROOT,
+def _start(cfg: Path, pause_at: str, pause_s: float = 600.0, go_file: Path | None = None) -> subprocess.Popen:
+    extra = [str(go_file)] if go_file else []
+    return subprocess.Popen([sys.executable, "-c", RUNNER, str(cfg), pause_at, str(pause_s), *extra], cwd=REPO_ROOT,
                             env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -129,11 +133,13 @@ def test_sigterm_abandons_the_batch_cleanly(db_url, daemon_settings, tmp_path):
 
 def test_two_appliers_never_both_edit(db_url, daemon_settings, tmp_path):
     settings, cfg, store = _setup(db_url, daemon_settings, tmp_path)
-    first = _start(cfg, "editing", pause_s=3.0)
+    go = tmp_path / "go"
+    first = _start(cfg, "editing", pause_s=600.0, go_file=go)  # holds the lock mid-batch until `go` exists
     try:
         _wait_for_stage(first, "editing")
         second = subprocess.run([sys.executable, "-m", "ledger", "--config", str(cfg), "apply", "--json"],
                                 cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        go.touch()
         out, err = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
