@@ -231,3 +231,18 @@ def run_cli(db_url: str) -> Callable[..., object]:
         return CliRunner().invoke(cli, ["--db", db or db_url, *args], input=input, catch_exceptions=False)
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _restore_project_loggers():
+    """CLI commands run in-process call daemon.logs.configure_logging(), which gives the project's loggers
+    their own handler and stops propagation; put them back after each test so caplog sees later records."""
+    import logging
+
+    names = ("daemon", "ledger", "horse", "apscheduler")
+    saved = {n: (logging.getLogger(n).propagate, list(logging.getLogger(n).handlers), logging.getLogger(n).level)
+             for n in names}
+    yield
+    for name, (propagate, handlers, level) in saved.items():
+        logger = logging.getLogger(name)
+        logger.propagate, logger.handlers[:], logger.level = propagate, handlers, level
