@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from daemon import snapshots
 from daemon.errors import SnapshotCorrupt
 from ledger.config import Settings
-from ledger.errors import SnapshotNotFound
+from ledger.store import snapshot_chain_in
 from ledger.models import Head, Snapshot
 
 
@@ -69,19 +69,7 @@ def head_id(session: Session, base_model: str) -> int | None:
 
 def chain(session: Session, snapshot_id: int | None) -> list[Snapshot]:
     """The snapshots from the root of the chain to `snapshot_id`, root first ([] for the base)."""
-    out: list[Snapshot] = []
-    seen: set[int] = set()
-    current = snapshot_id
-    while current is not None:
-        if current in seen:
-            raise SnapshotCorrupt(f"snapshot {current} is its own ancestor; the ledger is damaged")
-        seen.add(current)
-        snap = session.get(Snapshot, current)
-        if snap is None:
-            raise SnapshotNotFound(f"snapshot {current} does not exist; see `horse-ledger snapshots`")
-        out.append(snap)
-        current = snap.parent_id
-    return out[::-1]
+    return snapshot_chain_in(session, snapshot_id)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ledger.errors import (BatchNotFound, DatabaseUnavailable, EditNotFound, ProtectedFactNotFound,
+from ledger.errors import (BatchNotFound, DatabaseUnavailable, EditNotFound, LedgerError, ProtectedFactNotFound,
                            SnapshotNotFound)
 from ledger.events import event_row, record_event
 from ledger.models import (Batch, Edit, Event, Head, ProtectedFact, Snapshot, SnapshotEdit, as_utc,
@@ -645,19 +645,8 @@ class Store:
 
     def snapshot_chain(self, snapshot_id: int) -> list[Snapshot]:
         """The snapshot and its ancestors, root first (a consolidated snapshot has no parent)."""
-        chain: list[Snapshot] = []
         with self.session(write=False) as s:
-            current: int | None = snapshot_id
-            seen: set[int] = set()
-            while current is not None:
-                assert current not in seen, f"snapshot chain loops at {current}"
-                seen.add(current)
-                row = s.get(Snapshot, current)
-                if row is None:
-                    raise SnapshotNotFound(f"no snapshot has id {current}; see `horse-ledger snapshots`")
-                chain.append(row)
-                current = row.parent_id
-        return chain[::-1]
+            return snapshot_chain_in(s, snapshot_id)
 
     def snapshot_edit_ids(self, snapshot_id: int) -> list[int]:
         with self.session(write=False) as s:
@@ -728,3 +717,26 @@ def _has_version_table(conn: Any) -> bool:
 def _chunks(items: list[Any], size: int = _IN_CHUNK) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def snapshot_chain_in(session: Session, snapshot_id: int | None) -> list[Snapshot]:
+    """The snapshots from the root of the chain to `snapshot_id`, root first ([] for the unedited base).
+
+    Raises:
+        SnapshotNotFound: an id on the chain has no row.
+        LedgerError: the parent links loop (the ledger is damaged).
+    """
+    out: list[Snapshot] = []
+    seen: set[int] = set()
+    current = snapshot_id
+    while current is not None:
+        if current in seen:
+            raise LedgerError(f"snapshot {current} is its own ancestor; the ledger is damaged: restore the "
+                              "database from a backup")
+        seen.add(current)
+        row = session.get(Snapshot, current)
+        if row is None:
+            raise SnapshotNotFound(f"snapshot {current} does not exist; see `horse-ledger snapshots`")
+        out.append(row)
+        current = row.parent_id
+    return out[::-1]
