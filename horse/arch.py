@@ -133,3 +133,8 @@ def delta_to_weight_layout(module: nn.Module, delta_KV: torch.Tensor) -> torch.T
             "the deltas were computed for another model"
         )
     return delta_KV if weight_layout(module) == "in_out" else delta_KV.t()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's (first) parameters."""
+    return next(model.parameters()).device

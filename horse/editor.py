@@ -34,7 +34,7 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from horse.arch import default_target_modules, get_module, module_shape_KV
+from horse.arch import default_target_modules, get_module, model_device, module_shape_KV
 from horse.deltas import Deltas, LayerDelta, fingerprint_modules
 from horse.errors import BadCheckpoint, CheckpointMismatch, EngineError
 from horse.hooks import Captured, capture
@@ -57,10 +57,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def lm_batches(

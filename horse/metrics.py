@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from horse.arch import model_device
 from horse.errors import EngineError
 from horse.tokens import TokenizedBatch, chunked, split_answer, tokenize_pairs, tokenize_prompts
 from horse.types import EditRequest
@@ -60,10 +61,6 @@ def _inference(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def logits_at(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows_N: torch.Tensor, cols_N: torch.Tensor
 ) -> torch.Tensor:
@@ -83,7 +80,7 @@ def logits_at(
 
 def _score_batch(model: nn.Module, batch: TokenizedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean answer log-prob B, answer-token accuracy B) of one tokenised batch."""
-    batch = batch.to(_device(model))
+    batch = batch.to(model_device(model))
     rows_N, cols_N = batch.answer_positions()
     targets_N = batch.labels[rows_N, cols_N]
     logits_NW = logits_at(model, batch.input_ids, batch.attention_mask, rows_N, cols_N)
@@ -144,7 +141,7 @@ def next_token_ids(
     out = []
     with _inference(model):
         for chunk in chunked(list(prompts), batch_size):
-            pb = tokenize_prompts(tok, chunk).to(_device(model))
+            pb = tokenize_prompts(tok, chunk).to(model_device(model))
             rows = torch.arange(pb.input_ids.shape[0], device=pb.input_ids.device)
             logits_BW = logits_at(model, pb.input_ids, pb.attention_mask, rows, pb.last_index_B)
             out.append(logits_BW.argmax(dim=-1).cpu())
@@ -181,7 +178,7 @@ def greedy_continuations(
         do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tok.eos_token_id
     )
     texts: list[str] = []
-    device = _device(model)
+    device = model_device(model)
     with _inference(model):
         for chunk in chunked(list(prompts), batch_size):
             pb = tokenize_prompts(tok, chunk)

