@@ -179,3 +179,7 @@ def pack_cmd(src: Path, dst: Path, dtype: str, card_path: Path | None) -> None:
     atomic_write(dst, safetensors_save(out, metadata={CARD_KEY: json.dumps(card)}))
     atomic_write(dst.with_suffix(dst.suffix + ".json"), (json.dumps(card, indent=2) + "\n").encode())
     click.echo(f"wrote {dst} ({dst.stat().st_size / 2**20:.1f} MiB, {dtype})")
+
+
+if __name__ == "__main__":  # `python -m horse.cli train …`: the hypernet commands without the ledger's dependencies
+    hypernet(prog_name="horse-ledger hypernet")

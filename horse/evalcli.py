@@ -204,6 +204,8 @@ def eval_cmd(data_path: Path, method: str, hypernet: Path | None, model_name: st
             "stages_median": {k: statistics.median([s.get(k, 0.0) for s in stages]) for k in stage_names},
         }
         report["delta_frobenius_sum_median"] = statistics.median(norms)
+    if device.startswith("cuda"):
+        report["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
 
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True, default=float))
@@ -237,3 +239,7 @@ def _print_report(report: dict[str, Any]) -> None:
         t = report["edit_time_s"]
         parts = ", ".join(f"{k} {v:.2f}" for k, v in t["stages_median"].items() if k != "total")
         click.echo(f"edit time per batch: median {t['median']:.2f} s, total {t['total']:.1f} s ({parts})")
+
+
+if __name__ == "__main__":  # `python -m horse.evalcli …`: the eval command without the ledger's dependencies
+    eval_cmd(prog_name="horse-ledger eval")
