@@ -40,7 +40,7 @@ ZSRE = ROOT / "data" / "zsre" / "zsre_mend_eval_portability_gpt4.json"
 SPREADS = ("reference", "orthogonal", "chained", "gram-schmidt", "none")
 
 
-def run_child(path: Path, cmd: list[str]) -> dict:
+def run_child(path: Path, cmd: list[str], stamp: dict) -> dict:
     """Run one child that prints a JSON report; add wall time and its own peak RSS; write it to `path`."""
     if path.exists():
         return json.loads(path.read_text())
@@ -56,6 +56,7 @@ def run_child(path: Path, cmd: list[str]) -> dict:
         report = json.loads(out.read())
     report["wall_s"] = time.perf_counter() - started
     report["peak_rss_mib"] = usage.ru_maxrss / 1024
+    report.update(stamp)  # machine, date, runs at a time: the table's header says where each number comes from
     path.write_text(json.dumps(report, indent=2, sort_keys=True))
     print(f"{path.stem}: done in {report['wall_s']:.0f} s", flush=True)
     return report
@@ -228,13 +229,14 @@ def main() -> None:
     if args.only:
         jobs = {n: c for n, c in jobs.items() if fnmatch.fnmatch(n, args.only)}
     failures: list[str] = []
+    stamp = {} if args.report_only else {"machine": machine(args.device), "date": str(date.today()), "jobs": args.jobs}
 
     def run(name: str) -> tuple[str, dict | None]:
         if args.report_only:
             path = args.out / f"{name}.json"
             return name, json.loads(path.read_text()) if path.exists() else None
         try:
-            return name, run_child(args.out / f"{name}.json", jobs[name])
+            return name, run_child(args.out / f"{name}.json", jobs[name], stamp)
         except (RuntimeError, json.JSONDecodeError) as exc:
             failures.append(f"{name}: {exc}")
             print(f"{name}: FAILED {exc}", file=sys.stderr, flush=True)
@@ -245,9 +247,15 @@ def main() -> None:
     runs = {n: r for n, r in done.items() if r is not None and not n.startswith("sequential-")}
     seqs = [r for n, r in done.items() if r is not None and n.startswith("sequential-")]
 
-    header = (f"Measured {date.today()} on {machine(args.device)}, "
-              f"`python benchmarks/edit_quality.py {' '.join(sys.argv[1:])}`"
-              + (f" ({args.jobs} runs at a time: edit times are upper bounds)." if args.jobs > 1 else "."))
+    if args.report_only:
+        where = sorted({f"{r.get('machine', 'an unrecorded machine')} on {r.get('date', '?')}, {r.get('jobs', '?')} run(s) at a time"
+                        for r in done.values() if r is not None})
+        header = (f"Measured on {'; '.join(where)} (with several runs at a time, edit times are upper bounds); "
+                  f"table written by `python benchmarks/edit_quality.py {' '.join(sys.argv[1:])}`.")
+    else:
+        header = (f"Measured {date.today()} on {machine(args.device)}, "
+                  f"`python benchmarks/edit_quality.py {' '.join(sys.argv[1:])}`"
+                  + (f" ({args.jobs} runs at a time: edit times are upper bounds)." if args.jobs > 1 else "."))
     seq_lines = ["", "| sequential | edits | retention ES | first batch ES | PS | NS | edit s |",
                  "|---|---|---|---|---|---|---|"]
     for s in seqs:
