@@ -311,6 +311,12 @@ class _Batch:
         t = self._timed("load_model", t)
         hn_path = hypernet_path(self.settings)
         self.editor = Editor.from_checkpoint(hn_path, model)
+        if self.settings.preserve_weight:  # statistics of the base model's inputs, cached after the first night
+            from horse.covariance import preservation_moments
+
+            moments, _ = preservation_moments(model, tokenizer, self.editor.module_names,
+                                              cache_dir=self.settings.cache_dir)
+            self.editor.set_preservation(moments, self.settings.preserve_weight)
         self.hypernet_fingerprint = file_fingerprint(hn_path)
         t = self._timed("load_hypernet", t)
         with self.store.session(write=False) as s:

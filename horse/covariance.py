@@ -328,3 +328,16 @@ def layer_second_moments(model: nn.Module, tok, layers: Sequence[str], *, cache_
                           cached_layers=tuple(n for n in layers if n not in missing),
                           computed_layers=tuple(missing))
     return out, info
+
+
+def preservation_moments(model: nn.Module, tok, layers: Sequence[str], *, cache_dir: str | os.PathLike[str],
+                         tokens_per_dim: int = 20, shrinkage: float = 1e-2,
+                         ) -> tuple[dict[str, torch.Tensor], CovarianceInfo]:
+    """The shrunk second moments C_l (K×K, float64) that `Editor.set_preservation` takes, cached like MEMIT's.
+
+    N = tokens_per_dim × the widest d_k tokens of the local corpus; the same statistics, cache and shrinkage
+    as MEMIT (`layer_second_moments`, `shrink_KK`), for the hypernet's own edited layers.
+    """
+    d_k = max(module_shape_KV(get_module(model, name))[0] for name in layers)
+    raw, info = layer_second_moments(model, tok, layers, cache_dir=cache_dir, n_tokens=tokens_per_dim * d_k)
+    return {name: shrink_KK(raw[name].double(), shrinkage) for name in layers}, info

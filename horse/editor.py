@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,7 +39,7 @@ from horse.deltas import Deltas, LayerDelta, fingerprint_modules
 from horse.errors import BadCheckpoint, CheckpointMismatch, EngineError
 from horse.hooks import Captured, capture
 from horse.hypernet import HyperConfig, HyperNetSet, layer_residuals
-from horse.solve import RidgeSolution, ridge_solve
+from horse.solve import RidgeSolution, preserving_solve, ridge_solve
 from horse.spread import spread_residuals
 from horse.tokens import TokenizedBatch, chunked, tokenize_pairs
 from horse.types import EditRequest
@@ -92,6 +92,8 @@ class Editor:
         fingerprint: sha256 of the target modules' original weights of the base model.
         update_normaliser: when True, every `compute_deltas` merges its inputs into the running
             normaliser (off by default: serving is deterministic and stateless).
+        preserve_KK: per module, the preservation prior P = μ·C of `preserving_solve` (None: the plain
+            ridge solve the hypernet was trained with); set it with `set_preservation`.
         metadata: the checkpoint card's extra fields (training data hash, steps, metrics, ...).
     """
 
@@ -104,6 +106,7 @@ class Editor:
         self.fingerprint = fingerprint
         self.shapes_KV = [tuple(s) for s in shapes_KV]
         self.update_normaliser = False
+        self.preserve_KK: dict[str, torch.Tensor] | None = None
         self.metadata: dict = dict(metadata or {})
 
     # ------------------------------------------------------------------ construction
@@ -191,6 +194,28 @@ class Editor:
             out.append(net.lam(layer).detach())
         return out
 
+    def set_preservation(self, second_moments_KK: Mapping[str, torch.Tensor] | None, weight: float) -> Editor:
+        """Serve with the preservation prior weight · C_l on every edited layer (`preserving_solve`).
+
+        Args:
+            second_moments_KK: per module name, C (K×K) of its inputs on unrelated text, e.g. from
+                `horse.covariance.layer_second_moments`; None (or weight 0) restores the plain solve.
+            weight: μ ≥ 0.
+
+        Returns:
+            self.
+        """
+        if weight < 0:
+            raise EngineError(f"preservation weight must be ≥ 0, got {weight}")
+        if second_moments_KK is None or weight == 0:
+            self.preserve_KK = None
+            return self
+        missing = [n for n in self.module_names if n not in second_moments_KK]
+        if missing:
+            raise EngineError(f"no second moments for {missing}; estimate them for every edited module")
+        self.preserve_KK = {n: weight * second_moments_KK[n].to(self.device, torch.float64) for n in self.module_names}
+        return self
+
     def predict(self, captured: Captured, *, update_normaliser: bool | None = None,
                 timings_s: dict[str, float] | None = None) -> Prediction:
         """Steps 4–7 without gradients: residuals, spread, ridge solve per layer."""
@@ -207,10 +232,16 @@ class Editor:
             _sync(self.device)
             t2 = time.perf_counter()
             lams = self.lams()
-            solutions = [
-                ridge_solve(captured.keys_NK[n].to(self.device), r, lam)
-                for n, r, lam in zip(self.module_names, spread, lams)
-            ]
+            if self.preserve_KK is None:
+                solutions = [
+                    ridge_solve(captured.keys_NK[n].to(self.device), r, lam)
+                    for n, r, lam in zip(self.module_names, spread, lams)
+                ]
+            else:
+                solutions = [
+                    preserving_solve(captured.keys_NK[n].to(self.device), r, lam, self.preserve_KK[n])
+                    for n, r, lam in zip(self.module_names, spread, lams)
+                ]
             _sync(self.device)
             t3 = time.perf_counter()
         timings_s.update(hypernet=t1 - t0, spread=t2 - t1, solve=t3 - t2)

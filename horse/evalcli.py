@@ -80,8 +80,9 @@ def _resolve_dtype(name: str) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def _edit_function(method: str, model_obj: Any, model_name: str, hypernet: Path | None, force: bool,
-                   cache_dir: Path | None) -> tuple[Any, dict[str, str]]:
+def _edit_function(method: str, model_obj: Any, tok: Any, model_name: str, hypernet: Path | None, force: bool,
+                   cache_dir: Path | None, preserve_weight: float = 0.0,
+                   running_normaliser: bool = False) -> tuple[Any, dict[str, str]]:
     """A function requests → (deltas, timings_s) for the method, and a description for the report."""
     if method in ("horse", "malmen"):
         from horse.editor import Editor
@@ -93,8 +94,18 @@ def _edit_function(method: str, model_obj: Any, model_name: str, hypernet: Path 
                 f"`horse-ledger hypernet train --model {model_name} --variant {method} --out FILE` and pass --hypernet FILE"
             )
         editor = Editor.from_checkpoint(path, model_obj, force=force)
+        editor.update_normaliser = running_normaliser
         variant = getattr(editor.config, "variant", method)
-        info = {"hypernet": str(path), "variant": str(variant), "spread": str(getattr(editor.config, "spread", ""))}
+        info = {"hypernet": str(path), "variant": str(variant), "spread": str(getattr(editor.config, "spread", "")),
+                "normaliser": "running" if running_normaliser else "frozen"}
+        if preserve_weight:
+            from horse.covariance import preservation_moments
+            from horse.zoo import default_cache_dir
+
+            moments, cov = preservation_moments(model_obj, tok, editor.module_names,
+                                                cache_dir=cache_dir or default_cache_dir())
+            editor.set_preservation(moments, preserve_weight)
+            info.update(preserve_weight=str(preserve_weight), preserve_corpus=f"{cov.corpus}, N = {cov.n_tokens}")
         if variant != method:
             click.echo(f"note: hypernet {path.name} was trained as {variant!r}, evaluated under --method {method}", err=True)
         return (lambda m, tok, reqs: editor.compute_deltas(m, tok, reqs)), info
@@ -144,10 +155,14 @@ def _fmt(value: float, pct: bool) -> str:
 @click.option("--generation/--no-generation", default=False, show_default=True,
               help="Also score greedy generation (slower).")
 @click.option("--force", is_flag=True, help="Use a hypernet trained on another base-model fingerprint.")
+@click.option("--preserve-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="horse/malmen: serve with the preservation prior μ·C in the ridge solve (0: off).")
+@click.option("--running-normaliser", is_flag=True,
+              help="horse/malmen: merge every batch into the hypernet's input normaliser (default: frozen).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def eval_cmd(data_path: Path, method: str, hypernet: Path | None, model_name: str, n_edits: int, limit: int | None,
              device: str, dtype: str, cache_dir: Path | None, batch_size: int, generation: bool, force: bool,
-             as_json: bool) -> None:
+             preserve_weight: float, running_normaliser: bool, as_json: bool) -> None:
     """Edit the facts of a benchmark file in batches and print unedited vs edited metrics and edit time."""
     import torch
     from tqdm.auto import tqdm
@@ -174,7 +189,8 @@ def eval_cmd(data_path: Path, method: str, hypernet: Path | None, model_name: st
     unedited_parts, edited_parts, times_s, stages, norms = [], [], [], [], []
     edit = None
     if method != "none":
-        edit, info = _edit_function(method, model_obj, model_name, hypernet, force, cache_dir)
+        edit, info = _edit_function(method, model_obj, tok, model_name, hypernet, force, cache_dir,
+                                    preserve_weight, running_normaliser)
         report.update(info)
     for batch in tqdm(batches, desc=f"eval {method}", unit="batch", disable=quiet):
         unedited_parts.append(scores(batch))

@@ -5,6 +5,8 @@ Owns the pure tensor math that turns one layer's keys and (spread) residuals int
     ΔW = (KᵀK + λI)⁻¹ Kᵀ R̂        primal: a K×K system
        = Kᵀ (KKᵀ + λI)⁻¹ R̂        dual:   an N×N system (push-through identity)
 
+and, for serving only, the same solve with a preservation prior P (`preserving_solve`, λI → λI + P),
+
 and the reverse-mode rule used by the two-stage meta-gradient (MALMEN §4.2):
 
     ∂L/∂R̂ = K (KᵀK + λI)⁻¹ Γ = (KKᵀ + λI)⁻¹ K Γ,      Γ = ∂L/∂ΔW
@@ -107,6 +109,48 @@ def ridge_solve(
     if allow_factored and n * (d_k + d_v) < d_k * d_v:
         return RidgeSolution("dual", keys_NK=keys_NK, coef_NV=coef_NV)
     return RidgeSolution("dual", dense_KV=keys_NK.T @ coef_NV)
+
+
+def preserving_solve(
+    keys_NK: torch.Tensor,
+    resid_NV: torch.Tensor,
+    lam: float | torch.Tensor,
+    prior_KK: torch.Tensor,
+    *,
+    allow_factored: bool = True,
+) -> RidgeSolution:
+    """The ridge solve with a preservation prior P: ΔW = argmin ‖KΔW − R̂‖² + λ‖ΔW‖² + tr(ΔWᵀ P ΔW).
+
+        ΔW = (KᵀK + A)⁻¹ Kᵀ R̂ = A⁻¹Kᵀ (I + K A⁻¹ Kᵀ)⁻¹ R̂,      A = λI + P
+
+    With P = μ·C, C the uncentred second moment of the layer's inputs on unrelated text, the edit changes
+    the layer's output on such inputs less (MEMIT's (λC + KKᵀ) term added to the MALMEN / HORSE solve). An
+    inference-time option: the hypernet was meta-trained with P = 0 (`ridge_solve`), and there is no adjoint.
+    Solved in float64 (A is K×K, once per layer and edit).
+
+    Args:
+        keys_NK: keys K (N×K).
+        resid_NV: spread residuals R̂ (N×V).
+        lam: the ridge weight λ > 0.
+        prior_KK: P (K×K, symmetric positive semi-definite).
+        allow_factored: return (K A⁻¹, (I + K A⁻¹ Kᵀ)⁻¹ R̂) instead of a dense K×V matrix when smaller.
+
+    Returns:
+        a RidgeSolution of form "dual" (factored when N·(K+V) < K·V), in the inputs' math dtype.
+    """
+    n, d_k = keys_NK.shape
+    d_v = resid_NV.shape[1]
+    assert resid_NV.shape[0] == n and prior_KK.shape == (d_k, d_k), "keys, residuals and prior do not match"
+    out_dtype = math_dtype(keys_NK, resid_NV)
+    k64, r64 = keys_NK.double(), resid_NV.double()
+    system_KK = _ridge_system(prior_KK.to(k64), _lam_tensor(lam, torch.float64, k64.device))
+    chol_KK = torch.linalg.cholesky(system_KK)
+    adj_KN = torch.cholesky_solve(k64.T, chol_KK)  # A⁻¹Kᵀ
+    inner_NN = _ridge_system(k64 @ adj_KN, torch.ones((), dtype=torch.float64, device=k64.device))
+    coef_NV = torch.linalg.solve(inner_NN, r64)
+    if allow_factored and n * (d_k + d_v) < d_k * d_v:
+        return RidgeSolution("dual", keys_NK=adj_KN.T.to(out_dtype), coef_NV=coef_NV.to(out_dtype))
+    return RidgeSolution("dual", dense_KV=(adj_KN @ coef_NV).to(out_dtype))
 
 
 def ridge_delta(

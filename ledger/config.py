@@ -49,6 +49,8 @@ class Settings:
     hypernet: str = _opt("", "path", "hypernet checkpoint; empty = the one shipped for the model")
     device: str = _opt("cpu", "cpu|cuda:N|auto", "where the model runs")
     dtype: str = _opt("float32", "float32|bfloat16", "weight dtype of the served model")
+    preserve_weight: float = _opt(0.0, "μ ≥ 0", "preservation prior μ·C in the hypernet's ridge solve "
+                                  "(C: second moments of the edited layers' inputs on local text); 0 = off")
     # daemon: batches and claims
     batch_max_edits: int = _opt(100, "edits", "most edits the daemon claims into one batch")
     max_attempts: int = _opt(3, "attempts", "a failed edit is retried until it has been tried this often")
@@ -194,6 +196,8 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
         values["snapshot_dir"] = str(data_dir / "snapshots")
     if not values.get("cache_dir"):
         values["cache_dir"] = str(_xdg("XDG_CACHE_HOME", ".cache", env) / APP_NAME)
+    if values.get("preserve_weight", 0.0) < 0:
+        raise ConfigError(f"preserve_weight = {values['preserve_weight']} is negative; give μ ≥ 0 (0 = off)")
     return dataclasses.replace(Settings(), **values)
 
 

@@ -83,3 +83,24 @@ def test_no_requests_is_refused(model_tok) -> None:
     model, tok = model_tok
     with pytest.raises(EngineError, match="no requests"):
         Editor.new(model, HyperConfig(rank=8)).compute_deltas(model, tok, [])
+
+
+def test_preservation_prior_is_a_serving_option(model_tok) -> None:
+    from horse.metatrain import meta_step
+
+    model, tok = model_tok
+    editor = Editor.new(model, HyperConfig(rank=16))
+    plain, _ = editor.compute_deltas(model, tok, REQUESTS, lm_batch_size=4)
+    eye = {n: torch.eye(module_shape_KV(get_module(model, n))[0]) for n in editor.module_names}
+    editor.set_preservation(eye, 0.0)  # weight 0 keeps the plain solve
+    assert editor.preserve_KK is None
+    editor.set_preservation(eye, 1e6)
+    kept, _ = editor.compute_deltas(model, tok, REQUESTS, lm_batch_size=4)
+    for name in plain:
+        assert kept[name].to_dense().norm() < 1e-3 * plain[name].to_dense().norm()
+    with pytest.raises(EngineError, match="serving option"):
+        meta_step(editor, model, tok, [EditRequest(prompt="a b", target="c", rephrases=("a b",))])
+    with pytest.raises(EngineError, match="second moments"):
+        editor.set_preservation({}, 1.0)
+    with pytest.raises(EngineError, match="≥ 0"):
+        editor.set_preservation(eye, -1.0)

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from horse.solve import choose_form, ridge_backward, ridge_delta, ridge_solve
+from horse.solve import choose_form, preserving_solve, ridge_backward, ridge_delta, ridge_solve
 
 
 def naive_ridge_f64(keys_NK: torch.Tensor, resid_NV: torch.Tensor, lam: float) -> torch.Tensor:
@@ -70,3 +70,35 @@ def test_backward_matches_autograd_in_both_forms() -> None:
             got_r, got_lam = ridge_backward(keys, resid.detach(), 0.7, gamma, form=form)
             torch.testing.assert_close(got_r, want_r, rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(got_lam, want_lam, rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 20), d_k=st.integers(1, 20), d_v=st.integers(1, 10), lam=st.floats(1e-2, 10.0),
+       seed=st.integers(0, 2**16))
+def test_preserving_solve_matches_naive_and_reduces_to_ridge(n: int, d_k: int, d_v: int, lam: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(n, d_k, generator=g, dtype=torch.float64)
+    resid = torch.randn(n, d_v, generator=g, dtype=torch.float64)
+    text = torch.randn(3 * d_k, d_k, generator=g, dtype=torch.float64)
+    prior = 5.0 * text.T @ text / text.shape[0]
+    expected = torch.linalg.inv(keys.T @ keys + lam * torch.eye(d_k, dtype=torch.float64) + prior) @ keys.T @ resid
+    torch.testing.assert_close(preserving_solve(keys, resid, lam, prior).to_dense(), expected, rtol=1e-8, atol=1e-10)
+    plain = preserving_solve(keys, resid, lam, torch.zeros(d_k, d_k, dtype=torch.float64)).to_dense()
+    torch.testing.assert_close(plain, ridge_delta(keys, resid, lam), rtol=1e-8, atol=1e-10)
+
+
+def test_preserving_solve_protects_the_prior_directions() -> None:
+    g = torch.Generator().manual_seed(1)
+    keys, resid = torch.randn(8, 32, generator=g), torch.randn(8, 6, generator=g)
+    text = torch.randn(200, 32, generator=g)  # "unrelated text" keys
+    prior = text.T @ text / 200
+    plain = ridge_delta(keys, resid, 1.0)
+    for weight, limit in ((10.0, 0.8), (1000.0, 0.2)):
+        kept = preserving_solve(keys, resid, 1.0, weight * prior)
+        # the change on unrelated inputs shrinks as the prior's weight grows
+        assert (text @ kept.to_dense()).norm() < limit * (text @ plain).norm()
+    wide = torch.randn(8, 12, generator=g)  # N·(K+V) < K·V: the factored form is smaller
+    factored = preserving_solve(keys, wide, 1.0, prior)
+    assert factored.is_factored and factored.keys_NK.shape == (8, 32) and factored.coef_NV.shape == (8, 12)
+    dense = preserving_solve(keys, wide, 1.0, prior, allow_factored=False)
+    torch.testing.assert_close(dense.dense_KV, factored.to_dense(), rtol=1e-5, atol=1e-6)
