@@ -316,7 +316,7 @@ class _Batch:
 
             moments, _ = preservation_moments(model, tokenizer, self.editor.module_names,
                                               cache_dir=self.settings.cache_dir)
-            self.editor.set_preservation(moments, self.settings.preserve_weight)
+            self.editor.set_preservation(moments, self.settings.preserve_weight, self.settings.preserve_exponent)
         self.hypernet_fingerprint = file_fingerprint(hn_path)
         t = self._timed("load_hypernet", t)
         with self.store.session(write=False) as s:

@@ -41,6 +41,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def resolve_device_map(device: str) -> str | None:
+    """settings.device → accelerate's device_map: "auto" with several GPUs spreads the model over them."""
+    return "auto" if device == "auto" and torch.cuda.device_count() > 1 else None
+
+
 def resolve_dtype(dtype: str) -> torch.dtype:
     """settings.dtype → torch dtype."""
     try:
@@ -57,7 +62,7 @@ def load_base(settings: Settings):
 
     model, tokenizer = load_model(settings.model, device=resolve_device(settings.device),
                                   dtype=resolve_dtype(settings.dtype), cache_dir=settings.cache_dir or None,
-                                  progress=False)
+                                  progress=False, device_map=resolve_device_map(settings.device))
     model.eval()
     return model, tokenizer
 

@@ -92,8 +92,9 @@ class Editor:
         fingerprint: sha256 of the target modules' original weights of the base model.
         update_normaliser: when True, every `compute_deltas` merges its inputs into the running
             normaliser (off by default: serving is deterministic and stateless).
-        preserve_KK: per module, the preservation prior P = μ·C of `preserving_solve` (None: the plain
-            ridge solve the hypernet was trained with); set it with `set_preservation`.
+        preserve_KK: per module, the second moments C of the preservation prior P = μ(N)·C of
+            `preserving_solve`, μ(N) = preserve_weight / N^preserve_exponent for a batch of N edits (None:
+            the plain ridge solve the hypernet was trained with); set them with `set_preservation`.
         metadata: the checkpoint card's extra fields (training data hash, steps, metrics, ...).
     """
 
@@ -107,6 +108,7 @@ class Editor:
         self.shapes_KV = [tuple(s) for s in shapes_KV]
         self.update_normaliser = False
         self.preserve_KK: dict[str, torch.Tensor] | None = None
+        self.preserve_weight, self.preserve_exponent = 0.0, 0.0
         self.metadata: dict = dict(metadata or {})
 
     # ------------------------------------------------------------------ construction
@@ -194,30 +196,44 @@ class Editor:
             out.append(net.lam(layer).detach())
         return out
 
-    def set_preservation(self, second_moments_KK: Mapping[str, torch.Tensor] | None, weight: float) -> Editor:
-        """Serve with the preservation prior weight · C_l on every edited layer (`preserving_solve`).
+    def set_preservation(self, second_moments_KK: Mapping[str, torch.Tensor] | None, weight: float,
+                         exponent: float = 0.0) -> Editor:
+        """Serve with the preservation prior μ(N) · C_l on every edited layer (`preserving_solve`).
+
+        μ(N) = weight / N^exponent for a batch of N edits. The hypernet was trained on batches of ~100 edits,
+        where the edits share the common directions of the keys between them; a small batch (what the
+        daemon's bisection edits) puts its whole residual on those directions and moves every prompt, so it
+        needs a much stronger prior (benchmarks/preserve_weight.py: exponent 2 keeps both regimes).
 
         Args:
             second_moments_KK: per module name, C (K×K) of its inputs on unrelated text, e.g. from
-                `horse.covariance.layer_second_moments`; None (or weight 0) restores the plain solve.
-            weight: μ ≥ 0.
+                `horse.covariance.preservation_moments`; None (or weight 0) restores the plain solve.
+            weight: μ(1) ≥ 0.
+            exponent: how fast μ falls with the batch size (0: the same μ for every batch).
 
         Returns:
             self.
         """
-        if weight < 0:
-            raise EngineError(f"preservation weight must be ≥ 0, got {weight}")
+        if weight < 0 or exponent < 0:
+            raise EngineError(f"preservation weight and exponent must be ≥ 0, got {weight} and {exponent}")
         if second_moments_KK is None or weight == 0:
-            self.preserve_KK = None
+            self.preserve_KK, self.preserve_weight, self.preserve_exponent = None, 0.0, 0.0
             return self
         missing = [n for n in self.module_names if n not in second_moments_KK]
         if missing:
             raise EngineError(f"no second moments for {missing}; estimate them for every edited module")
-        self.preserve_KK = {n: weight * second_moments_KK[n].to(self.device, torch.float64) for n in self.module_names}
+        self.preserve_KK = {n: second_moments_KK[n].to(self.device, torch.float64) for n in self.module_names}
+        self.preserve_weight, self.preserve_exponent = float(weight), float(exponent)
         return self
 
+    def preserve_mu(self, n_edits: int) -> float:
+        """μ(N) of the preservation prior for a batch of N edits (0 when the prior is off)."""
+        if self.preserve_KK is None:
+            return 0.0
+        return self.preserve_weight / max(n_edits, 1) ** self.preserve_exponent
+
     def predict(self, captured: Captured, *, update_normaliser: bool | None = None,
-                timings_s: dict[str, float] | None = None) -> Prediction:
+                timings_s: dict[str, float] | None = None, n_edits: int = 1) -> Prediction:
         """Steps 4–7 without gradients: residuals, spread, ridge solve per layer."""
         timings_s = {} if timings_s is None else timings_s
         update = self.update_normaliser if update_normaliser is None else update_normaliser
@@ -238,8 +254,9 @@ class Editor:
                     for n, r, lam in zip(self.module_names, spread, lams)
                 ]
             else:
+                mu = self.preserve_mu(n_edits)
                 solutions = [
-                    preserving_solve(captured.keys_NK[n].to(self.device), r, lam, self.preserve_KK[n])
+                    preserving_solve(captured.keys_NK[n].to(self.device), r, lam, mu * self.preserve_KK[n])
                     for n, r, lam in zip(self.module_names, spread, lams)
                 ]
             _sync(self.device)
@@ -271,7 +288,7 @@ class Editor:
         captured = self.capture(model, tokenizer, requests, lm_batch_size=lm_batch_size)
         _sync(model_device(model))
         timings_s["capture"] = time.perf_counter() - t0
-        prediction = self.predict(captured, timings_s=timings_s)
+        prediction = self.predict(captured, timings_s=timings_s, n_edits=len(requests))
         deltas = solutions_to_deltas(self.module_names, prediction.solutions)
         timings_s["total"] = time.perf_counter() - t0
         return deltas, timings_s

@@ -261,6 +261,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    device_map: str | dict[str, object] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, offline, in eval mode.
 
@@ -270,6 +271,10 @@ def load_model(
         dtype: parameter dtype (torch.float32 or torch.bfloat16); the editor math stays fp32 regardless.
         cache_dir: cache root for the converted SmolLM2 (None: `default_cache_dir()`).
         progress: progress bar when SmolLM2 must first be converted.
+        device_map: for a model larger than one GPU, accelerate's placement ("auto" spreads the layers over
+            every visible GPU, then the CPU); replaces `device`. The engine follows each weight's device
+            (captured keys and gradients move to the hypernet's device, deltas to their weight's device).
+            Ignored for the tiny built-in models.
 
     Returns:
         (model, tokenizer); the tokenizer always has a pad token and pads on the right.
@@ -291,11 +296,13 @@ def load_model(
                     "or a local Hugging Face model dir containing config.json"
                 )
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        extra = {"device_map": device_map} if device_map is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
         model.config.name_or_path = name if name == SMOLLM2 else str(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    model = model.to(device=device, dtype=dtype)
+    if device_map is None or name in TINY_MODELS:
+        model = model.to(device=device, dtype=dtype)
     model.eval()
     return model, tok

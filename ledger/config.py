@@ -47,10 +47,14 @@ class Settings:
     # engine
     model: str = _opt("smollm2-135m", "name or dir", "base model to edit (tiny-gpt2, tiny-llama, smollm2-135m, or a dir)")
     hypernet: str = _opt("", "path", "hypernet checkpoint; empty = the one shipped for the model")
-    device: str = _opt("cpu", "cpu|cuda:N|auto", "where the model runs")
+    device: str = _opt("cpu", "cpu|cuda:N|auto", "where the model runs; auto = cuda:0, or every GPU through "
+                       "accelerate's device_map when there are several (models larger than one GPU), else cpu")
     dtype: str = _opt("float32", "float32|bfloat16", "weight dtype of the served model")
-    preserve_weight: float = _opt(0.0, "μ ≥ 0", "preservation prior μ·C in the hypernet's ridge solve "
-                                  "(C: second moments of the edited layers' inputs on local text); 0 = off")
+    preserve_weight: float = _opt(10000.0, "μ(1) ≥ 0", "preservation prior μ(N)·C in the hypernet's ridge solve, "
+                                  "μ(N) = preserve_weight / N^preserve_exponent for a batch of N edits (C: second "
+                                  "moments of the edited layers' inputs on local text); 0 = off. Keeps small batches "
+                                  "(bisection) from moving unrelated prompts; see benchmarks/preserve_weight.py")
+    preserve_exponent: float = _opt(2.0, "≥ 0", "how fast the preservation weight falls with the batch size")
     # daemon: batches and claims
     batch_max_edits: int = _opt(100, "edits", "most edits the daemon claims into one batch")
     max_attempts: int = _opt(3, "attempts", "a failed edit is retried until it has been tried this often")
@@ -196,8 +200,9 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
         values["snapshot_dir"] = str(data_dir / "snapshots")
     if not values.get("cache_dir"):
         values["cache_dir"] = str(_xdg("XDG_CACHE_HOME", ".cache", env) / APP_NAME)
-    if values.get("preserve_weight", 0.0) < 0:
-        raise ConfigError(f"preserve_weight = {values['preserve_weight']} is negative; give μ ≥ 0 (0 = off)")
+    for name in ("preserve_weight", "preserve_exponent"):
+        if values.get(name, 0.0) < 0:
+            raise ConfigError(f"{name} = {values[name]} is negative; give a value ≥ 0")
     return dataclasses.replace(Settings(), **values)
 
 

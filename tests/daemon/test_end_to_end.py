@@ -4,23 +4,18 @@ test_apply_ask_rollback_requeue (real engine throughout): add edits → apply �
 applied → ask shows the new fact → rollback base --requeue → bit-identical base weights → apply again →
 the same snapshot weights, bit for bit.
 
-test_harmful_batch_is_bisected: batch 1 with the real engine teaches facts, which are then protected; batch 2
-mixes benign edits with edits that rewrite the protected facts; the gate catches it, bisection rejects only
-the harmful edits, the rest publish; rollback → bit-identical weights → requeue → apply again. The tiny
-random model cannot be edited usefully on top of an already edited tiny model by a hypernet trained for a
-few seconds (new edits reach token accuracy ≈ 0 there — see test_edits_that_do_not_take_fail), so batch 2's
-deltas come from a stand-in editor with known effects (large for the harmful edits, tiny for the benign).
-Everything else — materialisation, gate measurements, bisection, files, rows — is the real daemon.
+The harmful batch (edits that rewrite protected facts, caught by the gate, only they rejected by
+bisection) runs on the real model in tests/daemon/test_smollm2_gate.py: the tiny random model has no
+subject-specific knowledge, so any real edit there moves every prompt.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 
-from daemon.materialise import links, materialise, weights_digest
+from daemon.materialise import links, materialise
 from ledger.store import Store
 from tests.daemon.conftest import COLORS, fact, write_config
 
@@ -89,100 +84,6 @@ def test_apply_ask_rollback_requeue(db_url, daemon_settings, cli_runner, tmp_pat
     assert again["status"] == "published" and set(taught) <= set(again["applied"])
     if sorted(again["applied"]) == sorted(taught):
         assert store.get_snapshot(again["snapshot_id"]).metrics["weights_sha256"] == snap.metrics["weights_sha256"]
-    store.close()
-
-
-class StandInEditor:
-    """Deltas with known effects: a large random change of every edited layer for an edit whose subject is in
-    `harmful_subjects`, a negligible one for the others (seeded by the edit's text: deterministic)."""
-
-    def __init__(self, real) -> None:
-        self.module_names = real.module_names
-        self.fingerprint = real.fingerprint
-        self.harmful_subjects: set[str] = set()
-
-    def compute_deltas(self, model, tokenizer, requests, **_):
-        from horse.arch import get_module, module_shape_KV
-        from horse.deltas import LayerDelta
-
-        total = {}
-        for r in requests:
-            seed = int.from_bytes(hashlib.sha256(f"{r.prompt}|{r.target}".encode()).digest()[:4], "big")
-            gen = torch.Generator().manual_seed(seed)
-            scale = 300.0 if r.subject in self.harmful_subjects else 1e-6
-            for name in self.module_names:
-                k, v = module_shape_KV(get_module(model, name))
-                d = torch.randn(k, v, generator=gen) * scale
-                total[name] = total.get(name, 0) + d
-        return {n: LayerDelta(dense_KV=d) for n, d in total.items()}, {"capture": 0.0}
-
-
-def test_harmful_batch_is_bisected(db_url, daemon_settings, cli_runner, tmp_path, monkeypatch):
-    from horse.editor import Editor
-
-    settings = daemon_settings(db_url)
-    cfg = write_config(tmp_path / "config.toml", settings)
-    store = Store(db_url)
-
-    # batch 1, real engine: teach four facts, then protect what the model learned
-    _add(cli_runner, cfg, tmp_path, "batch1", [fact(i) for i in range(4)])
-    first = _apply(cli_runner, cfg)
-    s1 = first["snapshot_id"]
-    taught = {e.subject: e.target_new for e in store.get_edits(first["applied"])}
-    assert len(taught) >= 3
-    for subject, target in taught.items():
-        cli_runner(cfg, "protect", "add", "--prompt", "The color of {} is", "--subject", subject, "--target", target)
-    weights_s1 = _weights(settings, store, s1)
-
-    # batch 2: two benign edits, two that rewrite protected facts (stand-in deltas, see the module docstring)
-    real_from_checkpoint = Editor.from_checkpoint.__func__
-    stand_in: dict[str, StandInEditor] = {}
-
-    def fake_from_checkpoint(cls, path, model, *, force=False):
-        stand_in["editor"] = StandInEditor(real_from_checkpoint(cls, path, model, force=force))
-        stand_in["editor"].harmful_subjects = set(list(taught)[:2])
-        return stand_in["editor"]
-
-    monkeypatch.setattr(Editor, "from_checkpoint", classmethod(fake_from_checkpoint))
-    harmful_subjects = list(taught)[:2]
-    cfg2 = write_config(tmp_path / "config2.toml", daemon_settings(db_url, gate_min_efficacy=0.0))
-    _add(cli_runner, cfg2, tmp_path, "batch2",
-         [fact(6), fact(7)] + [{**fact(0), "subject": s, "target": "jade" if taught[s] != "jade" else "pink"}
-                               for s in harmful_subjects])
-    pending = store.list_edits(status="pending", oldest_first=True)
-    benign_ids, harmful_ids = [e.id for e in pending[:2]], [e.id for e in pending[2:]]
-    second = json.loads(cli_runner(cfg2, "apply", "--json").stdout)
-    assert second["status"] == "published", second
-    assert sorted(int(i) for i in second["rejected"]) == harmful_ids, second
-    assert second["applied"] == benign_ids and second["failed"] == {}
-    for reason in second["rejected"].values():
-        assert "protected facts flipped" in reason and "bisection" in reason
-    for e in store.get_edits(harmful_ids):
-        assert e.status == "rejected" and "protected" in e.last_error
-    s2 = second["snapshot_id"]
-    assert store.get_snapshot(s2).parent_id == s1
-    metrics = store.get_batch(second["batch_id"]).metrics
-    assert metrics["bisect"][0]["passed"] is False and metrics["gate"]["passed"] is True
-    assert metrics["gate"]["protected_flipped"] == [] and store.get_snapshot(s2).metrics["gate"]["passed"]
-    events = store.events(edit_id=harmful_ids[0], oldest_first=True)
-    assert [e.kind for e in events][-1] == "edit.rejected" and events[-1].payload["gate"]["protected_flip_share"] > 0
-
-    out = cli_runner(cfg2, "snapshots").stdout
-    assert f"*  {s2}" in out
-    diff = json.loads(cli_runner(cfg2, "diff", str(s1), str(s2), "--json").stdout)
-    assert diff["only_in_b"] == benign_ids and diff["only_in_a"] == []
-
-    # rollback to snapshot 1 with requeue: bit-identical weights; apply again publishes on top of snapshot 1
-    rb = json.loads(cli_runner(cfg2, "rollback", str(s1), "--requeue", "--json").stdout)
-    assert rb["rolled_back_snapshots"] == [s2] and rb["requeued_edits"] == benign_ids
-    assert store.head("tiny-llama").id == s1 and store.get_snapshot(s2).status == "rolled_back"
-    after = _weights(settings, store, s1)
-    assert all(torch.equal(after[k], weights_s1[k]) for k in weights_s1)
-    assert cli_runner(cfg2, "verify").stdout.strip().endswith("OK")
-    third = json.loads(cli_runner(cfg2, "apply", "--json").stdout)
-    assert third["status"] == "published" and third["applied"] == benign_ids
-    assert store.get_snapshot(third["snapshot_id"]).parent_id == s1
-    assert {e.status for e in store.get_edits(harmful_ids)} == {"rejected"}  # rejected edits stay rejected
     store.close()
 
 

@@ -102,3 +102,24 @@ def test_prepare_smollm2_converts_once_and_loads_fast(tmp_path):
     ids = tok("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         assert tok.decode(model(**ids).logits[0, -1].argmax()).strip() == "Paris"
+
+
+def test_device_map_loads_through_accelerate_and_edits(tmp_path):
+    """`device_map` (the daemon's device = "auto" with several GPUs) places the model with accelerate; the
+    engine edits it like any other (here every weight lands on the CPU, the only device)."""
+    from horse.deltas import apply_deltas
+    from horse.editor import Editor
+    from horse.hypernet import HyperConfig
+    from horse.types import EditRequest
+
+    model, tok = load_model("tiny-llama")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    mapped, tok2 = load_model(tmp_path / "m", device_map="auto")
+    assert {p.device.type for p in mapped.parameters()} == {"cpu"}
+    editor = Editor.new(mapped, HyperConfig(rank=8))
+    deltas, _ = editor.compute_deltas(mapped, tok2, [EditRequest(prompt="The sky is", target="green")])
+    before = {k: v.clone() for k, v in mapped.state_dict().items()}
+    with apply_deltas(mapped, deltas):
+        assert any(not torch.equal(v, before[k]) for k, v in mapped.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in mapped.state_dict().items())

@@ -47,6 +47,7 @@ def test_precedence_toml_env_flags(tmp_path):
     ("model = [1, 2]", "is not a valid str"),
     ("model = ", "cannot be read"),
     ("preserve_weight = -1.0", "preserve_weight = -1.0 is negative"),
+    ("preserve_exponent = -2.0", "preserve_exponent = -2.0 is negative"),
 ])
 def test_bad_config_file(tmp_path, content, message):
     cfg = tmp_path / "c.toml"
