@@ -175,6 +175,8 @@ def rollback(app: AppContext, snapshot: str, requeue: bool, as_json: bool) -> No
     click.echo(f"head of {result.base_model}: {result.from_snapshot or 'base'} → {to}")
     click.echo(f"  rolled back snapshots {result.rolled_back_snapshots or '-'}; "
                f"{len(result.rolled_back_edits)} edits {'requeued (pending)' if requeue else 'rolled_back'}")
+    if result.restored_edits:
+        click.echo(f"  applied again (the edits that had replaced them were rolled back): {result.restored_edits}")
 
 
 @click.command()

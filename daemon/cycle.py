@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
 from daemon import gate, snapshots
 from daemon.errors import BatchRefused, DaemonError
@@ -322,7 +322,8 @@ class _Batch:
         with self.store.session(write=False) as s:
             self.parent_id = head_id(s, self.base_model)
             self.chain: list[ChainLink] = links(s, self.parent_id)
-            retained = self._retained_facts(s, [c.id for c in self.chain])
+            rewritten = set(s.execute(select(Edit.key_hash).where(Edit.id.in_(list(self.edits)))).scalars())
+            retained = self._retained_facts(s, [c.id for c in self.chain], rewritten)
         self.m: Materialised = materialise(self.settings, self.chain, track=self.editor.module_names,
                                            model_and_tokenizer=(model, tokenizer))
         self.model, self.tokenizer = model, tokenizer
@@ -363,13 +364,31 @@ class _Batch:
         check_finite(deltas)
         return self._publish(final, deltas, verdict)
 
-    def _retained_facts(self, s, chain_ids: Sequence[int]) -> list[gate.Fact]:
+    def _retained_facts(self, s, chain_ids: Sequence[int], replaced_keys: set[str]) -> list[gate.Fact]:
+        """Applied edits on the chain the candidate must keep, less those this batch rewrites (same subject and
+        prompt): retention is measured against the newest target."""
         if not chain_ids:
             return []
         rows = s.execute(select(Edit).join(SnapshotEdit, SnapshotEdit.edit_id == Edit.id)
                          .where(SnapshotEdit.snapshot_id.in_(list(chain_ids)),
                                 Edit.status == EditStatus.APPLIED.value).order_by(Edit.id)).scalars().unique().all()
-        return [to_fact(EditRecord.from_row(r)) for r in rows]
+        return [to_fact(EditRecord.from_row(r)) for r in rows if r.key_hash not in replaced_keys]
+
+    def _supersede_earlier(self, s, final: Sequence[int], snapshot_id: int) -> None:
+        """Applied edits of the same subject and prompt as a newly applied one are superseded by it (the newest
+        target wins; rollback of the new snapshot makes them applied again, see daemon/rollback.py)."""
+        new_by_key = {e.key_hash: e.id for e in s.execute(select(Edit).where(Edit.id.in_(list(final)))).scalars()}
+        older = s.execute(select(Edit.id, Edit.key_hash).where(
+            Edit.key_hash.in_(list(new_by_key)), Edit.status == EditStatus.APPLIED.value,
+            Edit.id.not_in(list(final)))).all()
+        if not older:
+            return
+        links = {old_id: new_by_key[key] for old_id, key in older}
+        # no snapshot_id= here: that would move the old edit's snapshot column (it stays on its own snapshot)
+        transition(s, sorted(links), EditStatus.APPLIED, EditStatus.SUPERSEDED, actor=self.actor,
+                   batch_id=self.batch_id, reason="a newer applied edit of the same subject and prompt replaced it",
+                   payload_by_id={o: {"superseded_by": n, "in_snapshot": snapshot_id} for o, n in links.items()})
+        s.execute(update(Edit), [{"id": o, "superseded_by_id": n} for o, n in links.items()])
 
     def _compute(self, ids: Sequence[int]):
         """Deltas for exactly these edits on the head (cached per set)."""
@@ -577,6 +596,7 @@ class _Batch:
             transition(s, final, EditStatus.CLAIMED, EditStatus.APPLIED, actor=self.actor, batch_id=self.batch_id,
                        snapshot_id=snap.id, values={"claim_token": None, "last_error": None},
                        payload_by_id={i: {"efficacy": self.efficacy.get(i)} for i in final})
+            self._supersede_earlier(s, final, snap.id)
             self._move_unpublished(s)
             batch = s.get(Batch, self.batch_id)
             batch.status, batch.finished_at = "published", utcnow()

@@ -37,6 +37,7 @@ class RollbackResult:
     rolled_back_snapshots: list[int] = field(default_factory=list)
     rolled_back_edits: list[int] = field(default_factory=list)
     requeued_edits: list[int] = field(default_factory=list)
+    restored_edits: list[int] = field(default_factory=list)  # superseded → applied: their replacement was rolled back
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,9 +111,16 @@ def rollback(settings: Settings, store: Store, target: int | None, *, requeue: b
             if requeue:
                 transition(s, to_roll_applied, EditStatus.ROLLED_BACK, EditStatus.PENDING, actor=actor,
                            reason=f"requeued after {reason}", values={"claim_token": None})
+            # an edit replaced by a rolled-back one is in force again where its own snapshot stays on the chain
+            restored = sorted(s.execute(select(Edit.id).where(
+                Edit.status == EditStatus.SUPERSEDED.value, Edit.superseded_by_id.in_(to_roll_applied),
+                Edit.snapshot_id.in_(sorted(keep_snapshots)))).scalars()) if to_roll_applied and keep_snapshots else []
+            transition(s, restored, EditStatus.SUPERSEDED, EditStatus.APPLIED, actor=actor,
+                       reason=f"{reason}: the edit that replaced it was rolled back", values={"superseded_by_id": None})
             set_head(s, base_model, target, actor=actor, reason=reason)
             result.rolled_back_snapshots = later_ids
             result.rolled_back_edits = to_roll_applied
             result.requeued_edits = to_roll_applied if requeue else []
+            result.restored_edits = restored
     log.info("rolled back", extra=result.to_dict())
     return result

@@ -6,10 +6,13 @@ asked for, it raises `IllegalTransition` naming the ids and their current status
 transaction rolls back. Every moved edit gets one event (kind `edit.<dst>`) in the same transaction.
 
     pending ──► claimed ──► applied ──► rolled_back ──► pending (requeue)
-       │           │  └──► failed ──► pending (retry)        applied ──► superseded
+       │           │  └──► failed ──► pending (retry)        applied ──► superseded ──► applied
        │           ├──► rejected
        │           └──► pending (stale claim / abandoned batch)
        └──► cancelled | superseded
+
+An applied edit is superseded when a later night publishes a new edit of the same subject and prompt; it
+becomes applied again when that newer edit is rolled back while its own snapshot stays on the chain.
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ ALLOWED: dict[EditStatus, frozenset[EditStatus]] = {
     S.ROLLED_BACK: frozenset({S.PENDING}),
     S.REJECTED: frozenset(),
     S.CANCELLED: frozenset(),
-    S.SUPERSEDED: frozenset(),
+    S.SUPERSEDED: frozenset({S.APPLIED}),  # only by rollback, for an edit whose snapshot is still on the chain
 }
 # A second submission of the same fact while one of these holds it returns the existing edit.
 ACTIVE: frozenset[EditStatus] = frozenset({S.PENDING, S.CLAIMED, S.APPLIED})

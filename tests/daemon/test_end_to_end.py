@@ -100,3 +100,30 @@ def test_edits_that_do_not_take_fail_with_the_measured_value(db_url, daemon_sett
     assert again["status"] == "failed" and {e.attempts for e in store.get_edits([1, 2])} == {2}
     assert _apply(cli_runner, cfg)["status"] == "empty"  # no more retries
     store.close()
+
+
+def test_a_later_night_supersedes_an_applied_edit_and_rollback_restores_it(db_url, daemon_settings, cli_runner,
+                                                                           tmp_path):
+    # efficacy bar 0 for the second night: new edits on an already edited tiny model barely take (see above);
+    # retention bar 0.9: the superseded edit must not count against the edit that replaces it
+    settings = daemon_settings(db_url, gate_min_efficacy=0.0, gate_min_retention=0.9)
+    cfg = write_config(tmp_path / "config.toml", settings)
+    store = Store(db_url)
+    _add(cli_runner, cfg, tmp_path, "night1", [fact(0)])
+    first = _apply(cli_runner, cfg)
+    assert first["status"] == "published" and first["applied"] == [1], first
+    _add(cli_runner, cfg, tmp_path, "night2", [fact(0, color=COLORS[3])])  # same subject and prompt, new target
+    assert store.get_edits([1])[0].status == "applied"  # adding does not touch an applied edit
+    second = _apply(cli_runner, cfg)
+    assert second["status"] == "published" and second["applied"] == [2], second
+    old, new = store.get_edits([1, 2])
+    assert (old.status, old.superseded_by_id, new.status) == ("superseded", 2, "applied")
+    assert store.get_batch(second["batch_id"]).metrics["head"]["retention_n"] == 0  # measured against the newest
+    kinds = [e.kind for e in store.events(edit_id=1, oldest_first=True)]
+    assert kinds[-1] == "edit.superseded"
+
+    rb = json.loads(cli_runner(cfg, "rollback", str(first["snapshot_id"]), "--json").stdout)
+    assert rb["rolled_back_edits"] == [2] and rb["restored_edits"] == [1]
+    old, new = store.get_edits([1, 2])
+    assert (old.status, old.superseded_by_id, new.status) == ("applied", None, "rolled_back")
+    store.close()

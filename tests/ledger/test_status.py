@@ -20,7 +20,7 @@ def test_table_covers_every_status_and_matches_the_schema():
     expected = {("pending", "claimed"), ("pending", "cancelled"), ("pending", "superseded"),
                 ("claimed", "applied"), ("claimed", "failed"), ("claimed", "rejected"), ("claimed", "pending"),
                 ("failed", "pending"), ("applied", "rolled_back"), ("applied", "superseded"),
-                ("rolled_back", "pending")}
+                ("rolled_back", "pending"), ("superseded", "applied")}
     assert {(s.value, d.value) for s, dsts in ALLOWED.items() for d in dsts} == expected
 
 
