@@ -352,10 +352,31 @@ def init(app: AppContext, path: Path | None, force: bool) -> None:
 
 
 @click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_app
-def consolidate(app: AppContext) -> None:
-    """Fold the head's chain into one snapshot re-derived from the base (not implemented yet)."""
-    from daemon.errors import NotImplementedYet
+def consolidate(app: AppContext, as_json: bool) -> None:
+    """Fold the head's chain into one snapshot re-derived from the base by one edit of all its edits."""
+    from daemon.consolidate import consolidate as run
 
-    raise NotImplementedYet("`horse-ledger consolidate` is not implemented yet (issue 6: consolidation); the "
-                            "head stays base + its chain of incremental snapshots, which rollback and verify support")
+    _logging(app)
+    result = run(app.settings, app.store(), actor=f"consolidate:{app.actor}", reason="by hand")
+    if as_json:
+        _echo_json(result.to_dict())
+        return
+    if result.status == "nothing":
+        click.echo(f"nothing to consolidate: the head of {app.settings.model} is "
+                   f"{'base' if result.from_snapshot is None else f'snapshot {result.from_snapshot}'} "
+                   f"({result.chain_length} snapshot(s) on its chain)")
+        return
+    g = result.gate
+    measured = (f"canary agreement {g.get('canary_agreement', float('nan')):.3f} · retention "
+                f"{g.get('retention', float('nan')):.3f} of {result.n_edits} edits · protected flipped "
+                f"{len(g.get('protected_flipped') or [])}")
+    if result.status == "rejected":
+        click.echo(f"consolidation rejected by the gate ({'; '.join(result.gate_reasons)}); the head stays "
+                   f"snapshot {result.from_snapshot}\n  {measured}")
+        raise SystemExit(1)
+    click.echo(f"consolidated snapshot {result.from_snapshot} (chain of {result.chain_length}) into snapshot "
+               f"{result.snapshot_id} (parent base, {result.n_edits} edits, {result.bytes:,} bytes)\n  {measured}\n"
+               f"  time {result.timings_s.get('total', 0):.2f} s "
+               f"({', '.join(f'{k} {v:.2f}' for k, v in result.timings_s.items() if k != 'total')})")

@@ -84,6 +84,7 @@ class BatchResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     snapshot_path: str | None = None
     snapshot_bytes: int | None = None
+    consolidation: dict[str, Any] | None = None  # when the policy folded the chain after this batch
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -112,6 +113,28 @@ def hypernet_path(settings: Settings) -> Path:
     raise NoHypernet(f"no hypernet is configured and none is shipped for {settings.model} ({shipped}); train one "
                      f"with `horse-ledger hypernet train --model {settings.model} --out FILE` and set "
                      f"`hypernet = \"FILE\"` in the config")
+
+
+def probe_for(settings: Settings, store: Store, retained: Sequence[gate.Fact], *, seed: int | None,
+              sample: bool = True) -> gate.Probe:
+    """The gate's prompts: the canary set, every protected fact, and the retained edits (sampled, or all)."""
+    return gate.Probe(
+        canary_prompts=gate.load_canary(settings.gate_canary_file or None),
+        protected=tuple(gate.Fact(key=p.id, prompt=p.rendered_prompt, answer=p.target) for p in store.list_protected()),
+        retained=gate.sample_retained(retained, seed=seed or 0) if sample else tuple(retained))
+
+
+def load_editor(settings: Settings, path: Path, model, tokenizer):
+    """The configured editor for the unedited base `model`, with its preservation prior (config)."""
+    from horse.editor import Editor
+
+    editor = Editor.from_checkpoint(path, model)
+    if settings.preserve_weight:  # statistics of the base model's inputs, cached after the first night
+        from horse.covariance import preservation_moments
+
+        moments, _ = preservation_moments(model, tokenizer, editor.module_names, cache_dir=settings.cache_dir)
+        editor.set_preservation(moments, settings.preserve_weight, settings.preserve_exponent)
+    return editor
 
 
 _FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
@@ -176,8 +199,15 @@ def run_batch(settings: Settings, store: Store, *, max_edits: int | None = None,
     Raises:
         ApplierBusy: another process is applying edits to this model.
     """
-    return _Batch(settings, store, max_edits=max_edits, dry_run=dry_run, stop=stop, on_stage=on_stage,
-                  actor=actor).run()
+    result = _Batch(settings, store, max_edits=max_edits, dry_run=dry_run, stop=stop, on_stage=on_stage,
+                    actor=actor).run()
+    if result.status == "published":
+        from daemon.consolidate import consolidate, consolidation_due
+
+        why = consolidation_due(settings, store)
+        if why:
+            result.consolidation = consolidate(settings, store, actor=actor, reason=why).to_dict()
+    return result
 
 
 class _Batch:
@@ -304,19 +334,12 @@ class _Batch:
     # ------------------------------------------------------------------ engine work
     def _process(self) -> BatchResult:
         from horse.deltas import check_finite
-        from horse.editor import Editor
 
         t = time.perf_counter()
         model, tokenizer = load_base(self.settings)
         t = self._timed("load_model", t)
         hn_path = hypernet_path(self.settings)
-        self.editor = Editor.from_checkpoint(hn_path, model)
-        if self.settings.preserve_weight:  # statistics of the base model's inputs, cached after the first night
-            from horse.covariance import preservation_moments
-
-            moments, _ = preservation_moments(model, tokenizer, self.editor.module_names,
-                                              cache_dir=self.settings.cache_dir)
-            self.editor.set_preservation(moments, self.settings.preserve_weight, self.settings.preserve_exponent)
+        self.editor = load_editor(self.settings, hn_path, model, tokenizer)
         self.hypernet_fingerprint = file_fingerprint(hn_path)
         t = self._timed("load_hypernet", t)
         with self.store.session(write=False) as s:
@@ -330,11 +353,7 @@ class _Batch:
         t = self._timed("materialise", t)
         self._stage("materialised")
 
-        self.probe = gate.Probe(
-            canary_prompts=gate.load_canary(self.settings.gate_canary_file or None),
-            protected=tuple(gate.Fact(key=p.id, prompt=p.rendered_prompt, answer=p.target)
-                            for p in self.store.list_protected()),
-            retained=gate.sample_retained(retained, seed=self.parent_id or 0))
+        self.probe = probe_for(self.settings, self.store, retained, seed=self.parent_id)
         self.head_measure = gate.measure(model, tokenizer, self.probe)
         t = self._timed("measure_head", t)
 

@@ -127,3 +127,42 @@ def test_a_later_night_supersedes_an_applied_edit_and_rollback_restores_it(db_ur
     old, new = store.get_edits([1, 2])
     assert (old.status, old.superseded_by_id, new.status) == ("applied", None, "rolled_back")
     store.close()
+
+
+def test_consolidation_folds_the_chain_and_rollback_still_works(db_url, daemon_settings, cli_runner, tmp_path):
+    settings = daemon_settings(db_url, gate_min_efficacy=0.0)
+    cfg = write_config(tmp_path / "config.toml", settings)
+    store = Store(db_url)
+    _add(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
+    s1 = _apply(cli_runner, cfg)["snapshot_id"]
+    _add(cli_runner, cfg, tmp_path, "night2", [fact(2), fact(3)])
+    s2 = _apply(cli_runner, cfg)["snapshot_id"]
+    weights_s2 = _weights(settings, store, s2)
+    applied = sorted(e.id for e in store.list_edits(status="applied"))
+
+    result = json.loads(cli_runner(cfg, "consolidate", "--json").stdout)
+    assert result["status"] == "published" and result["from_snapshot"] == s2 and result["chain_length"] == 2, result
+    c = store.get_snapshot(result["snapshot_id"])
+    assert (c.kind, c.parent_id, c.status) == ("consolidated", None, "published")
+    assert store.head("tiny-llama").id == c.id and result["n_edits"] == len(applied)
+    assert result["gate"]["retention_n"] == len(applied)  # every carried edit measured, not a sample
+    assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
+    assert json.loads(cli_runner(cfg, "consolidate", "--json").stdout)["status"] == "nothing"  # already one snapshot
+    assert sorted(e.id for e in store.list_edits(status="applied")) == applied
+
+    # rollback to the folded chain's head: its own weights, bit for bit; the edits stay applied
+    rb = json.loads(cli_runner(cfg, "rollback", str(s2), "--json").stdout)
+    assert rb["rolled_back_snapshots"] == [c.id] and rb["rolled_back_edits"] == []
+    after = _weights(settings, store, s2)
+    assert all(torch.equal(after[k], weights_s2[k]) for k in weights_s2)
+    assert store.get_snapshot(s1).status == "published"
+
+    # the policy: with consolidate_max_chain = 1 the next published night is folded right away
+    cfg2 = write_config(tmp_path / "config2.toml", daemon_settings(db_url, gate_min_efficacy=0.0,
+                                                                   consolidate_max_chain=1))
+    _add(cli_runner, cfg2, tmp_path, "night3", [fact(4)])
+    third = _apply(cli_runner, cfg2)
+    assert third["status"] == "published" and third["consolidation"]["status"] == "published", third
+    assert "consolidate_max_chain" in third["consolidation"]["reason"]
+    assert store.get_snapshot(store.head("tiny-llama").id).kind == "consolidated"
+    store.close()

@@ -1,4 +1,4 @@
-"""daemon/snapshots.py: atomic delta files, hashes, orphan cleanup; daemon/cli.py init and consolidate."""
+"""daemon/snapshots.py: atomic delta files, hashes, orphan cleanup; daemon/cli.py init."""
 from __future__ import annotations
 
 import json
@@ -53,7 +53,7 @@ def test_a_crash_mid_write_leaves_a_temp_file_that_cleanup_removes(tmp_path):
     assert uncommitted.rel_path not in [p.name for p in (tmp_path / "m").iterdir()]
 
 
-def test_init_writes_a_loadable_commented_config_and_consolidate_refuses(tmp_path):
+def test_init_writes_a_loadable_commented_config(tmp_path):
     from click.testing import CliRunner
 
     from ledger.cli import cli
@@ -69,8 +69,6 @@ def test_init_writes_a_loadable_commented_config_and_consolidate_refuses(tmp_pat
     assert (s.model, s.gate_bisect_depth) == ("smollm2-135m", 4)
     again = runner.invoke(cli, ["--db", f"sqlite:///{tmp_path / 'l.db'}", "init", str(path)])
     assert again.exit_code == 1 and "already exists" in again.output
-    r = runner.invoke(cli, ["--db", f"sqlite:///{tmp_path / 'l.db'}", "consolidate"])
-    assert r.exit_code == 1 and "not implemented yet" in r.output
 
 
 def test_log_lines_are_json_with_batch_ids():

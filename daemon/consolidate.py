@@ -1,0 +1,187 @@
+"""Consolidation (issue 6): re-derive the head from the base model by one edit of every edit it carries.
+
+HORSE is at its best as one mass edit, while a nightly daemon stacks many small ones. `consolidate` takes every
+edit that is applied on the head's chain, computes their deltas in ONE engine call on the unedited base model
+(the ridge solve picks its cheaper form; the capture runs in LM mini-batches, so memory grows with the answer
+tokens, not with the number of snapshots), and runs the candidate through the same gate as a batch — canary
+agreement and protected facts against the head, retention of every carried edit (all of them, not a sample).
+If it passes it is published like a batch's snapshot (temp file, fsync, rename; then one transaction) as a
+snapshot of kind "consolidated" whose parent is the base and which lists every edit it carries; the head
+moves to it. The edits stay `applied`; the snapshots it folded stay on disk, so `rollback` to any of them
+still materialises base + their own chain, bit for bit. If the gate fails nothing changes and the
+measurements are recorded on a `consolidation.rejected` event.
+
+When (config): every `consolidate_every_nights` published nights since the chain's root, when the chain is
+longer than `consolidate_max_chain` snapshots, or when the last night's retention fell below
+`consolidate_min_retention`; `run_batch` checks after each published batch, `horse-ledger consolidate` runs it
+by hand.
+
+    result = consolidate(settings, store, reason="by hand")     # ConsolidationResult; .to_dict() for JSON
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import insert, select
+
+from daemon import gate, snapshots
+from daemon.cycle import ACTOR, file_fingerprint, hypernet_path, load_editor, probe_for, to_fact, to_request
+from daemon.errors import BatchRefused, DaemonError
+from daemon.locks import applier_lock
+from daemon.materialise import chain, head_id, links, load_base, materialise, weights_digest
+from ledger.config import Settings
+from ledger.events import record_event
+from ledger.models import Edit, Snapshot, SnapshotEdit, utcnow
+from ledger.status import EditStatus
+from ledger.store import EditRecord, Store, set_head
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConsolidationResult:
+    """`status`: nothing (head is base or already one consolidated snapshot) | published | rejected."""
+
+    status: str
+    reason: str = ""
+    from_snapshot: int | None = None
+    snapshot_id: int | None = None
+    n_edits: int = 0
+    chain_length: int = 0
+    gate: dict[str, Any] = field(default_factory=dict)
+    gate_reasons: list[str] = field(default_factory=list)
+    bytes: int | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def consolidation_due(settings: Settings, store: Store) -> str | None:
+    """Why the head's chain should be folded now (the config's policy), or None."""
+    with store.session(write=False) as s:
+        snaps = chain(s, head_id(s, settings.model))
+        n_chain = len(snaps)
+        nights = len([x for x in snaps if x.kind == "incremental"])
+        retention = ((snaps[-1].metrics or {}).get("gate") or {}).get("retention") if snaps else None
+    if n_chain <= 1:
+        return None
+    if settings.consolidate_max_chain and n_chain > settings.consolidate_max_chain:
+        return f"chain of {n_chain} snapshots > consolidate_max_chain {settings.consolidate_max_chain}"
+    if settings.consolidate_every_nights and nights >= settings.consolidate_every_nights:
+        return f"{nights} nights since the last consolidation ≥ consolidate_every_nights {settings.consolidate_every_nights}"
+    if settings.consolidate_min_retention and retention is not None and retention < settings.consolidate_min_retention:
+        return f"retention {retention:.3f} < consolidate_min_retention {settings.consolidate_min_retention}"
+    return None
+
+
+def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason: str = "by hand") -> ConsolidationResult:
+    """Fold the head's chain into one snapshot re-derived from the base (see the module docstring).
+
+    Raises:
+        ApplierBusy: a batch is running on this model.
+        BatchRefused: the deltas hold NaN / Inf (nothing is written).
+    """
+    from horse.deltas import add_deltas_, apply_deltas, check_finite, frobenius_norms
+
+    base_model = settings.model
+    timings: dict[str, float] = {}
+    t0 = t = time.perf_counter()
+
+    def timed(key: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        timings[key] = round(now - t, 4)
+        t = now
+
+    with applier_lock(settings, base_model):
+        with store.session(write=False) as s:
+            head = head_id(s, base_model)
+            snaps = chain(s, head)
+            chain_links = links(s, head)
+            edit_rows = s.execute(select(Edit).join(SnapshotEdit, SnapshotEdit.edit_id == Edit.id).where(
+                SnapshotEdit.snapshot_id.in_([x.id for x in snaps]), Edit.status == EditStatus.APPLIED.value)
+                .order_by(Edit.id)).scalars().unique().all()
+            edits = [EditRecord.from_row(r) for r in edit_rows]
+            n_chain = len(snaps)
+            already = n_chain == 1 and snaps[0].kind == "consolidated"
+        result = ConsolidationResult("nothing", reason=reason, from_snapshot=head, n_edits=len(edits),
+                                     chain_length=n_chain)
+        if head is None or not edits or already:
+            log.info("nothing to consolidate", extra={"head": head, "chain_length": n_chain})
+            return result
+
+        # the head as it is served, measured once
+        head_m = materialise(settings, chain_links)
+        probe = probe_for(settings, store, [to_fact(e) for e in edits], seed=head, sample=False)
+        head_measure = gate.measure(head_m.model, head_m.tokenizer, probe)
+        del head_m
+        timed("measure_head")
+
+        # one edit of every carried edit, from the unedited base
+        model, tokenizer = load_base(settings)
+        hn_path = hypernet_path(settings)
+        editor = load_editor(settings, hn_path, model, tokenizer)
+        deltas, _ = editor.compute_deltas(model, tokenizer, [to_request(e) for e in edits])
+        try:
+            check_finite(deltas)
+        except Exception as exc:
+            raise BatchRefused(f"consolidation of {len(edits)} edits refused: {exc}") from exc
+        timed("edit")
+        norms = frobenius_norms(deltas)
+        with apply_deltas(model, deltas):
+            cand = gate.measure(model, tokenizer, probe)
+        verdict = gate.judge(head_measure, cand, probe, settings, layer_norms=norms)
+        result.gate, result.gate_reasons = verdict.metrics, list(verdict.reasons)
+        timed("gate")
+        if not verdict.passed:
+            result.status = "rejected"
+            with store.session() as s:
+                record_event(s, "consolidation.rejected", actor=actor, snapshot_id=head,
+                             reason=f"{reason}; gate: {'; '.join(verdict.reasons)}",
+                             payload={"n_edits": len(edits), "gate": verdict.metrics})
+            log.warning("consolidation rejected by the gate: %s", "; ".join(verdict.reasons))
+            result.timings_s = timings
+            return result
+
+        # publish: file first (durable, unreferenced until the commit), then one transaction
+        add_deltas_(model, deltas)
+        touched = sorted(deltas)
+        ids = [e.id for e in edits]
+        metadata = snapshots.snapshot_metadata(
+            base_model=base_model, base_fingerprint=editor.fingerprint, hypernet_fingerprint=file_fingerprint(hn_path),
+            parent_snapshot_id=None, batch_id=None, edit_ids=ids, kind="consolidated")
+        file = snapshots.write_snapshot(settings.snapshot_dir, base_model, f"c{head:06d}-{uuid.uuid4().hex[:8]}",
+                                        deltas, metadata)
+        timed("write")
+        snap_metrics = {
+            "gate": verdict.metrics, "n_edits": len(ids), "bytes_per_edit": file.bytes / len(ids),
+            "layer_norms": norms, "cumulative_norm_max": max(norms.values()) if norms else 0.0,
+            "batch_delta_norms": norms, "weights_sha256": weights_digest(model, touched), "weights_modules": touched,
+            "base_fingerprint": editor.fingerprint, "hypernet_fingerprint": file_fingerprint(hn_path),
+            "chain_length": 1, "consolidated_from": head, "consolidation_reason": reason,
+        }
+        with store.session() as s:
+            if head_id(s, base_model) != head:
+                raise DaemonError(f"the head of {base_model} moved during consolidation; nothing was published")
+            snap = Snapshot(parent_id=None, batch_id=None, base_model=base_model, kind="consolidated",
+                            path=file.rel_path, sha256=file.sha256, bytes=file.bytes, created_at=utcnow(),
+                            status="published", metrics=snap_metrics)
+            s.add(snap)
+            s.flush()
+            s.execute(insert(SnapshotEdit), [{"snapshot_id": snap.id, "edit_id": i} for i in ids])
+            set_head(s, base_model, snap.id, actor=actor, reason=f"consolidation of snapshot {head}: {reason}")
+            record_event(s, "snapshot.consolidated", actor=actor, snapshot_id=snap.id,
+                         reason=reason, payload={"from": head, "chain_length": n_chain, "n_edits": len(ids),
+                                                 "path": file.rel_path, "sha256": file.sha256, "bytes": file.bytes})
+            result.snapshot_id = snap.id
+        timed("commit")
+        result.status, result.bytes = "published", file.bytes
+        timings["total"] = round(time.perf_counter() - t0, 4)
+        result.timings_s = timings
+    log.info("consolidated", extra={"snapshot_id": result.snapshot_id, "from": head, "n_edits": len(ids)})
+    return result
