@@ -25,7 +25,3 @@ class NotOnChain(DaemonError):
 
 class BatchRefused(DaemonError):
     """The batch was refused and nothing was published; see `horse-ledger log --batch ID` for why."""
-
-
-class NotImplementedYet(DaemonError):
-    """This command is not implemented yet; see the README for what it will do."""
