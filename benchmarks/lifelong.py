@@ -1,0 +1,170 @@
+"""Thousands of accumulated edits through the real pipeline (issue 6): nightly batches, snapshots, gate.
+
+    python benchmarks/lifelong.py --nights 80                        # HORSE, 8,000 edits (resumable)
+    python benchmarks/lifelong.py --nights 20 --consolidate-every 10 # HORSE + consolidation every 10 nights
+    python benchmarks/lifelong.py --method malmen --nights 20
+
+Each night adds the next `--edits-per-night` CounterFact edit-split records to a SQLite ledger in
+benchmarks/results/lifelong/<run>/ and runs one `daemon.cycle.run_batch` on SmolLM2-135M with the shipped
+hypernet (the gate measures but does not stop anything here: canary, retention and efficacy bars 0, no
+bisection, so every night publishes and the numbers show what the editor itself does; the consolidation
+policy is the config's `consolidate_every_nights`). Every `--checkpoint-every` nights it materialises the
+head and measures over ALL accumulated edits: retention teacher-forced (mean answer-token accuracy), by
+probability (P(new) > P(true)) and generated (greedy decoding produces the target), the same for the first
+night's edits, NS on the locality prompts, canary agreement with the base model (greedy next token, 200
+prompts), perplexity on a fixed text (the canary prompts with their answers), the cumulative delta norm,
+and the night's wall time. Rows go to rows.jsonl as they are measured (a rerun resumes); rows.json and
+lifelong.png are rewritten at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT / "data" / "counterfact" / "counterfact-edit.json"
+CANARY = ROOT / "daemon" / "assets" / "canary.jsonl"
+
+
+def perplexity(model, tok, texts: list[str]) -> float:
+    """exp(mean token NLL) over the texts, one forward each batch of 16."""
+    from horse.arch import model_device
+
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(texts), 16):
+            b = tok(texts[i:i + 16], return_tensors="pt", padding=True).to(model_device(model))
+            logits = model(**b).logits[:, :-1].float()
+            target = b.input_ids[:, 1:]
+            mask = b.attention_mask[:, 1:].bool()
+            lp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0]
+            nll -= float(lp[mask].sum())
+            n += int(mask.sum())
+    return math.exp(nll / max(n, 1))
+
+
+def measure(settings, store, requests, first, canary, base_next, ppl_texts) -> dict:
+    from daemon.materialise import head_id, links, materialise
+    from horse.metrics import next_token_ids, request_scores, summarise_scores
+
+    with store.session(write=False) as s:
+        head = head_id(s, settings.model)
+        chain_links = links(s, head)
+        snap = store.get_snapshot(head) if head is not None else None
+    m = materialise(settings, chain_links)
+    model, tok = m.model, m.tokenizer
+    scores = request_scores(model, tok, requests, batch_size=32, with_generation=True)
+    every, firsts = summarise_scores(scores), summarise_scores({k: v[:first] for k, v in scores.items()})
+    agree = float((next_token_ids(model, tok, canary) == base_next).float().mean())
+    return {
+        "edits": len(requests), "head": head, "chain_length": len(chain_links),
+        "retention_token": every["token_es"], "retention_prob": every["cf_es"], "retention_gen": every["gen_es"],
+        "first_token": firsts["token_es"], "first_prob": firsts["cf_es"], "first_gen": firsts["gen_es"],
+        "ps": every["cf_ps"], "ns": every["cf_ns"], "canary_agreement_with_base": agree,
+        "perplexity": perplexity(model, tok, ppl_texts),
+        "cumulative_norm_max": (snap.metrics or {}).get("cumulative_norm_max") if snap else 0.0,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=("horse", "malmen"), default="horse")
+    p.add_argument("--nights", type=int, default=80)
+    p.add_argument("--edits-per-night", type=int, default=100)
+    p.add_argument("--consolidate-every", type=int, default=0, help="consolidate_every_nights (0: never)")
+    p.add_argument("--checkpoint-every", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lifelong")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from tqdm.auto import tqdm
+
+    from daemon.cycle import run_batch
+    from horse.data import load_requests
+    from horse.metrics import next_token_ids
+    from horse.zoo import load_model
+    from ledger.config import load_settings
+    from ledger.store import Store
+    from ledger.validate import EditSpec
+
+    run = f"{args.method}{'-consolidate' + str(args.consolidate_every) if args.consolidate_every else ''}"
+    out = args.out / run
+    out.mkdir(parents=True, exist_ok=True)
+    db = f"sqlite:///{out / 'ledger.db'}"  # Store upgrades the schema on open
+    settings = load_settings(environ={}, db_url=db, model="smollm2-135m", data_dir=str(out),
+                             snapshot_dir=str(out / "snapshots"),
+                             hypernet=str(ROOT / "horse" / "hypernets" / f"smollm2-135m-{args.method}.safetensors"),
+                             gate_min_canary_agreement=0.0, gate_min_efficacy=0.0, gate_min_retention=0.0,
+                             gate_max_protected_drop=1.0, gate_bisect_depth=0, batch_max_edits=args.edits_per_night,
+                             consolidate_every_nights=args.consolidate_every, log_json="false")
+    store = Store(db)
+    records = json.loads(DATA.read_text())
+    requests = load_requests(DATA, limit=args.nights * args.edits_per_night)
+    canary_rows = [json.loads(line) for line in CANARY.read_text().splitlines()]
+    canary = [r["prompt"] for r in canary_rows]
+    ppl_texts = [f"{r['prompt']} {r['answer']}." for r in canary_rows]
+    base, tok = load_model("smollm2-135m", progress=False)
+    base_next = next_token_ids(base, tok, canary)
+    base_row = {"night": 0, "edits": 0, "perplexity": perplexity(base, tok, ppl_texts)}
+    del base
+
+    rows_path = out / "rows.jsonl"
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
+    done_nights = max((r["night"] for r in rows), default=0)  # a night is done once its row is written
+    bar = tqdm(range(done_nights, args.nights), desc=run, unit="night", initial=done_nights, total=args.nights)
+    for night in bar:
+        chunk = records[night * args.edits_per_night:(night + 1) * args.edits_per_night]
+        store.add_edits([EditSpec(subject=r["subject"], prompt=r["prompt"], target_new=r["target_new"],
+                                  target_true=r["ground_truth"], paraphrases=(r["rephrase_prompt"],),
+                                  source=f"counterfact-edit:{r['case_id']}", author="lifelong")
+                         for r in chunk], actor="benchmark")
+        started = time.perf_counter()
+        result = run_batch(settings, store, actor="benchmark")
+        wall = time.perf_counter() - started
+        row = {"night": night + 1, "status": result.status, "applied": len(result.applied), "night_s": wall,
+               "consolidation_s": (result.consolidation or {}).get("timings_s", {}).get("total")}
+        if (night + 1) % args.checkpoint_every == 0 or night + 1 == args.nights:
+            row.update(measure(settings, store, requests[:(night + 1) * args.edits_per_night], args.edits_per_night,
+                               canary, base_next, ppl_texts))
+            row["perplexity_ratio"] = row["perplexity"] / base_row["perplexity"]
+            bar.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
+        rows.append(row)
+        with rows_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    (out / "rows.json").write_text(json.dumps({"run": run, "base": base_row, "rows": rows}, indent=2))
+    plot(args.out)
+
+
+def plot(root: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for path in sorted(root.glob("*/rows.json")):
+        data = json.loads(path.read_text())
+        pts = [r for r in data["rows"] if "retention_token" in r]
+        xs = [r["edits"] for r in pts]
+        a.plot(xs, [100 * r["retention_token"] for r in pts], marker="o", label=f"{data['run']} teacher-forced")
+        a.plot(xs, [100 * r["retention_gen"] for r in pts], linestyle="--", label=f"{data['run']} generated")
+        b.plot(xs, [100 * r["ns"] for r in pts], marker="o", label=f"{data['run']} NS")
+        b.plot(xs, [100 * r["canary_agreement_with_base"] for r in pts], linestyle=":", label=f"{data['run']} canary")
+    a.set(xlabel="accumulated edits", ylabel="retention (%)", title="retention of all accumulated edits")
+    b.set(xlabel="accumulated edits", ylabel="%", title="neighbourhood and canary")
+    a.legend(fontsize=7)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / "lifelong.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
