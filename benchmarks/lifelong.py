@@ -3,10 +3,13 @@
     python benchmarks/lifelong.py --nights 80                        # HORSE, 8,000 edits (resumable)
     python benchmarks/lifelong.py --nights 20 --consolidate-every 10 # HORSE + consolidation every 10 nights
     python benchmarks/lifelong.py --method malmen --nights 20
+    python benchmarks/lifelong.py --method finetune --nights 10 --checkpoint-every 5   # fine-tune-the-ledger
+    python benchmarks/lifelong.py --method memit --nights 5
 
 Each night adds the next `--edits-per-night` CounterFact edit-split records to a SQLite ledger in
 benchmarks/results/lifelong/<run>/ and runs one `daemon.cycle.run_batch` on SmolLM2-135M with the shipped
-hypernet (the gate measures but does not stop anything here: canary, retention and efficacy bars 0, no
+hypernet, or the configured engine (`--method finetune`: every night from the base on all applied edits;
+`--method memit`: MEMIT on the head) (the gate measures but does not stop anything here: canary, retention and efficacy bars 0, no
 bisection, so every night publishes and the numbers show what the editor itself does; the consolidation
 policy is the config's `consolidate_every_nights`). Every `--checkpoint-every` nights it materialises the
 head and measures over ALL accumulated edits: retention teacher-forced (mean answer-token accuracy), by
@@ -75,7 +78,7 @@ def measure(settings, store, requests, first, canary, base_next, ppl_texts) -> d
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=("horse", "malmen"), default="horse")
+    p.add_argument("--method", choices=("horse", "malmen", "finetune", "memit"), default="horse")
     p.add_argument("--nights", type=int, default=80)
     p.add_argument("--edits-per-night", type=int, default=100)
     p.add_argument("--consolidate-every", type=int, default=0, help="consolidate_every_nights (0: never)")
@@ -99,9 +102,11 @@ def main() -> None:
     out = args.out / run
     out.mkdir(parents=True, exist_ok=True)
     db = f"sqlite:///{out / 'ledger.db'}"  # Store upgrades the schema on open
+    engine = {"finetune": "finetune", "memit": "memit"}.get(args.method, "hypernet")
+    hypernet = ROOT / "horse" / "hypernets" / f"smollm2-135m-{args.method}.safetensors"
     settings = load_settings(environ={}, db_url=db, model="smollm2-135m", data_dir=str(out),
-                             snapshot_dir=str(out / "snapshots"),
-                             hypernet=str(ROOT / "horse" / "hypernets" / f"smollm2-135m-{args.method}.safetensors"),
+                             snapshot_dir=str(out / "snapshots"), engine=engine,
+                             hypernet=str(hypernet) if engine == "hypernet" else "",
                              gate_min_canary_agreement=0.0, gate_min_efficacy=0.0, gate_min_retention=0.0,
                              gate_max_protected_drop=1.0, gate_bisect_depth=0, batch_max_edits=args.edits_per_night,
                              consolidate_every_nights=args.consolidate_every, log_json="false")

@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import insert, select
 
 from daemon import gate, snapshots
-from daemon.cycle import ACTOR, file_fingerprint, hypernet_path, load_editor, probe_for, to_fact, to_request
+from daemon.cycle import ACTOR, load_engine, probe_for, to_fact, to_request
 from daemon.errors import BatchRefused, DaemonError
 from daemon.locks import applier_lock
 from daemon.materialise import chain, head_id, links, load_base, materialise, weights_digest
@@ -124,8 +124,7 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
 
         # one edit of every carried edit, from the unedited base
         model, tokenizer = load_base(settings)
-        hn_path = hypernet_path(settings)
-        editor = load_editor(settings, hn_path, model, tokenizer)
+        editor, engine_fingerprint = load_engine(settings, model, tokenizer)
         deltas, _ = editor.compute_deltas(model, tokenizer, [to_request(e) for e in edits])
         try:
             check_finite(deltas)
@@ -153,7 +152,7 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
         touched = sorted(deltas)
         ids = [e.id for e in edits]
         metadata = snapshots.snapshot_metadata(
-            base_model=base_model, base_fingerprint=editor.fingerprint, hypernet_fingerprint=file_fingerprint(hn_path),
+            base_model=base_model, base_fingerprint=editor.fingerprint, hypernet_fingerprint=engine_fingerprint,
             parent_snapshot_id=None, batch_id=None, edit_ids=ids, kind="consolidated")
         file = snapshots.write_snapshot(settings.snapshot_dir, base_model, f"c{head:06d}-{uuid.uuid4().hex[:8]}",
                                         deltas, metadata)
@@ -162,7 +161,7 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
             "gate": verdict.metrics, "n_edits": len(ids), "bytes_per_edit": file.bytes / len(ids),
             "layer_norms": norms, "cumulative_norm_max": max(norms.values()) if norms else 0.0,
             "batch_delta_norms": norms, "weights_sha256": weights_digest(model, touched), "weights_modules": touched,
-            "base_fingerprint": editor.fingerprint, "hypernet_fingerprint": file_fingerprint(hn_path),
+            "base_fingerprint": editor.fingerprint, "hypernet_fingerprint": engine_fingerprint,
             "chain_length": 1, "consolidated_from": head, "consolidation_reason": reason,
         }
         with store.session() as s:

@@ -28,6 +28,7 @@ Tests kill real processes at the named stages through the `on_stage` hook.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -125,7 +126,7 @@ def probe_for(settings: Settings, store: Store, retained: Sequence[gate.Fact], *
 
 
 def load_editor(settings: Settings, path: Path, model, tokenizer):
-    """The configured editor for the unedited base `model`, with its preservation prior (config)."""
+    """The configured hypernet editor for the unedited base `model`, with its preservation prior (config)."""
     from horse.editor import Editor
 
     editor = Editor.from_checkpoint(path, model)
@@ -135,6 +136,30 @@ def load_editor(settings: Settings, path: Path, model, tokenizer):
         moments, _ = preservation_moments(model, tokenizer, editor.module_names, cache_dir=settings.cache_dir)
         editor.set_preservation(moments, settings.preserve_weight, settings.preserve_exponent)
     return editor
+
+
+def load_engine(settings: Settings, model, tokenizer) -> tuple[Any, str]:
+    """The configured engine (`settings.engine`) built on the unedited base `model`, and its fingerprint
+    (sha256 of the hypernet file, or of the engine's settings): (editor, fingerprint).
+
+    Every engine has `module_names`, `fingerprint` (of the base weights it edits), `from_base` and
+    `compute_deltas(model, tokenizer, requests) -> (deltas, timings)`. An engine with `from_base` set
+    (fine-tune-the-ledger) is given every edit the head carries, on the base weights (see `_Batch`).
+    """
+    if settings.engine == "finetune":
+        from horse.finetune import FinetuneConfig, FineTuner
+
+        editor = FineTuner.new(model, FinetuneConfig(epochs=settings.finetune_epochs, lr=settings.finetune_lr,
+                                                     locality_weight=settings.finetune_locality_weight))
+    elif settings.engine == "memit":
+        from horse.memit import MemitEditor
+
+        editor = MemitEditor(model, cache_dir=settings.cache_dir)
+    else:
+        path = hypernet_path(settings)
+        return load_editor(settings, path, model, tokenizer), file_fingerprint(path)
+    card = json.dumps(editor.card(), sort_keys=True).encode()
+    return editor, hashlib.sha256(card).hexdigest()
 
 
 _FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
@@ -229,6 +254,7 @@ class _Batch:
         self.efficacy: dict[int, dict[str, float]] = {}
         self.bisect_log: list[dict[str, Any]] = []
         self._delta_cache: dict[frozenset[int], Any] = {}
+        self._base_deltas: dict[int, Any] = {}  # from_base engines: id(relative deltas) → base-relative deltas
         self._verdict_cache: dict[frozenset[int], gate.Verdict] = {}
 
     # ------------------------------------------------------------------ plumbing
@@ -338,22 +364,23 @@ class _Batch:
         t = time.perf_counter()
         model, tokenizer = load_base(self.settings)
         t = self._timed("load_model", t)
-        hn_path = hypernet_path(self.settings)
-        self.editor = load_editor(self.settings, hn_path, model, tokenizer)
-        self.hypernet_fingerprint = file_fingerprint(hn_path)
+        self.editor, self.hypernet_fingerprint = load_engine(self.settings, model, tokenizer)
         t = self._timed("load_hypernet", t)
         with self.store.session(write=False) as s:
             self.parent_id = head_id(s, self.base_model)
             self.chain: list[ChainLink] = links(s, self.parent_id)
             rewritten = set(s.execute(select(Edit.key_hash).where(Edit.id.in_(list(self.edits)))).scalars())
-            retained = self._retained_facts(s, [c.id for c in self.chain], rewritten)
+            retained = self._retained_edits(s, [c.id for c in self.chain], rewritten)
+        # fine-tune-the-ledger re-derives everything the head carries from the base, every night
+        self.from_base = bool(getattr(self.editor, "from_base", False))
+        self.carried: list[EditRecord] = retained if self.from_base else []
         self.m: Materialised = materialise(self.settings, self.chain, track=self.editor.module_names,
                                            model_and_tokenizer=(model, tokenizer))
         self.model, self.tokenizer = model, tokenizer
         t = self._timed("materialise", t)
         self._stage("materialised")
 
-        self.probe = probe_for(self.settings, self.store, retained, seed=self.parent_id)
+        self.probe = probe_for(self.settings, self.store, [to_fact(e) for e in retained], seed=self.parent_id)
         self.head_measure = gate.measure(model, tokenizer, self.probe)
         t = self._timed("measure_head", t)
 
@@ -383,7 +410,7 @@ class _Batch:
         check_finite(deltas)
         return self._publish(final, deltas, verdict)
 
-    def _retained_facts(self, s, chain_ids: Sequence[int], replaced_keys: set[str]) -> list[gate.Fact]:
+    def _retained_edits(self, s, chain_ids: Sequence[int], replaced_keys: set[str]) -> list[EditRecord]:
         """Applied edits on the chain the candidate must keep, less those this batch rewrites (same subject and
         prompt): retention is measured against the newest target."""
         if not chain_ids:
@@ -391,7 +418,7 @@ class _Batch:
         rows = s.execute(select(Edit).join(SnapshotEdit, SnapshotEdit.edit_id == Edit.id)
                          .where(SnapshotEdit.snapshot_id.in_(list(chain_ids)),
                                 Edit.status == EditStatus.APPLIED.value).order_by(Edit.id)).scalars().unique().all()
-        return [to_fact(EditRecord.from_row(r)) for r in rows if r.key_hash not in replaced_keys]
+        return [EditRecord.from_row(r) for r in rows if r.key_hash not in replaced_keys]
 
     def _supersede_earlier(self, s, final: Sequence[int], snapshot_id: int) -> None:
         """Applied edits of the same subject and prompt as a newly applied one are superseded by it (the newest
@@ -410,14 +437,19 @@ class _Batch:
         s.execute(update(Edit), [{"id": o, "superseded_by_id": n} for o, n in links.items()])
 
     def _compute(self, ids: Sequence[int]):
-        """Deltas for exactly these edits on the head (cached per set)."""
+        """Deltas for exactly these edits on the head (cached per set). A `from_base` engine computes its
+        delta from the base over the carried edits plus these; the result is kept (`_base_deltas`) for the
+        snapshot, and returned relative to the head for the gate."""
         from horse.deltas import check_finite
 
         key = frozenset(ids)
         if key not in self._delta_cache:
             t = time.perf_counter()
-            deltas, engine_timings = self.editor.compute_deltas(
-                self.model, self.tokenizer, [to_request(self.edits[i]) for i in sorted(ids)])
+            requests = [to_request(self.edits[i]) for i in sorted(ids)]
+            if self.from_base:
+                deltas, engine_timings = self._compute_from_base([to_request(e) for e in self.carried] + requests)
+            else:
+                deltas, engine_timings = self.editor.compute_deltas(self.model, self.tokenizer, requests)
             for k, v in engine_timings.items():
                 if k != "total":
                     self.timings[f"edit_{k}"] = self.timings.get(f"edit_{k}", 0.0) + v
@@ -428,6 +460,31 @@ class _Batch:
                 raise BatchRefused(f"batch {self.batch_id} refused: {exc}") from exc
             self._delta_cache[key] = deltas
         return self._delta_cache[key]
+
+    def _compute_from_base(self, requests):
+        """Run the engine on the base weights (the head's are put back after), keep its base-relative deltas
+        and return them relative to the head: base + Δ − head, dense."""
+        import torch
+
+        from horse.arch import get_module, module_weight_KV
+        from horse.deltas import LayerDelta
+
+        modules = {n: get_module(self.model, n) for n in self.editor.module_names}
+        with torch.no_grad():
+            heads = {n: m.weight.detach().clone() for n, m in modules.items()}
+            try:
+                for n, m in modules.items():
+                    m.weight.copy_(self.m.base_weights[n].to(m.weight.device, m.weight.dtype))
+                base_deltas, timings = self.editor.compute_deltas(self.model, self.tokenizer, requests)
+                base_KV = {n: module_weight_KV(m).detach().float().cpu().clone() for n, m in modules.items()}
+            finally:
+                for n, m in modules.items():
+                    m.weight.copy_(heads[n])
+            relative = {n: LayerDelta(dense_KV=base_KV[n] + d.to_dense().cpu()
+                                      - module_weight_KV(modules[n]).detach().float().cpu())
+                        for n, d in base_deltas.items()}
+        self._base_deltas[id(relative)] = base_deltas
+        return relative, timings
 
     def _settle(self, ids: list[int]) -> list[int]:
         """Step 4: compute, verify each edit took, drop those that did not, recompute; until all take."""
@@ -574,16 +631,23 @@ class _Batch:
         from horse.deltas import add_deltas_, frobenius_norms
 
         t = time.perf_counter()
-        add_deltas_(self.model, deltas)  # the model now is exactly what materialising the new snapshot gives
-        touched = sorted(set(self.m.base_weights) | set(deltas))
+        if self.from_base:
+            # a snapshot of the base (kind "consolidated", parent none) listing every edit it carries
+            written, parent, kind = self._base_deltas[id(deltas)], None, "consolidated"
+            carried = sorted({e.id for e in self.carried} | set(final))
+            self.m.reset_to_base()
+        else:
+            written, parent, kind, carried = deltas, self.parent_id, "incremental", list(final)
+        add_deltas_(self.model, written)  # the model now is exactly what materialising the new snapshot gives
+        touched = sorted(set(self.m.base_weights) | set(written))
         norms = self.m.layer_norms()
         digest = weights_digest(self.model, touched)
         metadata = snapshots.snapshot_metadata(
             base_model=self.base_model, base_fingerprint=self.editor.fingerprint,
-            hypernet_fingerprint=self.hypernet_fingerprint, parent_snapshot_id=self.parent_id,
-            batch_id=self.batch_id, edit_ids=final)
+            hypernet_fingerprint=self.hypernet_fingerprint, parent_snapshot_id=parent,
+            batch_id=self.batch_id, edit_ids=carried, kind=kind)
         stem = f"b{self.batch_id:06d}-{self.token[:8]}"
-        file = snapshots.write_snapshot(self.settings.snapshot_dir, self.base_model, stem, deltas, metadata,
+        file = snapshots.write_snapshot(self.settings.snapshot_dir, self.base_model, stem, written, metadata,
                                         on_stage=self._stage)
         t = self._timed("write", t)
         self._stage("written")
@@ -594,23 +658,25 @@ class _Batch:
             "efficacy_mean": result.metrics["efficacy_mean"],
             "n_edits": len(final), "bytes_per_edit": file.bytes / len(final),
             "layer_norms": norms, "cumulative_norm_max": max(norms.values()) if norms else 0.0,
-            "batch_delta_norms": frobenius_norms(deltas),
-            "delta_layers": {n: ("factored" if d.is_factored else "dense") for n, d in deltas.items()},
+            "batch_delta_norms": frobenius_norms(written),
+            "delta_layers": {n: ("factored" if d.is_factored else "dense") for n, d in written.items()},
             "weights_sha256": digest, "weights_modules": touched,
             "base_fingerprint": self.editor.fingerprint, "hypernet_fingerprint": self.hypernet_fingerprint,
-            "chain_length": len(self.chain) + 1,
+            "engine": self.settings.engine, "chain_length": 1 if parent is None else len(self.chain) + 1,
         }
+        if self.from_base:
+            snap_metrics.update(n_carried=len(carried), engine_run=getattr(self.editor, "last_run", None))
         with self.store.session() as s:
             current = head_id(s, self.base_model)
             if current != self.parent_id:
                 raise DaemonError(f"the head of {self.base_model} moved from {self.parent_id} to {current} during "
                                   f"batch {self.batch_id}; nothing was published, the batch will be retried")
-            snap = Snapshot(parent_id=self.parent_id, batch_id=self.batch_id, base_model=self.base_model,
-                            kind="incremental", path=file.rel_path, sha256=file.sha256, bytes=file.bytes,
+            snap = Snapshot(parent_id=parent, batch_id=self.batch_id, base_model=self.base_model,
+                            kind=kind, path=file.rel_path, sha256=file.sha256, bytes=file.bytes,
                             created_at=utcnow(), status="published", metrics=snap_metrics)
             s.add(snap)
             s.flush()
-            s.execute(insert(SnapshotEdit), [{"snapshot_id": snap.id, "edit_id": i} for i in final])
+            s.execute(insert(SnapshotEdit), [{"snapshot_id": snap.id, "edit_id": i} for i in carried])
             set_head(s, self.base_model, snap.id, actor=self.actor, reason=f"batch {self.batch_id} published")
             transition(s, final, EditStatus.CLAIMED, EditStatus.APPLIED, actor=self.actor, batch_id=self.batch_id,
                        snapshot_id=snap.id, values={"claim_token": None, "last_error": None},

@@ -112,6 +112,15 @@ class Materialised:
                     raise AssertionError(f"{name} must be tracked before the first delta is added")
                 self.base_weights[name] = get_module(self.model, name).weight.detach().float().cpu().clone()
 
+    def reset_to_base(self) -> None:
+        """Put the base weights back into every tracked module (exact: they are copies of them)."""
+        from horse.arch import get_module
+
+        with torch.no_grad():
+            for name, weight in self.base_weights.items():
+                module = get_module(self.model, name)
+                module.weight.copy_(weight.to(module.weight.device, module.weight.dtype))
+
     def layer_norms(self) -> dict[str, float]:
         """Per-layer Frobenius norm of the cumulative delta (current weights − base weights), fp32."""
         return layer_norms(self.model, self.base_weights)

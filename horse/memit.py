@@ -40,6 +40,7 @@ Run the tests with `pytest tests/horse/test_memit.py`; the SmolLM2 layer sweep w
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -51,7 +52,7 @@ from torch import nn
 
 from horse.arch import get_module, module_shape_KV, num_layers
 from horse.covariance import layer_second_moments, shrink_KK
-from horse.deltas import Deltas, LayerDelta, apply_deltas
+from horse.deltas import Deltas, LayerDelta, apply_deltas, fingerprint_modules
 from horse.errors import EngineError, NonFiniteDelta
 from horse.hooks import frozen_parameters
 from horse.tokens import encode_pair
@@ -668,3 +669,38 @@ def memit_deltas(model: nn.Module, tok, requests: Sequence[EditRequest], config:
                                                 "z_residual_norm_first": resid_norms[0],
                                                 "z_residual_norm_last": resid_norms[-1]}
     return deltas, info
+
+
+class MemitEditor:
+    """MEMIT behind the editor interface the daemon uses (`module_names`, `fingerprint`, `compute_deltas`).
+
+    Built on the unedited base model: its covariance statistics are keyed by the base's fingerprint, so
+    editing an already edited head reuses them (as MEMIT does).
+    """
+
+    from_base = False
+    kind = "memit"
+
+    def __init__(self, model: nn.Module, *, cache_dir: str | os.PathLike[str], config: MemitConfig | None = None) -> None:
+        from horse.covariance import model_fingerprint
+
+        self.config = config if config is not None else MemitConfig.for_model(model)
+        self.cache_dir = cache_dir
+        self.fingerprint = fingerprint_modules(model, self.module_names)
+        self.base_fingerprint = model_fingerprint(model)
+        self.last_run: dict[str, object] = {}
+
+    @property
+    def module_names(self) -> list[str]:
+        return list(self.config.layers)
+
+    def card(self) -> dict:
+        return {"method": self.kind, **{k: list(v) if isinstance(v, tuple) else v
+                                        for k, v in dataclasses.asdict(self.config).items()}}
+
+    def compute_deltas(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> tuple[Deltas, dict[str, float]]:
+        """MEMIT deltas on `model` as it is now (the head); timings in seconds by stage."""
+        deltas, info = memit_deltas(model, tok, requests, self.config, cache_dir=self.cache_dir,
+                                    fingerprint=self.base_fingerprint)
+        self.last_run = info
+        return deltas, {k: float(info[k]) for k in ("covariance", "z", "keys", "solve", "total")}

@@ -23,6 +23,7 @@ APP_NAME = "horse-ledger"
 ENV_PREFIX = "HORSE_LEDGER_"
 ENV_CONFIG = "HORSE_LEDGER_CONFIG"
 ENV_DB = "HORSE_LEDGER_DB"
+ENGINES = ("hypernet", "finetune", "memit")
 
 
 def _opt(default: Any, unit: str, help: str, env: str | None = None) -> Any:
@@ -46,7 +47,15 @@ class Settings:
     cache_dir: str = _opt("", "path", "downloaded / converted models; default $XDG_CACHE_HOME/horse-ledger")
     # engine
     model: str = _opt("smollm2-135m", "name or dir", "base model to edit (tiny-gpt2, tiny-llama, smollm2-135m, or a dir)")
+    engine: str = _opt("hypernet", "hypernet|finetune|memit",
+                       "how the daemon edits: hypernet = HORSE / MALMEN (the `hypernet` file); finetune = "
+                       "fine-tune-the-ledger, every night from the base on all applied edits (the slow, strong "
+                       "baseline); memit = MEMIT on the head (covariance from local text, cached)")
     hypernet: str = _opt("", "path", "hypernet checkpoint; empty = the one shipped for the model")
+    finetune_epochs: int = _opt(5, "epochs", "engine = finetune: passes over all applied edits per night, at most")
+    finetune_lr: float = _opt(3e-3, "Adam lr", "engine = finetune: learning rate of the target modules")
+    finetune_locality_weight: float = _opt(1.0, "≥ 0", "engine = finetune: weight of the KL to the base model's "
+                                           "next-token distribution on unrelated local prompts")
     device: str = _opt("cpu", "cpu|cuda:N|auto", "where the model runs; auto = cuda:0, or every GPU through "
                        "accelerate's device_map when there are several (models larger than one GPU), else cpu")
     dtype: str = _opt("float32", "float32|bfloat16", "weight dtype of the served model")
@@ -200,7 +209,11 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
         values["snapshot_dir"] = str(data_dir / "snapshots")
     if not values.get("cache_dir"):
         values["cache_dir"] = str(_xdg("XDG_CACHE_HOME", ".cache", env) / APP_NAME)
-    for name in ("preserve_weight", "preserve_exponent"):
+    if values.get("engine", "hypernet") not in ENGINES:
+        raise ConfigError(f"engine = {values['engine']!r} is not known; give one of {', '.join(ENGINES)}")
+    if values.get("finetune_epochs", 1) < 1 or values.get("finetune_lr", 1.0) <= 0:
+        raise ConfigError("finetune_epochs must be ≥ 1 and finetune_lr > 0; fix them in the config")
+    for name in ("preserve_weight", "preserve_exponent", "finetune_locality_weight"):
         if values.get(name, 0.0) < 0:
             raise ConfigError(f"{name} = {values[name]} is negative; give a value ≥ 0")
     return dataclasses.replace(Settings(), **values)

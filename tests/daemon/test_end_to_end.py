@@ -166,3 +166,58 @@ def test_consolidation_folds_the_chain_and_rollback_still_works(db_url, daemon_s
     assert "consolidate_max_chain" in third["consolidation"]["reason"]
     assert store.get_snapshot(store.head("tiny-llama").id).kind == "consolidated"
     store.close()
+
+
+def test_finetune_engine_rederives_every_night_from_the_base(db_url, daemon_settings, cli_runner, tmp_path):
+    """engine = finetune (fine-tune-the-ledger): each night fine-tunes the base on every applied edit plus the
+    night's, and publishes a snapshot of the base (parent none) that lists all of them; the gate still
+    compares it with the head; rollback, superseding and verify keep working."""
+    settings = daemon_settings(db_url, engine="finetune", finetune_epochs=40, finetune_lr=1e-2,
+                               finetune_locality_weight=0.1, gate_min_retention=0.5)
+    cfg = write_config(tmp_path / "config.toml", settings)
+    store = Store(db_url)
+    _add(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
+    first = _apply(cli_runner, cfg)
+    assert first["status"] == "published" and first["applied"] == [1, 2], first
+    s1 = store.get_snapshot(first["snapshot_id"])
+    assert (s1.kind, s1.parent_id, s1.metrics["engine"], s1.metrics["n_carried"]) == ("consolidated", None, "finetune", 2)
+
+    _add(cli_runner, cfg, tmp_path, "night2", [fact(2), fact(0, color=COLORS[5])])  # edit 4 rewrites edit 1
+    second = _apply(cli_runner, cfg)
+    assert second["status"] == "published" and second["applied"] == [3, 4], second
+    s2 = store.get_snapshot(second["snapshot_id"])
+    assert s2.parent_id is None and s2.metrics["chain_length"] == 1
+    with store.session(write=False) as s:
+        from sqlalchemy import select
+
+        from ledger.models import SnapshotEdit
+        listed = sorted(s.execute(select(SnapshotEdit.edit_id).where(SnapshotEdit.snapshot_id == s2.id)).scalars())
+    assert listed == [2, 3, 4]  # edit 1 was rewritten by edit 4: superseded, not carried
+    assert store.get_edits([1])[0].status == "superseded"
+    assert second["metrics"]["gate"]["retention_n"] == 1  # edit 2 measured; edit 1 is replaced, not retained
+    ask = json.loads(cli_runner(cfg, "ask", "The color of Zorblat is", "--json", "--max-new-tokens", "4").stdout)
+    assert ask["snapshot_id"] == s2.id
+    assert second["metrics"]["efficacy"]["4"]["prompt_acc"] >= 0.5  # took, from the base, next to edits 2 and 3
+    assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")  # weights_sha256 = base + the file, exactly
+
+    rb = json.loads(cli_runner(cfg, "rollback", str(s1.id), "--json").stdout)
+    assert rb["rolled_back_edits"] == [3, 4] and rb["restored_edits"] == [1]
+    assert _weights(settings, store, s1.id)  # materialises from its own file
+    store.close()
+
+
+def test_memit_engine_publishes_incremental_snapshots(db_url, daemon_settings, cli_runner, tmp_path):
+    settings = daemon_settings(db_url, engine="memit", gate_min_efficacy=0.0)
+    cfg = write_config(tmp_path / "config.toml", settings)
+    store = Store(db_url)
+    _add(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
+    first = _apply(cli_runner, cfg)
+    assert first["status"] == "published" and first["applied"] == [1, 2], first
+    snap = store.get_snapshot(first["snapshot_id"])
+    assert (snap.kind, snap.parent_id, snap.metrics["engine"]) == ("incremental", None, "memit")
+    assert first["timings_s"]["edit_z"] > 0  # MEMIT's own stages are timed
+    _add(cli_runner, cfg, tmp_path, "night2", [fact(2)])
+    second = _apply(cli_runner, cfg)
+    assert store.get_snapshot(second["snapshot_id"]).parent_id == snap.id
+    assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
+    store.close()

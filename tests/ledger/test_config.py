@@ -48,6 +48,9 @@ def test_precedence_toml_env_flags(tmp_path):
     ("model = ", "cannot be read"),
     ("preserve_weight = -1.0", "preserve_weight = -1.0 is negative"),
     ("preserve_exponent = -2.0", "preserve_exponent = -2.0 is negative"),
+    ("engine = 'rome'", "engine = 'rome' is not known; give one of hypernet, finetune, memit"),
+    ("finetune_epochs = 0", "finetune_epochs must be ≥ 1"),
+    ("finetune_locality_weight = -1.0", "finetune_locality_weight = -1.0 is negative"),
 ])
 def test_bad_config_file(tmp_path, content, message):
     cfg = tmp_path / "c.toml"
