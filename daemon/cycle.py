@@ -122,7 +122,8 @@ def probe_for(settings: Settings, store: Store, retained: Sequence[gate.Fact], *
     return gate.Probe(
         canary_prompts=gate.load_canary(settings.gate_canary_file or None),
         protected=tuple(gate.Fact(key=p.id, prompt=p.rendered_prompt, answer=p.target) for p in store.list_protected()),
-        retained=gate.sample_retained(retained, seed=seed or 0) if sample else tuple(retained))
+        retained=gate.sample_retained(retained, seed=seed or 0) if sample else tuple(retained),
+        generation_sample=settings.gate_generation_sample)
 
 
 def load_editor(settings: Settings, path: Path, model, tokenizer):
@@ -594,6 +595,7 @@ class _Batch:
             "bisect": self.bisect_log,
             "efficacy": {str(k): v for k, v in sorted(self.efficacy.items())},
             "efficacy_mean": (sum(self.efficacy[i]["efficacy"] for i in final) / len(final)) if final else None,
+            "efficacy_generated_mean": (sum(self.efficacy[i]["generated"] for i in final) / len(final)) if final else None,
             "n_claimed": len(self.edits), "n_applied": len(final), "n_failed": len(self.failed),
             "n_rejected": len(self.rejected),
             "hypernet_fingerprint": self.hypernet_fingerprint,
@@ -656,6 +658,7 @@ class _Batch:
             "gate": verdict.metrics if verdict is not None else None,
             "head": result.metrics["head"],
             "efficacy_mean": result.metrics["efficacy_mean"],
+            "efficacy_generated_mean": result.metrics["efficacy_generated_mean"],
             "n_edits": len(final), "bytes_per_edit": file.bytes / len(final),
             "layer_norms": norms, "cumulative_norm_max": max(norms.values()) if norms else 0.0,
             "batch_delta_norms": frobenius_norms(written),

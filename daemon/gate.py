@@ -17,6 +17,11 @@ bisecting) is measured on the same probe and judged against the head:
 - retention: of the edits already applied on the chain that hold on the head (token accuracy ≥
   HOLD_MIN_ACCURACY on their prompt), the share that still hold; at least `gate_min_retention`. The
   absolute share (over all of them) is recorded too, for the consolidation policy.
+- generated retention (what users see): of `gate_generation_sample` retained edits (evenly spaced), those whose
+  greedy decoding from the prompt produces the target on the head (`horse.metrics.generated_matches`:
+  case- and space-normalised, cut at the end of the line), the share the candidate still generates; at least
+  `gate_min_retention_generated` (0 = measured and recorded only). Each new edit's generated efficacy is
+  measured and stored with it, like its token efficacy.
 - delta norm (`gate_max_delta_norm` > 0): largest per-layer Frobenius norm of the cumulative delta.
 - anything non-finite refuses the candidate.
 
@@ -62,6 +67,12 @@ class Probe:
     canary_prompts: tuple[str, ...]
     protected: tuple[Fact, ...] = ()
     retained: tuple[Fact, ...] = ()
+    generation_sample: int = 0  # this many retained facts (evenly spaced, oldest to newest) are also generated
+
+    @property
+    def generated(self) -> tuple[Fact, ...]:
+        n, k = len(self.retained), min(self.generation_sample, len(self.retained))
+        return tuple(self.retained[i * n // k] for i in range(k)) if k else ()
 
 
 @dataclass
@@ -72,6 +83,7 @@ class Measurement:
     protected_acc: torch.Tensor              # [P] answer-token accuracy
     protected_logprob: torch.Tensor          # [P] mean answer log-prob
     retained_acc: torch.Tensor               # [R] answer-token accuracy on the edit's own prompt
+    retained_gen: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))  # [G] generated
 
 
 @dataclass
@@ -135,16 +147,21 @@ def measure(model, tokenizer, probe: Probe, *, batch_size: int = 32) -> Measurem
     protected_lp = (metrics.answer_logprobs(model, tokenizer, [f.prompt for f in probe.protected],
                                             [f.answer for f in probe.protected], batch_size=batch_size).float().cpu()
                     if probe.protected else _empty())
+    gen = probe.generated
+    retained_gen = (metrics.generated_matches(model, tokenizer, [f.prompt for f in gen], [f.answer for f in gen],
+                                              batch_size=batch_size).cpu()
+                    if gen else torch.zeros(0, dtype=torch.bool))
     return Measurement(canary_next_ids=canary, protected_acc=acc(probe.protected),
-                       protected_logprob=protected_lp, retained_acc=acc(probe.retained))
+                       protected_logprob=protected_lp, retained_acc=acc(probe.retained), retained_gen=retained_gen)
 
 
 @torch.no_grad()
 def efficacy(model, tokenizer, facts: Sequence[Fact], *, batch_size: int = 32) -> dict[int, dict[str, float]]:
-    """Per-edit efficacy (step 4): token accuracy on the prompt (= "efficacy") and the mean over paraphrases.
+    """Per-edit efficacy (step 4): token accuracy on the prompt (= "efficacy"), the mean over paraphrases, and
+    whether greedy decoding from the prompt produces the target ("generated", 1.0 or 0.0; recorded, not required).
 
     Returns:
-        {edit id: {"prompt_acc", "paraphrase_acc" (NaN when none), "efficacy"}}.
+        {edit id: {"prompt_acc", "paraphrase_acc" (NaN when none), "efficacy", "generated"}}.
     """
     from horse import metrics
 
@@ -157,14 +174,16 @@ def efficacy(model, tokenizer, facts: Sequence[Fact], *, batch_size: int = 32) -
     if not prompts:
         return {}
     accs = metrics.answer_token_accuracy(model, tokenizer, prompts, answers, batch_size=batch_size).float().tolist()
+    gen = metrics.generated_matches(model, tokenizer, [f.prompt for f in facts], [f.answer for f in facts],
+                                    batch_size=batch_size).float().tolist()
     out: dict[int, dict[str, float]] = {}
     i = 0
-    for fact in facts:
+    for fact, generated in zip(facts, gen):
         n = 1 + len(fact.paraphrases)
         vals = accs[i:i + n]
         i += n
         para = sum(vals[1:]) / (n - 1) if n > 1 else float("nan")
-        out[fact.key] = {"prompt_acc": vals[0], "paraphrase_acc": para, "efficacy": vals[0]}
+        out[fact.key] = {"prompt_acc": vals[0], "paraphrase_acc": para, "efficacy": vals[0], "generated": generated}
     return out
 
 
@@ -219,6 +238,17 @@ def judge(head: Measurement, cand: Measurement, probe: Probe, settings: Settings
         reasons.append(f"retention {retention:.3f} < {settings.gate_min_retention}: "
                        f"{len(lost)} earlier edits no longer hold, ids {lost[:20]}")
 
+    gen_probe = probe.generated
+    gen_head, gen_cand = head.retained_gen.bool(), cand.retained_gen.bool()
+    n_gen_head = int(gen_head.sum())
+    gen_retention = int((gen_head & gen_cand).sum()) / n_gen_head if n_gen_head else 1.0
+    gen_lost = [gen_probe[i].key for i in range(len(gen_probe)) if bool(gen_head[i]) and not bool(gen_cand[i])]
+    m.update(retention_generated=gen_retention, retention_generated_n=len(gen_probe),
+             retention_generated_abs=(float(gen_cand.float().mean()) if len(gen_probe) else None))
+    if gen_retention < settings.gate_min_retention_generated:
+        reasons.append(f"generated retention {gen_retention:.3f} < {settings.gate_min_retention_generated}: "
+                       f"{len(gen_lost)} earlier edits are no longer produced by greedy decoding, ids {gen_lost[:20]}")
+
     if layer_norms:
         biggest = max(layer_norms.values())
         m["delta_norm_max"] = biggest
@@ -237,4 +267,6 @@ def baseline_metrics(head: Measurement, probe: Probe, settings: Settings) -> dic
             "protected_acc_mean": float(head.protected_acc.mean()) if probe.protected else None,
             "retention_n": len(probe.retained),
             "retention_abs": float(held.float().mean()) if probe.retained else None,
-            "retention_acc_mean": float(head.retained_acc.mean()) if probe.retained else None}
+            "retention_acc_mean": float(head.retained_acc.mean()) if probe.retained else None,
+            "retention_generated_n": len(probe.generated),
+            "retention_generated_abs": float(head.retained_gen.float().mean()) if probe.generated else None}

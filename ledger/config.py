@@ -78,6 +78,10 @@ class Settings:
                                             "greedy next tokens on canary prompts that must not change")
     gate_max_protected_drop: float = _opt(0.0, "share 0..1", "share of protected facts allowed to flip")
     gate_min_retention: float = _opt(0.9, "share 0..1", "earlier applied edits that must still hold")
+    gate_generation_sample: int = _opt(200, "edits", "retained edits also checked by greedy generation (what users "
+                                       "see; slower than teacher forcing); 0 = off")
+    gate_min_retention_generated: float = _opt(0.0, "share 0..1", "of the sampled earlier edits the head generates, "
+                                               "the share the candidate must still generate; 0 = record only")
     gate_bisect_depth: int = _opt(4, "halvings", "how often a failing batch is split to find the bad edits")
     gate_canary_file: str = _opt("", "path", "canary prompts (JSONL); empty = the shipped sample")
     gate_max_delta_norm: float = _opt(0.0, "Frobenius norm", "largest allowed delta per layer; 0 = off")

@@ -70,6 +70,8 @@ def test_gate_rejects_only_the_edits_that_rewrite_protected_facts(db_url, daemon
     efficacy = batch.metrics["efficacy"]
     edit = max(store.get_edits(applied), key=lambda e: efficacy[str(e.id)]["prompt_acc"])
     assert efficacy[str(edit.id)]["prompt_acc"] == 1.0
+    assert efficacy[str(edit.id)]["generated"] == 1.0  # greedy decoding produces it, as `ask` shows below
+    assert 0 < batch.metrics["efficacy_generated_mean"] <= 1
     asked = json.loads(cli_runner(cfg, "ask", edit.rendered_prompt, "--json", "--max-new-tokens", "3").stdout)
     assert asked["snapshot_id"] == s1 and asked["continuation"].strip().startswith(edit.target_new), asked
     before = json.loads(cli_runner(cfg, "ask", edit.rendered_prompt, "--snapshot", "base", "--json").stdout)
