@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -36,26 +35,9 @@ DATA = ROOT / "data" / "counterfact" / "counterfact-edit.json"
 CANARY = ROOT / "daemon" / "assets" / "canary.jsonl"
 
 
-def perplexity(model, tok, texts: list[str]) -> float:
-    """exp(mean token NLL) over the texts, one forward each batch of 16."""
-    from horse.arch import model_device
-
-    nll, n = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(texts), 16):
-            b = tok(texts[i:i + 16], return_tensors="pt", padding=True).to(model_device(model))
-            logits = model(**b).logits[:, :-1].float()
-            target = b.input_ids[:, 1:]
-            mask = b.attention_mask[:, 1:].bool()
-            lp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0]
-            nll -= float(lp[mask].sum())
-            n += int(mask.sum())
-    return math.exp(nll / max(n, 1))
-
-
 def measure(settings, store, requests, first, canary, base_next, ppl_texts) -> dict:
     from daemon.materialise import head_id, links, materialise
-    from horse.metrics import next_token_ids, request_scores, summarise_scores
+    from horse.metrics import next_token_ids, perplexity, request_scores, summarise_scores
 
     with store.session(write=False) as s:
         head = head_id(s, settings.model)
@@ -92,7 +74,7 @@ def main() -> None:
 
     from daemon.cycle import run_batch
     from horse.data import load_requests
-    from horse.metrics import next_token_ids
+    from horse.metrics import next_token_ids, perplexity
     from horse.zoo import load_model
     from ledger.config import load_settings
     from ledger.store import Store

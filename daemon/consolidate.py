@@ -125,6 +125,11 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
         # one edit of every carried edit, from the unedited base
         model, tokenizer = load_base(settings)
         editor, engine_fingerprint = load_engine(settings, model, tokenizer)
+        normaliser = None
+        if settings.running_normaliser and hasattr(editor, "normaliser_state"):  # the head's statistics, carried on
+            normaliser = snapshots.read_normaliser(settings.snapshot_dir, chain_links[-1].path)
+            if normaliser is not None:
+                editor.load_normaliser_state(normaliser)
         deltas, _ = editor.compute_deltas(model, tokenizer, [to_request(e) for e in edits])
         try:
             check_finite(deltas)
@@ -156,6 +161,8 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
             parent_snapshot_id=None, batch_id=None, edit_ids=ids, kind="consolidated")
         file = snapshots.write_snapshot(settings.snapshot_dir, base_model, f"c{head:06d}-{uuid.uuid4().hex[:8]}",
                                         deltas, metadata)
+        if normaliser is not None:
+            snapshots.write_normaliser(settings.snapshot_dir, file.rel_path, normaliser)
         timed("write")
         snap_metrics = {
             "gate": verdict.metrics, "n_edits": len(ids), "bytes_per_edit": file.bytes / len(ids),

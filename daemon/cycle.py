@@ -378,6 +378,7 @@ class _Batch:
         self.m: Materialised = materialise(self.settings, self.chain, track=self.editor.module_names,
                                            model_and_tokenizer=(model, tokenizer))
         self.model, self.tokenizer = model, tokenizer
+        self._start_normaliser()
         t = self._timed("materialise", t)
         self._stage("materialised")
 
@@ -450,7 +451,11 @@ class _Batch:
             if self.from_base:
                 deltas, engine_timings = self._compute_from_base([to_request(e) for e in self.carried] + requests)
             else:
+                if self.running_normaliser:  # every candidate starts from the head's statistics
+                    self.editor.load_normaliser_state(self._normaliser_head)
                 deltas, engine_timings = self.editor.compute_deltas(self.model, self.tokenizer, requests)
+                if self.running_normaliser:
+                    self._normaliser_after[key] = self.editor.normaliser_state()
             for k, v in engine_timings.items():
                 if k != "total":
                     self.timings[f"edit_{k}"] = self.timings.get(f"edit_{k}", 0.0) + v
@@ -461,6 +466,20 @@ class _Batch:
                 raise BatchRefused(f"batch {self.batch_id} refused: {exc}") from exc
             self._delta_cache[key] = deltas
         return self._delta_cache[key]
+
+    def _start_normaliser(self) -> None:
+        """`running_normaliser`: continue from the statistics saved beside the head snapshot (or the training
+        ones); each computed candidate's merged statistics are kept, the published one's are saved."""
+        self.running_normaliser = (self.settings.running_normaliser and not self.from_base
+                                   and hasattr(self.editor, "normaliser_state"))
+        if not self.running_normaliser:
+            return
+        state = snapshots.read_normaliser(self.settings.snapshot_dir, self.chain[-1].path) if self.chain else None
+        if state is not None:
+            self.editor.load_normaliser_state(state)
+        self.editor.update_normaliser = True
+        self._normaliser_head = self.editor.normaliser_state()
+        self._normaliser_after: dict[frozenset[int], dict] = {}
 
     def _compute_from_base(self, requests):
         """Run the engine on the base weights (the head's are put back after), keep its base-relative deltas
@@ -651,6 +670,9 @@ class _Batch:
         stem = f"b{self.batch_id:06d}-{self.token[:8]}"
         file = snapshots.write_snapshot(self.settings.snapshot_dir, self.base_model, stem, written, metadata,
                                         on_stage=self._stage)
+        if self.running_normaliser:  # before the commit: a crash leaves an orphan that `_recover` removes
+            snapshots.write_normaliser(self.settings.snapshot_dir, file.rel_path,
+                                       self._normaliser_after[frozenset(final)])
         t = self._timed("write", t)
         self._stage("written")
         result = self._result("published", final, verdict, snapshot_path=file.rel_path, snapshot_bytes=file.bytes)
@@ -667,6 +689,9 @@ class _Batch:
             "base_fingerprint": self.editor.fingerprint, "hypernet_fingerprint": self.hypernet_fingerprint,
             "engine": self.settings.engine, "chain_length": 1 if parent is None else len(self.chain) + 1,
         }
+        if self.running_normaliser:
+            snap_metrics["normaliser_rows"] = {k: float(v) for k, v in self._normaliser_after[frozenset(final)].items()
+                                               if k.endswith(".count")}
         if self.from_base:
             snap_metrics.update(n_carried=len(carried), engine_run=getattr(self.editor, "last_run", None))
         with self.store.session() as s:

@@ -102,6 +102,42 @@ def write_snapshot(snapshot_dir: str | os.PathLike[str], base_model: str, stem: 
                         bytes=final.stat().st_size)
 
 
+NORMALISER_SUFFIX = ".normaliser.safetensors"
+
+
+def normaliser_path(snapshot_dir: str | os.PathLike[str], rel_path: str) -> Path:
+    """The hypernet normaliser statistics saved beside a snapshot file (`running_normaliser`)."""
+    path = resolve(snapshot_dir, rel_path)
+    return path.with_name(path.name.removesuffix(".safetensors") + NORMALISER_SUFFIX)
+
+
+def write_normaliser(snapshot_dir: str | os.PathLike[str], rel_path: str, state: Mapping) -> None:
+    """Save the statistics (name → float64 tensor) beside the snapshot: temp file, fsync, rename."""
+    from safetensors.torch import save_file
+
+    final = normaliser_path(snapshot_dir, rel_path)
+    tmp = final.with_name(f".{final.name}{TMP_SUFFIX}")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def read_normaliser(snapshot_dir: str | os.PathLike[str], rel_path: str) -> dict | None:
+    """The statistics saved beside the snapshot, or None when it has none."""
+    from safetensors.torch import load_file
+
+    path = normaliser_path(snapshot_dir, rel_path)
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - unreadable = corrupt, with what to do
+        raise SnapshotCorrupt(f"normaliser statistics {path} cannot be read ({exc}); delete the file to start "
+                              f"from the hypernet's training statistics") from exc
+
+
 def read_snapshot(snapshot_dir: str | os.PathLike[str], rel_path: str, *, sha256: str | None = None):
     """Load a snapshot file's deltas and metadata, checking its hash first when `sha256` is given.
 
@@ -147,6 +183,7 @@ def remove_orphans(snapshot_dir: str | os.PathLike[str], base_model: str, refere
     if not directory.is_dir():
         return []
     keep = {resolve(snapshot_dir, p).resolve() for p in referenced}
+    keep |= {normaliser_path(snapshot_dir, p).resolve() for p in referenced}
     removed = []
     for path in sorted(directory.iterdir()):
         if not path.is_file() or path.resolve() in keep:

@@ -196,6 +196,24 @@ class Editor:
             out.append(net.lam(layer).detach())
         return out
 
+    def normaliser_state(self) -> dict[str, torch.Tensor]:
+        """The input normalisers' running statistics (count, mean_D, m2_D per net), CPU float64 copies."""
+        return {k: v.detach().cpu().clone() for k, v in self.nets.state_dict().items() if ".normaliser." in k}
+
+    def load_normaliser_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Put statistics from `normaliser_state` back (a later night continues from an earlier one's).
+
+        Raises:
+            EngineError: the state belongs to another hypernet (other nets or widths).
+        """
+        own = {k: v for k, v in self.nets.state_dict().items() if ".normaliser." in k}
+        if set(state) != set(own) or any(tuple(state[k].shape) != tuple(v.shape) for k, v in own.items()):
+            raise EngineError("the saved normaliser statistics do not fit this hypernet (other nets or widths); "
+                              "they were written with another hypernet — remove them or configure that hypernet")
+        with torch.no_grad():
+            for k, v in own.items():
+                v.copy_(state[k].to(v.device, v.dtype))
+
     def set_preservation(self, second_moments_KK: Mapping[str, torch.Tensor] | None, weight: float,
                          exponent: float = 0.0) -> Editor:
         """Serve with the preservation prior μ(N) · C_l on every edited layer (`preserving_solve`).

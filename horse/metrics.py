@@ -372,3 +372,18 @@ def _per_owner(owner: Sequence[int], values: torch.Tensor) -> tuple[torch.Tensor
     sums = torch.zeros(len(keys)).index_add_(0, index, values.float())
     counts = torch.zeros(len(keys)).index_add_(0, index, torch.ones(len(owner)))
     return torch.tensor(keys), sums / counts
+
+
+def perplexity(model: nn.Module, tok: PreTrainedTokenizerBase, texts: Sequence[str], *, batch_size: int = 16) -> float:
+    """exp(mean next-token NLL) over every token of the texts (right-padded batches; padding ignored)."""
+    nll, n = 0.0, 0
+    device = model_device(model)
+    with _inference(model):
+        for chunk in chunked(list(texts), batch_size):
+            b = tok(list(chunk), return_tensors="pt", padding=True).to(device)
+            logits = model(**b).logits[:, :-1].float()
+            mask = b.attention_mask[:, 1:].bool()
+            lp = torch.log_softmax(logits, -1).gather(-1, b.input_ids[:, 1:, None])[..., 0]
+            nll -= float(lp[mask].sum())
+            n += int(mask.sum())
+    return math.exp(nll / max(n, 1))

@@ -64,6 +64,9 @@ class Settings:
                                   "moments of the edited layers' inputs on local text); 0 = off. Keeps small batches "
                                   "(bisection) from moving unrelated prompts; see benchmarks/preserve_weight.py")
     preserve_exponent: float = _opt(2.0, "≥ 0", "how fast the preservation weight falls with the batch size")
+    running_normaliser: bool = _opt(False, "true|false", "hypernet engines: merge each night's inputs into the "
+                                    "hypernet's input normaliser and carry the statistics to the next night (saved "
+                                    "beside each snapshot); false = the frozen training-time statistics")
     # daemon: batches and claims
     batch_max_edits: int = _opt(100, "edits", "most edits the daemon claims into one batch")
     max_attempts: int = _opt(3, "attempts", "a failed edit is retried until it has been tried this often")

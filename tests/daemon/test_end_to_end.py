@@ -221,3 +221,46 @@ def test_memit_engine_publishes_incremental_snapshots(db_url, daemon_settings, c
     assert store.get_snapshot(second["snapshot_id"]).parent_id == snap.id
     assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
     store.close()
+
+
+def test_running_normaliser_statistics_carry_from_night_to_night(db_url, daemon_settings, cli_runner, tmp_path):
+    """running_normaliser = true: each night merges its inputs into the hypernet's normaliser, starting from the
+    statistics saved beside the head snapshot; rollback makes the next night continue from the older ones."""
+    from daemon import snapshots
+    from horse.editor import Editor
+    from horse.zoo import load_model
+
+    settings = daemon_settings(db_url, gate_min_efficacy=0.0, running_normaliser=True)
+    cfg = write_config(tmp_path / "config.toml", settings)
+    store = Store(db_url)
+    model, _ = load_model("tiny-llama", progress=False)
+    trained = Editor.from_checkpoint(settings.hypernet, model).normaliser_state()
+
+    def counts(snapshot_id: int) -> dict[str, float]:
+        state = snapshots.read_normaliser(settings.snapshot_dir, store.get_snapshot(snapshot_id).path)
+        return {k: float(v) for k, v in state.items() if k.endswith(".count")}
+
+    _add(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
+    s1 = _apply(cli_runner, cfg)["snapshot_id"]
+    _add(cli_runner, cfg, tmp_path, "night2", [fact(2)])
+    s2 = _apply(cli_runner, cfg)["snapshot_id"]
+    c0 = {k: float(v) for k, v in trained.items() if k.endswith(".count")}
+    c1, c2 = counts(s1), counts(s2)  # night 2's batch start kept night 1's file (not an orphan)
+    assert all(c0[k] < c1[k] < c2[k] for k in c0), (c0, c1, c2)
+    assert store.get_snapshot(s2).metrics["normaliser_rows"] == c2
+
+    cli_runner(cfg, "rollback", str(s1))
+    _add(cli_runner, cfg, tmp_path, "night3", [fact(3)])
+    s3 = _apply(cli_runner, cfg)["snapshot_id"]
+    assert store.get_snapshot(s3).parent_id == s1
+    c3 = counts(s3)
+    assert all(c3[k] - c1[k] == c2[k] - c1[k] for k in c1)  # night 3 (one fact, like night 2) merged onto night 1's
+    means = [snapshots.read_normaliser(settings.snapshot_dir, store.get_snapshot(i).path) for i in (s2, s3)]
+    assert all(not torch.equal(means[0][k], means[1][k]) for k in means[0] if k.endswith(".mean_D"))
+
+    off = daemon_settings(db_url, gate_min_efficacy=0.0)  # off: frozen statistics, nothing saved
+    cfg_off = write_config(tmp_path / "off.toml", off)
+    _add(cli_runner, cfg_off, tmp_path, "night4", [fact(4)])
+    s4 = _apply(cli_runner, cfg_off)["snapshot_id"]
+    assert snapshots.read_normaliser(settings.snapshot_dir, store.get_snapshot(s4).path) is None
+    store.close()
