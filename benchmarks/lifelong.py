@@ -65,6 +65,8 @@ def main() -> None:
     p.add_argument("--edits-per-night", type=int, default=100)
     p.add_argument("--consolidate-every", type=int, default=0, help="consolidate_every_nights (0: never)")
     p.add_argument("--checkpoint-every", type=int, default=10)
+    p.add_argument("--running-normaliser", action="store_true",
+                   help="carry the hypernet's input statistics from night to night (config running_normaliser)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lifelong")
     args = p.parse_args()
@@ -80,7 +82,8 @@ def main() -> None:
     from ledger.store import Store
     from ledger.validate import EditSpec
 
-    run = f"{args.method}{'-consolidate' + str(args.consolidate_every) if args.consolidate_every else ''}"
+    run = (f"{args.method}{'-consolidate' + str(args.consolidate_every) if args.consolidate_every else ''}"
+           f"{'-running' if args.running_normaliser else ''}")
     out = args.out / run
     out.mkdir(parents=True, exist_ok=True)
     db = f"sqlite:///{out / 'ledger.db'}"  # Store upgrades the schema on open
@@ -91,7 +94,8 @@ def main() -> None:
                              hypernet=str(hypernet) if engine == "hypernet" else "",
                              gate_min_canary_agreement=0.0, gate_min_efficacy=0.0, gate_min_retention=0.0,
                              gate_max_protected_drop=1.0, gate_bisect_depth=0, batch_max_edits=args.edits_per_night,
-                             consolidate_every_nights=args.consolidate_every, log_json="false")
+                             consolidate_every_nights=args.consolidate_every, log_json="false",
+                             running_normaliser=args.running_normaliser)
     store = Store(db)
     records = json.loads(DATA.read_text())
     requests = load_requests(DATA, limit=args.nights * args.edits_per_night)
