@@ -135,7 +135,7 @@ def load_editor(settings: Settings, path: Path, model, tokenizer):
         from horse.covariance import preservation_moments
 
         moments, _ = preservation_moments(model, tokenizer, editor.module_names, cache_dir=settings.cache_dir)
-        editor.set_preservation(moments, settings.preserve_weight, settings.preserve_exponent)
+        editor.set_preservation(moments, settings.preserve_weight, settings.preserve_exponent, settings.preserve_min)
     return editor
 
 

@@ -108,7 +108,7 @@ class Editor:
         self.shapes_KV = [tuple(s) for s in shapes_KV]
         self.update_normaliser = False
         self.preserve_KK: dict[str, torch.Tensor] | None = None
-        self.preserve_weight, self.preserve_exponent = 0.0, 0.0
+        self.preserve_weight, self.preserve_exponent, self.preserve_floor = 0.0, 0.0, 0.0
         self.metadata: dict = dict(metadata or {})
 
     # ------------------------------------------------------------------ construction
@@ -215,10 +215,12 @@ class Editor:
                 v.copy_(state[k].to(v.device, v.dtype))
 
     def set_preservation(self, second_moments_KK: Mapping[str, torch.Tensor] | None, weight: float,
-                         exponent: float = 0.0) -> Editor:
+                         exponent: float = 0.0, floor: float = 0.0) -> Editor:
         """Serve with the preservation prior μ(N) · C_l on every edited layer (`preserving_solve`).
 
-        μ(N) = weight / N^exponent for a batch of N edits. The hypernet was trained on batches of ~100 edits,
+        μ(N) = max(weight / N^exponent, floor) for a batch of N edits. The floor keeps large batches (a
+        consolidation of many nights) from losing the prior: one 1,000-edit batch without it multiplied the
+        perplexity of fixed text by 19, with μ = 1 by 4.4 (benchmarks/preserve_weight.py, part 3). The hypernet was trained on batches of ~100 edits,
         where the edits share the common directions of the keys between them; a small batch (what the
         daemon's bisection edits) puts its whole residual on those directions and moves every prompt, so it
         needs a much stronger prior (benchmarks/preserve_weight.py: exponent 2 keeps both regimes).
@@ -228,27 +230,29 @@ class Editor:
                 `horse.covariance.preservation_moments`; None (or weight 0) restores the plain solve.
             weight: μ(1) ≥ 0.
             exponent: how fast μ falls with the batch size (0: the same μ for every batch).
+            floor: the least μ for any batch size (≥ 0).
 
         Returns:
             self.
         """
-        if weight < 0 or exponent < 0:
-            raise EngineError(f"preservation weight and exponent must be ≥ 0, got {weight} and {exponent}")
+        if weight < 0 or exponent < 0 or floor < 0:
+            raise EngineError(f"preservation weight, exponent and floor must be ≥ 0, got {weight}, {exponent}, {floor}")
         if second_moments_KK is None or weight == 0:
-            self.preserve_KK, self.preserve_weight, self.preserve_exponent = None, 0.0, 0.0
+            self.preserve_KK, self.preserve_weight, self.preserve_exponent, self.preserve_floor = None, 0.0, 0.0, 0.0
             return self
         missing = [n for n in self.module_names if n not in second_moments_KK]
         if missing:
             raise EngineError(f"no second moments for {missing}; estimate them for every edited module")
         self.preserve_KK = {n: second_moments_KK[n].to(self.device, torch.float64) for n in self.module_names}
         self.preserve_weight, self.preserve_exponent = float(weight), float(exponent)
+        self.preserve_floor = min(float(floor), self.preserve_weight)
         return self
 
     def preserve_mu(self, n_edits: int) -> float:
         """μ(N) of the preservation prior for a batch of N edits (0 when the prior is off)."""
         if self.preserve_KK is None:
             return 0.0
-        return self.preserve_weight / max(n_edits, 1) ** self.preserve_exponent
+        return max(self.preserve_weight / max(n_edits, 1) ** self.preserve_exponent, self.preserve_floor)
 
     def predict(self, captured: Captured, *, update_normaliser: bool | None = None,
                 timings_s: dict[str, float] | None = None, n_edits: int = 1) -> Prediction:

@@ -82,7 +82,7 @@ def _resolve_dtype(name: str) -> Any:
 
 def _edit_function(method: str, model_obj: Any, tok: Any, model_name: str, hypernet: Path | None, force: bool,
                    cache_dir: Path | None, preserve_weight: float = 0.0, preserve_exponent: float = 2.0,
-                   running_normaliser: bool = False) -> tuple[Any, dict[str, str]]:
+                   running_normaliser: bool = False, preserve_min: float = 0.0) -> tuple[Any, dict[str, str]]:
     """A function requests → (deltas, timings_s) for the method, and a description for the report."""
     if method in ("horse", "malmen"):
         from horse.editor import Editor
@@ -104,8 +104,9 @@ def _edit_function(method: str, model_obj: Any, tok: Any, model_name: str, hyper
 
             moments, cov = preservation_moments(model_obj, tok, editor.module_names,
                                                 cache_dir=cache_dir or default_cache_dir())
-            editor.set_preservation(moments, preserve_weight, preserve_exponent)
+            editor.set_preservation(moments, preserve_weight, preserve_exponent, preserve_min)
             info.update(preserve_weight=str(preserve_weight), preserve_exponent=str(preserve_exponent),
+                        preserve_min=str(preserve_min),
                         preserve_corpus=f"{cov.corpus}, N = {cov.n_tokens}")
         if variant != method:
             click.echo(f"note: hypernet {path.name} was trained as {variant!r}, evaluated under --method {method}", err=True)
@@ -161,12 +162,15 @@ def _fmt(value: float, pct: bool) -> str:
                    "μ(N) = weight / N^exponent for a batch of N edits (0: off; the daemon's default is 10000).")
 @click.option("--preserve-exponent", type=click.FloatRange(min=0), default=2.0, show_default=True,
               help="horse/malmen: how fast the preservation weight falls with the batch size (0: fixed μ).")
+@click.option("--preserve-min", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="horse/malmen: the least μ for any batch size (the daemon's default is 1).")
 @click.option("--running-normaliser", is_flag=True,
               help="horse/malmen: merge every batch into the hypernet's input normaliser (default: frozen).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def eval_cmd(data_path: Path, method: str, hypernet: Path | None, model_name: str, n_edits: int, limit: int | None,
              device: str, dtype: str, cache_dir: Path | None, batch_size: int, generation: bool, force: bool,
-             preserve_weight: float, preserve_exponent: float, running_normaliser: bool, as_json: bool) -> None:
+             preserve_weight: float, preserve_exponent: float, preserve_min: float, running_normaliser: bool,
+             as_json: bool) -> None:
     """Edit the facts of a benchmark file in batches and print unedited vs edited metrics and edit time."""
     import torch
     from tqdm.auto import tqdm
@@ -194,7 +198,7 @@ def eval_cmd(data_path: Path, method: str, hypernet: Path | None, model_name: st
     edit = None
     if method != "none":
         edit, info = _edit_function(method, model_obj, tok, model_name, hypernet, force, cache_dir,
-                                    preserve_weight, preserve_exponent, running_normaliser)
+                                    preserve_weight, preserve_exponent, running_normaliser, preserve_min)
         report.update(info)
     for batch in tqdm(batches, desc=f"eval {method}", unit="batch", disable=quiet):
         unedited_parts.append(scores(batch))

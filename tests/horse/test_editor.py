@@ -104,3 +104,7 @@ def test_preservation_prior_is_a_serving_option(model_tok) -> None:
         editor.set_preservation({}, 1.0)
     with pytest.raises(EngineError, match="≥ 0"):
         editor.set_preservation(eye, -1.0)
+    editor.set_preservation(eye, 1e4, 2.0, floor=1.0)  # μ(N) = max(1e4 / N², 1)
+    assert [editor.preserve_mu(n) for n in (1, 10, 100, 1000)] == [1e4, 100.0, 1.0, 1.0]
+    editor.set_preservation(eye, 1e4, 2.0)
+    assert editor.preserve_mu(1000) == pytest.approx(0.01)
