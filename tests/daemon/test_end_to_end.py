@@ -37,6 +37,17 @@ def _weights(settings, store: Store, snapshot_id: int | None) -> dict[str, torch
     return {k: v.detach().clone() for k, v in m.model.state_dict().items()}
 
 
+def _first_night(db_url, daemon_settings, cli_runner, tmp_path, **overrides):
+    """Settings with `overrides`, their config file, the store, and a first night of two facts (published)."""
+    settings = daemon_settings(db_url, **overrides)
+    cfg = write_config(tmp_path / "config.toml", settings)
+    store = Store(db_url)
+    _add(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
+    first = _apply(cli_runner, cfg)
+    assert first["status"] == "published" and first["applied"] == [1, 2], first
+    return settings, cfg, store, first
+
+
 def test_apply_ask_rollback_requeue(db_url, daemon_settings, cli_runner, tmp_path):
     settings = daemon_settings(db_url)
     cfg = write_config(tmp_path / "config.toml", settings)
@@ -172,13 +183,9 @@ def test_finetune_engine_rederives_every_night_from_the_base(db_url, daemon_sett
     """engine = finetune (fine-tune-the-ledger): each night fine-tunes the base on every applied edit plus the
     night's, and publishes a snapshot of the base (parent none) that lists all of them; the gate still
     compares it with the head; rollback, superseding and verify keep working."""
-    settings = daemon_settings(db_url, engine="finetune", finetune_epochs=40, finetune_lr=1e-2,
-                               finetune_locality_weight=0.1, gate_min_retention=0.5)
-    cfg = write_config(tmp_path / "config.toml", settings)
-    store = Store(db_url)
-    _add(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
-    first = _apply(cli_runner, cfg)
-    assert first["status"] == "published" and first["applied"] == [1, 2], first
+    settings, cfg, store, first = _first_night(db_url, daemon_settings, cli_runner, tmp_path, engine="finetune",
+                                               finetune_epochs=40, finetune_lr=1e-2, finetune_locality_weight=0.1,
+                                               gate_min_retention=0.5)
     s1 = store.get_snapshot(first["snapshot_id"])
     assert (s1.kind, s1.parent_id, s1.metrics["engine"], s1.metrics["n_carried"]) == ("consolidated", None, "finetune", 2)
 
@@ -207,12 +214,8 @@ def test_finetune_engine_rederives_every_night_from_the_base(db_url, daemon_sett
 
 
 def test_memit_engine_publishes_incremental_snapshots(db_url, daemon_settings, cli_runner, tmp_path):
-    settings = daemon_settings(db_url, engine="memit", gate_min_efficacy=0.0)
-    cfg = write_config(tmp_path / "config.toml", settings)
-    store = Store(db_url)
-    _add(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
-    first = _apply(cli_runner, cfg)
-    assert first["status"] == "published" and first["applied"] == [1, 2], first
+    _, cfg, store, first = _first_night(db_url, daemon_settings, cli_runner, tmp_path, engine="memit",
+                                        gate_min_efficacy=0.0)
     snap = store.get_snapshot(first["snapshot_id"])
     assert (snap.kind, snap.parent_id, snap.metrics["engine"]) == ("incremental", None, "memit")
     assert first["timings_s"]["edit_z"] > 0  # MEMIT's own stages are timed
