@@ -16,8 +16,8 @@ head and measures over ALL accumulated edits: retention teacher-forced (mean ans
 probability (P(new) > P(true)) and generated (greedy decoding produces the target), the same for the first
 night's edits, NS on the locality prompts, canary agreement with the base model (greedy next token, 200
 prompts), perplexity on a fixed text (the canary prompts with their answers), the cumulative delta norm,
-and the night's wall time. Rows go to rows.jsonl as they are measured (a rerun resumes); rows.json and
-lifelong.png are rewritten at the end.
+and the night's wall time. Rows go to rows.jsonl as they are measured (a rerun resumes); rows.json,
+results.md (every run's checkpoints) and lifelong.png are rewritten at the end, or by `--report-only`.
 """
 from __future__ import annotations
 
@@ -69,7 +69,11 @@ def main() -> None:
                    help="carry the hypernet's input statistics from night to night (config running_normaliser)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lifelong")
+    p.add_argument("--report-only", action="store_true", help="only rewrite results.md and lifelong.png")
     args = p.parse_args()
+    if args.report_only:
+        report(args.out)
+        return
     torch.set_num_threads(args.threads)
 
     from tqdm.auto import tqdm
@@ -131,7 +135,38 @@ def main() -> None:
         with rows_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
     (out / "rows.json").write_text(json.dumps({"run": run, "base": base_row, "rows": rows}, indent=2))
-    plot(args.out)
+    report(args.out)
+
+
+def load_runs(root: Path) -> list[tuple[str, list[dict]]]:
+    """(run name, rows) for every run directory under `root`, from rows.jsonl (complete or interrupted)."""
+    runs = []
+    for path in sorted(root.glob("*/rows.jsonl")):
+        runs.append((path.parent.name, [json.loads(line) for line in path.read_text().splitlines() if line.strip()]))
+    return runs
+
+
+def table(root: Path) -> str:
+    """The checkpoints of every run as one markdown table (written to results.md)."""
+    head = ("| run | edits | retention t.-f. / prob. / generated | first night t.-f. / gen. | NS | canary = base "
+            "| perplexity × | norm max | night s: first → this |\n|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for name, rows in load_runs(root):
+        first_s = rows[0]["night_s"] if rows else float("nan")
+        for r in rows:
+            if "retention_token" not in r:
+                continue
+            pct = lambda k: f"{100 * r[k]:.1f}"  # noqa: E731
+            lines.append(f"| {name} | {r['edits']:,} | {pct('retention_token')} / {pct('retention_prob')} / "
+                         f"{pct('retention_gen')} | {pct('first_token')} / {pct('first_gen')} | {pct('ns')} | "
+                         f"{r['canary_agreement_with_base']:.2f} | {r['perplexity_ratio']:.2f} | "
+                         f"{r['cumulative_norm_max']:.1f} | {first_s:.0f} → {r['night_s']:.0f} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def report(root: Path) -> None:
+    (root / "results.md").write_text(table(root))
+    plot(root)
 
 
 def plot(root: Path) -> None:
@@ -141,18 +176,17 @@ def plot(root: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for path in sorted(root.glob("*/rows.json")):
-        data = json.loads(path.read_text())
-        pts = [r for r in data["rows"] if "retention_token" in r]
+    for name, rows in load_runs(root):
+        pts = [r for r in rows if "retention_token" in r]
         xs = [r["edits"] for r in pts]
-        a.plot(xs, [100 * r["retention_token"] for r in pts], marker="o", label=f"{data['run']} teacher-forced")
-        a.plot(xs, [100 * r["retention_gen"] for r in pts], linestyle="--", label=f"{data['run']} generated")
-        b.plot(xs, [100 * r["ns"] for r in pts], marker="o", label=f"{data['run']} NS")
-        b.plot(xs, [100 * r["canary_agreement_with_base"] for r in pts], linestyle=":", label=f"{data['run']} canary")
+        a.plot(xs, [100 * r["retention_token"] for r in pts], marker="o", label=f"{name} teacher-forced")
+        a.plot(xs, [100 * r["retention_gen"] for r in pts], linestyle="--", label=f"{name} generated")
+        b.plot(xs, [100 * r["ns"] for r in pts], marker="o", label=f"{name} NS")
+        b.plot(xs, [100 * r["canary_agreement_with_base"] for r in pts], linestyle=":", label=f"{name} canary")
     a.set(xlabel="accumulated edits", ylabel="retention (%)", title="retention of all accumulated edits")
     b.set(xlabel="accumulated edits", ylabel="%", title="neighbourhood and canary")
-    a.legend(fontsize=7)
-    b.legend(fontsize=7)
+    a.legend(fontsize=6)
+    b.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(root / "lifelong.png", dpi=110)
 
