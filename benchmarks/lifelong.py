@@ -70,6 +70,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lifelong")
     p.add_argument("--report-only", action="store_true", help="only rewrite results.md and lifelong.png")
+    p.add_argument("--measure-now", action="store_true",
+                   help="measure the head after the last finished night (an interrupted run) and store it on that row")
     args = p.parse_args()
     if args.report_only:
         report(args.out)
@@ -114,6 +116,15 @@ def main() -> None:
     rows_path = out / "rows.jsonl"
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
     done_nights = max((r["night"] for r in rows), default=0)  # a night is done once its row is written
+    if args.measure_now and rows and "retention_token" not in rows[-1]:
+        night = rows[-1]["night"]
+        rows[-1].update(measure(settings, store, requests[:night * args.edits_per_night], args.edits_per_night,
+                                canary, base_next, ppl_texts))
+        rows[-1]["perplexity_ratio"] = rows[-1]["perplexity"] / base_row["perplexity"]
+        rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        print(json.dumps(rows[-1]))
+        report(args.out)
+        return
     bar = tqdm(range(done_nights, args.nights), desc=run, unit="night", initial=done_nights, total=args.nights)
     for night in bar:
         chunk = records[night * args.edits_per_night:(night + 1) * args.edits_per_night]
