@@ -489,20 +489,25 @@ class _Batch:
         from horse.arch import get_module, module_weight_KV
         from horse.deltas import LayerDelta
 
-        modules = {n: get_module(self.model, n) for n in self.editor.module_names}
+        # every module the head's chain touched goes back to the base, not only the engine's (a ledger may have
+        # switched engines): the engine sees the base model, and the candidate is exactly base + Δ
+        modules = {n: get_module(self.model, n) for n in sorted(set(self.m.base_weights) | set(self.editor.module_names))}
         with torch.no_grad():
             heads = {n: m.weight.detach().clone() for n, m in modules.items()}
             try:
-                for n, m in modules.items():
-                    m.weight.copy_(self.m.base_weights[n].to(m.weight.device, m.weight.dtype))
+                self.m.reset_to_base()
                 base_deltas, timings = self.editor.compute_deltas(self.model, self.tokenizer, requests)
                 base_KV = {n: module_weight_KV(m).detach().float().cpu().clone() for n, m in modules.items()}
             finally:
                 for n, m in modules.items():
                     m.weight.copy_(heads[n])
-            relative = {n: LayerDelta(dense_KV=base_KV[n] + d.to_dense().cpu()
-                                      - module_weight_KV(modules[n]).detach().float().cpu())
-                        for n, d in base_deltas.items()}
+            relative = {}
+            for n, m in modules.items():
+                change_KV = base_KV[n] - module_weight_KV(m).detach().float().cpu()
+                if n in base_deltas:
+                    change_KV = change_KV + base_deltas[n].to_dense().cpu()
+                if n in base_deltas or bool(change_KV.any()):
+                    relative[n] = LayerDelta(dense_KV=change_KV)
         self._base_deltas[id(relative)] = base_deltas
         return relative, timings
 

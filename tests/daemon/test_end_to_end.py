@@ -267,3 +267,22 @@ def test_running_normaliser_statistics_carry_from_night_to_night(db_url, daemon_
     s4 = _apply(cli_runner, cfg_off)["snapshot_id"]
     assert snapshots.read_normaliser(settings.snapshot_dir, store.get_snapshot(s4).path) is None
     store.close()
+
+
+def test_switching_to_finetune_rederives_the_hypernet_nights_from_the_base(db_url, daemon_settings, cli_runner,
+                                                                          tmp_path):
+    settings, cfg, store, first = _first_night(db_url, daemon_settings, cli_runner, tmp_path, gate_min_efficacy=0.0)
+    ft = daemon_settings(db_url, engine="finetune", finetune_epochs=40, finetune_lr=1e-2,
+                         finetune_locality_weight=0.1, gate_min_efficacy=0.0)
+    cfg_ft = write_config(tmp_path / "ft.toml", ft)
+    _add(cli_runner, cfg_ft, tmp_path, "night2", [fact(2)])
+    second = _apply(cli_runner, cfg_ft)
+    assert second["status"] == "published", second
+    snap = store.get_snapshot(second["snapshot_id"])
+    assert snap.parent_id is None and snap.metrics["n_carried"] == 3  # the hypernet's two edits, fine-tuned in
+    # what the gate measured is what was published: the candidate's norms are the snapshot's, from the base
+    measured, published = second["metrics"]["gate"]["layer_norms"], snap.metrics["layer_norms"]
+    assert set(measured) == set(published)  # up to fp32 rounding of head + (base + Δ − head)
+    assert all(abs(measured[k] - published[k]) <= 1e-5 * published[k] for k in published)
+    assert cli_runner(cfg_ft, "verify").stdout.strip().endswith("OK")
+    store.close()
