@@ -116,11 +116,14 @@ def main() -> None:
     rows_path = out / "rows.jsonl"
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
     done_nights = max((r["night"] for r in rows), default=0)  # a night is done once its row is written
+    def checkpoint(row: dict) -> None:
+        """Measure the head over every edit up to `row`'s night and store the numbers on the row."""
+        row.update(measure(settings, store, requests[:row["night"] * args.edits_per_night], args.edits_per_night,
+                           canary, base_next, ppl_texts))
+        row["perplexity_ratio"] = row["perplexity"] / base_row["perplexity"]
+
     if args.measure_now and rows and "retention_token" not in rows[-1]:
-        night = rows[-1]["night"]
-        rows[-1].update(measure(settings, store, requests[:night * args.edits_per_night], args.edits_per_night,
-                                canary, base_next, ppl_texts))
-        rows[-1]["perplexity_ratio"] = rows[-1]["perplexity"] / base_row["perplexity"]
+        checkpoint(rows[-1])
         rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(json.dumps(rows[-1]))
         report(args.out)
@@ -138,9 +141,7 @@ def main() -> None:
         row = {"night": night + 1, "status": result.status, "applied": len(result.applied), "night_s": wall,
                "consolidation_s": (result.consolidation or {}).get("timings_s", {}).get("total")}
         if (night + 1) % args.checkpoint_every == 0 or night + 1 == args.nights:
-            row.update(measure(settings, store, requests[:(night + 1) * args.edits_per_night], args.edits_per_night,
-                               canary, base_next, ppl_texts))
-            row["perplexity_ratio"] = row["perplexity"] / base_row["perplexity"]
+            checkpoint(row)
             bar.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
         rows.append(row)
         with rows_path.open("a") as f:
