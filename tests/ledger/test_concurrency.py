@@ -21,7 +21,10 @@ def test_four_processes_claim_each_edit_exactly_once(store, db_url, edit_factory
     go = tmp_path / "go"
     procs = [subprocess.Popen([sys.executable, str(WORKER), db_url, str(BATCH_SIZE), str(go)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(N_WORKERS)]
-    time.sleep(0.5)
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("go.ready.*"))) < N_WORKERS:  # every worker has imported and connected
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a worker never got ready"
+        time.sleep(0.05)
     go.touch()
     outputs = []
     for p in procs:
