@@ -138,7 +138,12 @@ def normalise(x_ND: torch.Tensor, mean_D: torch.Tensor, std_D: torch.Tensor) -> 
 
 
 class HyperBlock(nn.Module):
-    """h = relu(y A B + b); h = scale[l] ⊙ h + shift[l]; return y + h (B = 0: identity at init)."""
+    """h = relu(y A B + b); h = scale[l] ⊙ h + shift[l]; return y + h (B = 0: identity at init).
+
+    The rectifier must pass the gradient at exactly 0 (`clamp(min=0)`, as the reference block does), not
+    block it (`torch.relu`): at init B = 0 and b = 0 put every pre-activation at 0, so with relu's zero
+    subgradient B, b and scale would never receive a gradient and the blocks would stay the identity forever.
+    """
 
     def __init__(self, size_D: int, rank_R: int, n_layers: int, generator: torch.Generator) -> None:
         super().__init__()
@@ -150,7 +155,7 @@ class HyperBlock(nn.Module):
         self.shift_LD = nn.Parameter(torch.zeros(n_layers, size_D))
 
     def forward(self, y_ND: torch.Tensor, layer: int) -> torch.Tensor:
-        h_ND = torch.relu(y_ND @ self.A_DR @ self.B_RD + self.bias_D)
+        h_ND = (y_ND @ self.A_DR @ self.B_RD + self.bias_D).clamp(min=0)  # gradient 1 at 0: see the docstring
         h_ND = self.scale_LD[layer] * h_ND + self.shift_LD[layer]
         return y_ND + h_ND
 

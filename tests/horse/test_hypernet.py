@@ -44,6 +44,23 @@ def test_identity_at_init_and_residual_formula() -> None:
     assert float(net.lam(0).detach()) == pytest.approx(1.0)
 
 
+def test_every_block_parameter_learns_from_the_identity_init() -> None:
+    """At init B = 0 and b = 0 put each pre-activation at exactly 0; the rectifier must still pass the
+    gradient there (reference: clamp(0)), or B, b and scale stay frozen and only η, λ and shift train."""
+    net = HyperNet(6, 4, rank=3, n_blocks=2, n_layers=2, eta_init=1e-5)
+    keys, grads = torch.randn(9, 6), torch.randn(9, 4)
+    stats = (torch.zeros(10, dtype=torch.float64), torch.ones(10, dtype=torch.float64))
+    net.residuals(keys, grads, 0, stats).square().sum().backward()
+    last = net.blocks[-1]
+    assert last.B_RD.grad.abs().sum() > 0 and last.bias_D.grad.abs().sum() > 0
+    assert net.blocks[0].B_RD.grad.abs().sum() > 0
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    opt.step()
+    opt.zero_grad()
+    net.residuals(keys, grads, 0, stats).square().sum().backward()
+    assert all(b.scale_LD.grad[0].abs().sum() > 0 and b.A_DR.grad.abs().sum() > 0 for b in net.blocks)
+
+
 def test_chunking_does_not_change_residuals() -> None:
     net = HyperNet(6, 4, rank=3, n_blocks=2, n_layers=1, eta_init=0.1)
     with torch.no_grad():
