@@ -14,8 +14,8 @@ and writes <out>/<variant>-s<seed>.json. A meta-step takes about 11 s on 2 CPU t
 thread with two trainings side by side), so one training is about 20 min on an idle CPU.
 
 results.md has every seed, the mean and sample standard deviation over seeds, the reference's single run,
-and for each metric whether the reference lies within mean +- 2 sd of our seeds: the reference is one
-unseeded run, so the spread of our seeds is the noise it is judged against.
+and for each metric whether the reference is within noise of our seeds: the reference is one unseeded run,
+so it agrees when |ref - mean| <= 2 sd sqrt(1 + 1/n) for n seeds with sample sd `sd` (at least two seeds).
 """
 from __future__ import annotations
 
@@ -49,10 +49,13 @@ def seed_stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def within_noise(reference: float, values: list[float]) -> bool:
-    """Whether `reference` lies within mean +- 2 sd of `values` (needs at least two values)."""
+def within_noise(reference: float, values: list[float]) -> bool | None:
+    """Whether one independent run `reference` agrees with our seeds `values`: |ref − mean| ≤ 2 sd·√(1 + 1/n)
+    (the sd of a single run's difference from an n-seed mean). None with fewer than two seeds."""
+    if len(values) < 2:
+        return None
     mean, sd = seed_stats(values)
-    return len(values) > 1 and abs(reference - mean) <= 2 * sd
+    return abs(reference - mean) <= 2 * sd * (1 + 1 / len(values)) ** 0.5
 
 
 def table(runs: dict[str, dict[int, dict]]) -> str:
@@ -66,12 +69,13 @@ def table(runs: dict[str, dict[int, dict]]) -> str:
         if not pct:
             continue
         stats = {m: seed_stats([row[m] for row in pct.values()]) for m in METRICS}
-        lines.append(f"| **{variant} mean ± sd ({len(pct)} seeds)** | "
+        lines.append(f"| **{variant} mean ± sd ({len(pct)} seed{'s' if len(pct) > 1 else ''})** | "
                      + " | ".join(f"{mu:.1f} ± {sd:.1f}" for mu, sd in stats.values()) + " |")
         ref = REFERENCE[variant]
         lines.append(f"| {variant}, public code (1 run) | " + " | ".join(f"{ref[m]:.1f}" for m in METRICS) + " |")
-        lines.append(f"| reference within mean ± 2 sd? | " + " | ".join(
-            ("yes" if within_noise(ref[m], [row[m] for row in pct.values()]) else "**no**") for m in METRICS) + " |")
+        verdicts = [within_noise(ref[m], [row[m] for row in pct.values()]) for m in METRICS]
+        lines.append("| public code within noise? | " + " | ".join(
+            "n/a (1 seed)" if v is None else ("yes" if v else "**no**") for v in verdicts) + " |")
     return "\n".join(lines) + "\n"
 
 
