@@ -37,6 +37,8 @@ def hypernet_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Small ridge weight (λ = e⁻⁸) and η = 1 so that edits take on the tiny model: after training, a batch of 4
     training facts reaches token accuracy ≈ 1.0 on its prompts (it would be ≈ 0.3 with the defaults).
+    The locality loss is MALMEN's KL: with HORSE's CE towards the locality answer ("far", on prompts shaped
+    like the edit prompts) the residual blocks, which learn, make every edit of this synthetic data say "far".
     """
     import torch
 
@@ -55,7 +57,7 @@ def hypernet_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                         locality_prompt=f"The home of {SUBJECTS[(i + 5) % len(SUBJECTS)]}x is",
                                         locality_answer="far"))
     path = tmp_path_factory.mktemp("hypernet") / "tiny-llama-hypernet.safetensors"
-    train_hypernet(model, tok, requests, hyper=HyperConfig(rank=32, eta_init=1.0, lamda_init=-8.0),
+    train_hypernet(model, tok, requests, hyper=HyperConfig(rank=32, eta_init=1.0, lamda_init=-8.0, variant="malmen"),
                    train=TrainConfig(steps=80, n_edits=4, lr=1e-2, lm_batch_size=4, checkpoint_every=0, seed=0),
                    out_path=path, progress=False)
     return path
