@@ -96,15 +96,12 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
     stamp = {"machine": machine(args.device), "date": str(date.today()), "jobs": args.jobs}
 
-    def hypernet(variant: str, seed: int) -> Path:
-        return hn_dir / f"{variant}-s{seed}.safetensors"
-
     def one(job: tuple[str, int]) -> tuple[str, int, dict | None]:
         variant, seed = job
         result = args.out / f"{variant}-s{seed}.json"
         if args.report_only:
             return variant, seed, json.loads(result.read_text()) if result.exists() else None
-        hn = hypernet(variant, seed)
+        hn = hn_dir / f"{variant}-s{seed}.safetensors"
         if not hn.is_file():
             cmd = [sys.executable, "-m", "horse.cli", "train", "--model", "smollm2-135m", "--data", str(TRAIN),
                    "--variant", variant, *REFERENCE_SETTINGS, "--seed", str(seed), "--device", args.device,
