@@ -8,8 +8,8 @@ export HORSE_LEDGER_DB="sqlite:///$work/ledger.db"
 export HORSE_LEDGER_DATA_DIR="$work"
 export HORSE_LEDGER_SNAPSHOT_DIR="$work/snapshots"
 # Demo settings, not the production defaults (`horse-ledger init` writes those, commented): a small night
-# (20 edits) and a relaxed canary bar. HORSE with the shipped SmolLM2 hypernet moves the greedy next token of
-# roughly a quarter to a third of unrelated prompts in a batch of this size (README, "Measured"); the
+# (20 edits) and a relaxed canary bar. HORSE with the shipped SmolLM2 hypernet moved the greedy next token of
+# 40 % of unrelated prompts in a batch of this size (README, "What the quickstart shows"); the
 # production bar (0.95) rejects such batches. Protected facts are checked at the production setting.
 export HORSE_LEDGER_BATCH_MAX_EDITS=20 HORSE_LEDGER_GATE_MIN_CANARY_AGREEMENT=0.75 HORSE_LEDGER_GATE_BISECT_DEPTH=3
 hl() { echo "\$ horse-ledger $*"; horse-ledger "$@"; }
