@@ -10,7 +10,7 @@ to <out>/<run>.json as soon as it finishes (a rerun skips finished runs):
 - one-shot batches: the CounterFact edit-1k records (a subset of the edit split, never used for training or
   tuning; the set ../REFERENCE_RESULTS.md was measured on) in batches of 100 and of 1,000 edits, and zsRE
   eval in batches of 100, for unedited, MEMIT, MALMEN and HORSE (default spread); HORSE with the other
-  spreads on the batches of 100 where a hypernet trained with that spread exists
+  spreads on the same CounterFact batches where a hypernet trained with that spread exists
   (<hypernet-dir>/<model>-horse-<spread>.safetensors);
 - sequential: 10 batches of 100 CounterFact edits applied one after another on the same model; after each,
   the retention of every earlier edit (CounterFact ES on its prompt), of the first batch, PS and NS.
@@ -202,6 +202,12 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     skip_memit = {int(s) for s in args.skip_memit.split(",") if s}
     for m in [m for m in args.methods.split(",") if m]:
+        if m == "horse":  # the other spreads, each with its own hypernet, with or without the default one
+            for spread in [s for s in args.spreads.split(",") if s]:
+                for n in sizes if hypernet("horse", spread).is_file() else []:
+                    jobs[f"cf-{n}-horse-{spread}"] = [
+                        *evalcmd, "--data", str(CF), "--limit", str(args.limit), "--n-edits", str(n),
+                        "--method", "horse", "--hypernet", str(hypernet("horse", spread))]
         hn = ["--hypernet", str(hypernet(m))] if m in ("horse", "malmen") else []
         if hn and not hypernet(m).is_file():
             print(f"skipping {m}: no hypernet at {hypernet(m)}", file=sys.stderr)
@@ -211,12 +217,6 @@ def main() -> None:
                 jobs[f"cf-{n}-{m}"] = [*evalcmd, "--data", str(CF), "--limit", str(args.limit), "--n-edits", str(n), "--method", m, *hn]
         jobs[f"zsre-{sizes[0]}-{m}"] = [*evalcmd, "--data", str(ZSRE), "--limit", str(args.zsre_limit),
                                         "--n-edits", str(sizes[0]), "--method", m, *hn]
-        if m == "horse":
-            for spread in [s for s in args.spreads.split(",") if s]:
-                if hypernet("horse", spread).is_file():
-                    jobs[f"cf-{sizes[0]}-horse-{spread}"] = [
-                        *evalcmd, "--data", str(CF), "--limit", str(args.limit), "--n-edits", str(sizes[0]),
-                        "--method", "horse", "--hypernet", str(hypernet("horse", spread))]
     seq_methods = [m for m in args.sequential.split(",") if m and (m == "memit" or hypernet(m).is_file())]
     for m in seq_methods:
         jobs[f"sequential-{m}"] = [sys.executable, str(Path(__file__).resolve()), "--sequential-child", m, *common,

@@ -76,6 +76,10 @@ def hypernet() -> None:
               help="Stop after N evaluations without a better validation loss (0: never).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=50, show_default=True,
               help="Save the hypernet and optimizer every N steps.")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop cleanly after the step that passes this many minutes (the best validation state is kept).")
+@click.option("--loc-coef", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Weight of the locality loss against the generalisation loss.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N.")
 @click.option("--dtype", type=click.Choice(("float32", "bfloat16")), default="float32", show_default=True,
               help="Model weights dtype (the editor math is fp32).")
@@ -87,7 +91,7 @@ def hypernet() -> None:
 def train_cmd(model_name: str, data_path: Path, out_path: Path, variant: str, spread: str | None, n_edits: int,
               steps: int, rank: int, blocks: int, lr: float, eta_init: float, lm_batch_size: int, limit: int | None,
               val_data: Path | None, val_every: int, val_edits: int, patience: int, checkpoint_every: int,
-              device: str, dtype: str, cache_dir: Path | None, resume: bool, seed: int, quiet: bool) -> None:
+              time_limit: float | None, loc_coef: float, device: str, dtype: str, cache_dir: Path | None, resume: bool, seed: int, quiet: bool) -> None:
     """Meta-train a hypernet on a training split and write it to --out."""
     import torch
 
@@ -101,10 +105,12 @@ def train_cmd(model_name: str, data_path: Path, out_path: Path, variant: str, sp
     train_requests = load_requests(data_path, limit=limit)
     val_requests = load_requests(val_data) if val_data else None
     hyper = HyperConfig(rank=rank, n_blocks=blocks, eta_init=eta_init, variant=variant,  # type: ignore[arg-type]
-                        spread=spread or ("none" if variant == "malmen" else "reference"), seed=seed)  # type: ignore[arg-type]
+                        spread=spread or ("none" if variant == "malmen" else "reference"),  # type: ignore[arg-type]
+                        loc_coef=loc_coef, seed=seed)
     train = TrainConfig(steps=steps, n_edits=n_edits, lr=lr, lm_batch_size=lm_batch_size,
                         checkpoint_every=checkpoint_every, val_every=val_every if val_requests else 0,
-                        val_edits=val_edits, patience=patience, seed=seed)
+                        val_edits=val_edits, patience=patience, seed=seed,
+                        time_limit_s=time_limit * 60 if time_limit else None)
     train_hypernet(model, tok, train_requests, hyper=hyper, train=train, out_path=out_path,
                    val_requests=val_requests, resume=resume, data_sha256=file_sha256(data_path),
                    progress=not quiet)

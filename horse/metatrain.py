@@ -73,6 +73,8 @@ class TrainConfig:
         patience: stop after this many evaluations without a better validation loss (0: never stop).
         update_normaliser: merge every batch into the running normaliser (the reference does).
         seed: data order and hypernet initialisation.
+        time_limit_s: stop cleanly after the step that ends past this many seconds of this run (None: no
+            limit); the best validation state is kept as at any other stop, and the card says "time-limit".
     """
 
     steps: int = 100
@@ -86,6 +88,7 @@ class TrainConfig:
     patience: int = 0
     update_normaliser: bool = True
     seed: int = 0
+    time_limit_s: float | None = None
 
 
 # --------------------------------------------------------------------------- the losses
@@ -399,7 +402,8 @@ def train_hypernet(
     bar = tqdm(range(start_step, train.steps), desc="meta-train", disable=not progress, initial=start_step,
                total=train.steps)
     step = start_step
-    stopped_early = False
+    stop_reason = "final"
+    started = time.perf_counter()
     for step in bar:
         batch = [train_requests[i] for i in _schedule(len(train_requests), n_edits, train.seed, step)]
         result = meta_step(editor, model, tok, batch, lm_batch_size=train.lm_batch_size,
@@ -430,12 +434,17 @@ def train_hypernet(
             save(step + 1, "periodic")
         if train.patience and evals_without_gain >= train.patience:
             log.info("early stop at step %d: no validation gain in %d evaluations", step + 1, train.patience)
-            stopped_early = True
+            stop_reason = "early-stop"
+            break
+        if train.time_limit_s is not None and time.perf_counter() - started >= train.time_limit_s \
+                and step + 1 < train.steps:
+            log.info("time limit of %.0f s reached at step %d", train.time_limit_s, step + 1)
+            stop_reason = "time-limit"
             break
     bar.close()
     final_step = step + 1 if train.steps > start_step else start_step
     if best is not None:
         editor.nets.load_state_dict(best[1])
-    save(final_step, "early-stop" if stopped_early else "final")
+    save(final_step, stop_reason)
     editor.update_normaliser = False
     return editor

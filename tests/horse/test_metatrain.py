@@ -96,6 +96,21 @@ def test_early_stopping_on_validation(llama, tmp_path) -> None:
     assert json.loads((tmp_path / "h.safetensors.json").read_text())["training"]["reason"] == "early-stop"
 
 
+def test_time_limit_stops_cleanly_with_the_best_state(llama, tmp_path) -> None:
+    model, tok = llama
+    facts = synthetic_facts(12, seed=2)
+    cfg = TrainConfig(steps=50, n_edits=4, lr=1e-3, lm_batch_size=4, val_every=1, val_edits=4,
+                      checkpoint_every=0, time_limit_s=1e-9)
+    out = tmp_path / "t.safetensors"
+    train_hypernet(model, tok, facts[:8], hyper=HyperConfig(rank=4), train=cfg, val_requests=facts[8:],
+                   out_path=out, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "t.safetensors.log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1]  # the step that passed the limit is finished, then it stops
+    card = json.loads((tmp_path / "t.safetensors.json").read_text())
+    assert card["training"]["reason"] == "time-limit" and card["training"]["step"] == 1
+    assert card["training"]["train"]["time_limit_s"] == 1e-9
+
+
 @pytest.mark.slow
 def test_meta_training_learns_to_edit_held_out_facts(llama) -> None:
     """tiny-llama (random weights, width 64), 300 training facts, 200 meta-steps × 10 edits, 1 thread:
@@ -136,11 +151,14 @@ def test_cli_train_resume_and_info(tmp_path) -> None:
     out = tmp_path / "h.safetensors"
     args = ["train", "--model", "tiny-llama", "--data", str(data), "--out", str(out), "--n-edits", "4",
             "--rank", "8", "--lr", "1e-3", "--lm-batch-size", "4", "--quiet", "--variant", "malmen"]
-    result = CliRunner().invoke(hypernet, [*args, "--steps", "1"], catch_exceptions=False)
+    result = CliRunner().invoke(hypernet, [*args, "--steps", "1", "--loc-coef", "2.5"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "h.safetensors.json").read_text())["config"]["loc_coef"] == 2.5
     result = CliRunner().invoke(hypernet, [*args, "--steps", "2", "--resume"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(hypernet, ["info", str(out)], catch_exceptions=False)
     assert result.exit_code == 0 and "malmen / none" in result.output and "trained steps" in result.output
     card = json.loads(CliRunner().invoke(hypernet, ["info", "--json", str(out)]).output)
-    assert card["training"]["step"] == 2
+    assert card["training"]["step"] == 2 and card["config"]["loc_coef"] == 2.5
+    result = CliRunner().invoke(hypernet, [*args, "--steps", "1", "--time-limit", "0"])
+    assert result.exit_code == 2 and "--time-limit" in result.output
