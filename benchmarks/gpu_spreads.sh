@@ -28,7 +28,7 @@ left() { local d=$(( $1 - $(el) )); [ $d -gt 5 ] && echo $d || echo 5; }
 W=${W:-/tmp/w}
 # knobs for a local dry run (defaults: the real run)
 MODEL=${MODEL:-smollm2-135m}; DEVICE=${DEVICE:-cuda}; STEPS=${STEPS:-200}; RANK=${RANK:-1440}
-NEDITS=${NEDITS:-100}; VAL_EDITS=${VAL_EDITS:-200}; VAL_EVERY=${VAL_EVERY:-20}; TRAIN_MIN=${TRAIN_MIN:-6}
+NEDITS=${NEDITS:-100}; VAL_EDITS=${VAL_EDITS:-200}; VAL_EVERY=${VAL_EVERY:-20}; TRAIN_MIN=${TRAIN_MIN:-6.5}
 EQ_EXTRA=${EQ_EXTRA:-}; VAL_LIMIT=${VAL_LIMIT:-1000}; END=${END:-550}
 mkdir -p $W/spread $W/loc2 $W/eq $W/eq-loc2 $W/val $W/logs
 
