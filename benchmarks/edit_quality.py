@@ -141,11 +141,17 @@ def plot(runs: dict[str, dict], seqs: list[dict], path: Path) -> None:
                      if n.startswith("cf-") and n.endswith(f"-{method}"))
         if pts:
             a.plot(*zip(*pts), marker="o", label=method)
+    spreads = sorted({r["spread"] for n, r in runs.items() if n.startswith("cf-") and n.count("-") > 2
+                      and r["method"] == "horse"})
+    for spread in spreads:  # HORSE with another spread: thin lines under the default's
+        pts = sorted((r["n_edits"], 100 * r["edited"]["cf_score"]) for n, r in runs.items()
+                     if n.startswith("cf-") and r["method"] == "horse" and r.get("spread") == spread)
+        a.plot(*zip(*pts), marker=".", linewidth=0.8, linestyle="-.", label=f"horse ({spread})")
     base = [r for n, r in runs.items() if n.startswith("cf-") and r["method"] == "none"]
     if base:
         a.axhline(100 * base[0]["unedited"]["cf_score"], color="grey", linestyle=":", label="unedited")
     a.set(xscale="log", xlabel="edits per batch", ylabel="CounterFact Score (%)", title="one-shot batches")
-    a.legend()
+    a.legend(fontsize=7)
     for s in seqs:
         xs = [row["edits"] for row in s["rows"]]
         b.plot(xs, [100 * row["retention_es"] for row in s["rows"]], marker="o", label=f"{s['method']} retention ES")
