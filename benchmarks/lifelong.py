@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -81,6 +83,7 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     from daemon.cycle import run_batch
+    from horse.cli import file_sha256
     from horse.data import load_requests
     from horse.metrics import next_token_ids, perplexity
     from horse.zoo import load_model
@@ -103,6 +106,20 @@ def main() -> None:
                              consolidate_every_nights=args.consolidate_every, log_json="false",
                              running_normaliser=args.running_normaliser)
     store = Store(db)
+    run_info = out / "run.json"  # what the run's nights were made with; a resumed run must not change it
+    info = {"method": args.method, "consolidate_every": args.consolidate_every,
+            "running_normaliser": args.running_normaliser, "edits_per_night": args.edits_per_night,
+            "hypernet": hypernet.name if engine == "hypernet" else None,
+            "hypernet_sha256": file_sha256(hypernet) if engine == "hypernet" else None}
+    if run_info.exists():
+        earlier = json.loads(run_info.read_text())
+        changed = {k for k in info if earlier.get(k) != info[k]}
+        if changed:
+            sys.exit(f"{out} was run with other settings ({', '.join(sorted(changed))} differ: {run_info}); "
+                     "give another --out or delete that run's folder to start afresh")
+    else:
+        run_info.write_text(json.dumps({**info, "started": time.strftime("%Y-%m-%d"), "threads": args.threads,
+                                        "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores)"}, indent=2))
     records = json.loads(DATA.read_text())
     requests = load_requests(DATA, limit=args.nights * args.edits_per_night)
     canary_rows = [json.loads(line) for line in CANARY.read_text().splitlines()]
