@@ -63,8 +63,11 @@ def run_child(path: Path, cmd: list[str], stamp: dict) -> dict:
 
 
 def sequential(model_name: str, method: str, hypernet: Path | None, n_batches: int, n_edits: int,
-               device: str) -> dict:
-    """Apply n_batches of n_edits one after another; after each, retention of all earlier edits and NS."""
+               device: str, protect: float = 0.0) -> dict:
+    """Apply n_batches of n_edits one after another; after each, retention of all earlier edits and NS.
+
+    protect > 0 (horse / malmen): each batch is solved with the prior ν·KₑᵀKₑ on the keys of every earlier
+    batch (`Editor.set_protected_keys`), so that it overwrites less of them."""
     import torch
 
     from horse.data import load_requests
@@ -86,10 +89,20 @@ def sequential(model_name: str, method: str, hypernet: Path | None, n_batches: i
     else:
         from horse.editor import Editor
 
+        from horse.editor import solutions_to_deltas
+
         editor = Editor.from_checkpoint(hypernet, model)
+        earlier_KK: dict = {}
 
         def edit(reqs):
-            return editor.compute_deltas(model, tok, reqs)
+            if not protect:
+                return editor.compute_deltas(model, tok, reqs)
+            editor.set_protected_keys(earlier_KK or None, protect)
+            captured = editor.capture(model, tok, reqs)
+            prediction = editor.predict(captured, n_edits=len(reqs))
+            for name, kk in editor.keys_second_moments(captured).items():
+                earlier_KK[name] = earlier_KK[name] + kk if name in earlier_KK else kk
+            return solutions_to_deltas(editor.module_names, prediction.solutions), {}
 
     rows = []
     for i in range(n_batches):
@@ -107,7 +120,8 @@ def sequential(model_name: str, method: str, hypernet: Path | None, n_batches: i
                      "first_batch_es": first["cf_es"], "ns": summary["cf_ns"], "ps": summary["cf_ps"],
                      "edit_s": seconds})
         print(f"sequential {method} {i + 1}/{n_batches}: {rows[-1]}", file=sys.stderr, flush=True)
-    return {"method": method, "model": model_name, "device": device, "n_edits": n_edits, "rows": rows}
+    return {"method": method, "model": model_name, "device": device, "n_edits": n_edits, "rows": rows,
+            **({"protect_weight": protect} if protect else {})}
 
 
 def table(runs: dict[str, dict]) -> str:
@@ -127,6 +141,11 @@ def table(runs: dict[str, dict]) -> str:
             f"{100 * m['token_es']:.1f} / {100 * m['token_gs']:.1f} / {100 * m['token_ls']:.1f} | "
             f"{'–' if t is None else f'{t:.2f} s'} | {r['peak_rss_mib']:.0f} MiB | {cuda} |")
     return "\n".join(lines)
+
+
+def seq_label(run: dict) -> str:
+    """A sequential run's name in the table and the plot: the method, and ν when earlier keys were protected."""
+    return run["method"] + (f" (protect ν={run['protect_weight']:g})" if run.get("protect_weight") else "")
 
 
 def plot(runs: dict[str, dict], seqs: list[dict], path: Path) -> None:
@@ -154,8 +173,8 @@ def plot(runs: dict[str, dict], seqs: list[dict], path: Path) -> None:
     a.legend(fontsize=7)
     for s in seqs:
         xs = [row["edits"] for row in s["rows"]]
-        b.plot(xs, [100 * row["retention_es"] for row in s["rows"]], marker="o", label=f"{s['method']} retention ES")
-        b.plot(xs, [100 * row["ns"] for row in s["rows"]], linestyle="--", label=f"{s['method']} NS")
+        b.plot(xs, [100 * row["retention_es"] for row in s["rows"]], marker="o", label=f"{seq_label(s)} retention ES")
+        b.plot(xs, [100 * row["ns"] for row in s["rows"]], linestyle="--", label=f"{seq_label(s)} NS")
     b.set(xlabel="accumulated edits", ylabel="%", title="sequential batches")
     b.legend(fontsize=7)
     fig.tight_layout()
@@ -187,6 +206,9 @@ def main() -> None:
     p.add_argument("--sequential", default="horse,malmen", help="methods for the sequential run ('' = none)")
     p.add_argument("--seq-batches", type=int, default=10)
     p.add_argument("--seq-edits", type=int, default=100)
+    p.add_argument("--protect", type=float, default=0.0,
+                   help="sequential horse/malmen: also run each with the prior ν·KₑᵀKₑ on earlier batches' keys "
+                        "(run sequential-<method>-protect<ν>)")
     p.add_argument("--only", default=None, help="run only the runs whose names match this glob (e.g. 'cf-100-*')")
     p.add_argument("--report-only", action="store_true", help="write the table from finished runs; run nothing")
     p.add_argument("--sequential-child", default=None, help=argparse.SUPPRESS)
@@ -198,7 +220,7 @@ def main() -> None:
     if args.sequential_child:  # one sequential run, in this child process
         m = args.sequential_child
         print(json.dumps(sequential(args.model, m, hypernet(m) if m != "memit" else None, args.seq_batches,
-                                    args.seq_edits, args.device)))
+                                    args.seq_edits, args.device, args.protect)))
         return
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -225,9 +247,11 @@ def main() -> None:
                                         "--n-edits", str(sizes[0]), "--method", m, *hn]
     seq_methods = [m for m in args.sequential.split(",") if m and (m == "memit" or hypernet(m).is_file())]
     for m in seq_methods:
-        jobs[f"sequential-{m}"] = [sys.executable, str(Path(__file__).resolve()), "--sequential-child", m, *common,
-                                   "--hypernet-dir", str(args.hypernet_dir), "--seq-batches", str(args.seq_batches),
-                                   "--seq-edits", str(args.seq_edits)]
+        child = [sys.executable, str(Path(__file__).resolve()), "--sequential-child", m, *common, "--hypernet-dir",
+                 str(args.hypernet_dir), "--seq-batches", str(args.seq_batches), "--seq-edits", str(args.seq_edits)]
+        jobs[f"sequential-{m}"] = child
+        if args.protect and m != "memit":
+            jobs[f"sequential-{m}-protect{args.protect:g}"] = [*child, "--protect", str(args.protect)]
 
     if args.report_only:  # every finished run in --out, whatever made it
         jobs = {f.stem: [] for f in sorted(args.out.glob("*.json"), key=lambda f: (f.stem.startswith("sequential-"),
@@ -266,7 +290,7 @@ def main() -> None:
                  "|---|---|---|---|---|---|---|"]
     for s in seqs:
         for row in s["rows"]:
-            seq_lines.append(f"| {s['method']} | {row['edits']} | {100 * row['retention_es']:.1f} | "
+            seq_lines.append(f"| {seq_label(s)} | {row['edits']} | {100 * row['retention_es']:.1f} | "
                              f"{100 * row['first_batch_es']:.1f} | {100 * row['ps']:.1f} | {100 * row['ns']:.1f} | "
                              f"{row['edit_s']:.2f} |")
     (args.out / "results.md").write_text(header + "\n\n" + table(runs) + "\n" + "\n".join(seq_lines) + "\n")

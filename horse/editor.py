@@ -95,6 +95,8 @@ class Editor:
         preserve_KK: per module, the second moments C of the preservation prior P = μ(N)·C of
             `preserving_solve`, μ(N) = preserve_weight / N^preserve_exponent for a batch of N edits (None:
             the plain ridge solve the hypernet was trained with); set them with `set_preservation`.
+        protect_KK: per module, KₑᵀKₑ of the keys of earlier edits whose outputs the solve keeps, weighted
+            by protect_weight (None: off); set them with `set_protected_keys`.
         metadata: the checkpoint card's extra fields (training data hash, steps, metrics, ...).
     """
 
@@ -109,6 +111,8 @@ class Editor:
         self.update_normaliser = False
         self.preserve_KK: dict[str, torch.Tensor] | None = None
         self.preserve_weight, self.preserve_exponent, self.preserve_floor = 0.0, 0.0, 0.0
+        self.protect_KK: dict[str, torch.Tensor] | None = None
+        self.protect_weight = 0.0
         self.metadata: dict = dict(metadata or {})
 
     # ------------------------------------------------------------------ construction
@@ -248,6 +252,45 @@ class Editor:
         self.preserve_floor = min(float(floor), self.preserve_weight)
         return self
 
+    def set_protected_keys(self, keys_KK: Mapping[str, torch.Tensor] | None, weight: float) -> Editor:
+        """Serve with a prior ν·KₑᵀKₑ that keeps the layers' outputs on earlier edits' keys (AlphaEdit's
+        sequential term, soft): the solve minimises ‖KΔW − R̂‖² + ν‖KₑΔW‖² (+ the ridge and preservation
+        terms), so a new batch overwrites less of what earlier batches wrote. An inference-time option, like
+        the preservation prior: the hypernet was trained without it.
+
+        Args:
+            keys_KK: per module name, the sum of kᵀk over the earlier edits' keys (K×K, e.g. summed from
+                `keys_second_moments` of each applied batch); None (or weight 0) turns it off.
+            weight: ν ≥ 0.
+
+        Returns:
+            self.
+        """
+        if weight < 0:
+            raise EngineError(f"the protection weight must be ≥ 0, got {weight}")
+        if keys_KK is None or weight == 0:
+            self.protect_KK, self.protect_weight = None, 0.0
+            return self
+        missing = [n for n in self.module_names if n not in keys_KK]
+        if missing:
+            raise EngineError(f"no key moments for {missing}; sum them for every edited module")
+        self.protect_KK = {n: keys_KK[n].to(self.device, torch.float64) for n in self.module_names}
+        self.protect_weight = float(weight)
+        return self
+
+    def keys_second_moments(self, captured: Captured) -> dict[str, torch.Tensor]:
+        """Per module, KᵀK (K×K, float64) of a batch's captured keys: what `set_protected_keys` sums."""
+        return {n: (k := captured.keys_NK[n].to(self.device, torch.float64)).T @ k for n in self.module_names}
+
+    def prior_KK(self, name: str, n_edits: int) -> torch.Tensor | None:
+        """The solve's prior P for module `name` and a batch of N edits: μ(N)·C + ν·KₑᵀKₑ (None: neither)."""
+        parts = []
+        if self.preserve_KK is not None:
+            parts.append(self.preserve_mu(n_edits) * self.preserve_KK[name])
+        if self.protect_KK is not None:
+            parts.append(self.protect_weight * self.protect_KK[name])
+        return sum(parts[1:], parts[0]) if parts else None
+
     def preserve_mu(self, n_edits: int) -> float:
         """μ(N) of the preservation prior for a batch of N edits (0 when the prior is off)."""
         if self.preserve_KK is None:
@@ -270,17 +313,11 @@ class Editor:
             _sync(self.device)
             t2 = time.perf_counter()
             lams = self.lams()
-            if self.preserve_KK is None:
-                solutions = [
-                    ridge_solve(captured.keys_NK[n].to(self.device), r, lam)
-                    for n, r, lam in zip(self.module_names, spread, lams)
-                ]
-            else:
-                mu = self.preserve_mu(n_edits)
-                solutions = [
-                    preserving_solve(captured.keys_NK[n].to(self.device), r, lam, mu * self.preserve_KK[n])
-                    for n, r, lam in zip(self.module_names, spread, lams)
-                ]
+            solutions = []
+            for n, r, lam in zip(self.module_names, spread, lams):
+                prior = self.prior_KK(n, n_edits)
+                keys = captured.keys_NK[n].to(self.device)
+                solutions.append(ridge_solve(keys, r, lam) if prior is None else preserving_solve(keys, r, lam, prior))
             _sync(self.device)
             t3 = time.perf_counter()
         timings_s.update(hypernet=t1 - t0, spread=t2 - t1, solve=t3 - t2)

@@ -236,9 +236,10 @@ def meta_step(
     Returns:
         the losses of the edited model before the update and the stage timings.
     """
-    if editor.preserve_KK is not None:
-        raise EngineError("the preservation prior is a serving option without a meta-gradient; "
-                          "call editor.set_preservation(None, 0) before meta-training")
+    if editor.preserve_KK is not None or editor.protect_KK is not None:
+        raise EngineError("the preservation prior and the protected keys are serving options without a "
+                          "meta-gradient; call editor.set_preservation(None, 0) and "
+                          "editor.set_protected_keys(None, 0) before meta-training")
     t0 = time.perf_counter()
     editor.nets.zero_grad(set_to_none=True)
     captured = editor.capture(model, tok, requests, lm_batch_size=lm_batch_size)

@@ -108,3 +108,35 @@ def test_preservation_prior_is_a_serving_option(model_tok) -> None:
     assert [editor.preserve_mu(n) for n in (1, 10, 100, 1000)] == [1e4, 100.0, 1.0, 1.0]
     editor.set_preservation(eye, 1e4, 2.0)
     assert editor.preserve_mu(1000) == pytest.approx(0.01)
+
+
+def test_protected_keys_keep_earlier_edits_outputs(model_tok) -> None:
+    """ν·KₑᵀKₑ in the solve: a new batch's ΔW moves the earlier batch's keys less the larger ν is."""
+    from horse.editor import solutions_to_deltas
+    from horse.metatrain import meta_step
+
+    model, tok = model_tok
+    editor = Editor.new(model, HyperConfig(rank=16))
+    earlier = editor.capture(model, tok, REQUESTS[:3], lm_batch_size=4)
+    later = editor.capture(model, tok, REQUESTS[3:], lm_batch_size=4)
+    kk = editor.keys_second_moments(earlier)
+    name = editor.module_names[0]
+    assert kk[name].shape == (earlier.keys_NK[name].shape[1],) * 2
+
+    def moved(nu: float) -> float:  # ‖Kₑ ΔW‖ of the later batch's delta on the earlier keys
+        editor.set_protected_keys(kk, nu)
+        deltas = solutions_to_deltas(editor.module_names, editor.predict(later, n_edits=3).solutions)
+        return float((earlier.keys_NK[name].double() @ deltas[name].to_dense().double()).norm())
+
+    plain, soft, hard = moved(0.0), moved(1.0), moved(1e6)
+    assert editor.protect_KK is not None and plain > 0
+    assert hard < soft < plain and hard < 1e-3 * plain
+    editor.set_protected_keys(kk, 0.0)  # weight 0 restores the plain solve
+    assert editor.protect_KK is None and moved(0.0) == pytest.approx(plain)
+    editor.set_protected_keys(kk, 1.0)
+    with pytest.raises(EngineError, match="serving option"):
+        meta_step(editor, model, tok, [EditRequest(prompt="a b", target="c", rephrases=("a b",))])
+    with pytest.raises(EngineError, match="key moments"):
+        editor.set_protected_keys({}, 1.0)
+    with pytest.raises(EngineError, match="≥ 0"):
+        editor.set_protected_keys(kk, -1.0)
