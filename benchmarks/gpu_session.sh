@@ -15,22 +15,14 @@
 # ends inside its limit with whatever finished.
 set -u
 MODE=${1:?usage: gpu_session.sh smoke|main}
-OUTD=${OUT:-/tmp/gpu-out}
-mkdir -p "$OUTD" /tmp/stash /tmp/site
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-T0=$(date +%s)
-el() { echo $(( $(date +%s) - T0 )); }
-left() { local d=$(( $1 - $(el) )); [ $d -gt 5 ] && echo $d || echo 5; }
-W=${W:-/tmp/w}
+. benchmarks/gpu_prepare.sh  # OUTD, W, el, left, the environment; install_smollm2, prepare_model
 # knobs for a local dry run (defaults: the real run)
 MODEL=${MODEL:-smollm2-135m}; DEVICE=${DEVICE:-cuda}; STEPS=${STEPS:-100}; LONG_STEPS=${LONG_STEPS:-1000}
 RANK=${RANK:-1920}; NEDITS=${NEDITS:-100}; VAL_EVERY=${VAL_EVERY:-20}; EQ_EXTRA=${EQ_EXTRA:-}
 mkdir -p $W/hn $W/long $W/spread $W/eq $W/eq-long $W/eq-speed $W/logs
 
 if [ "$MODE" = smoke ]; then
-  cp .dev/p1/* /tmp/stash/ && ls -la /tmp/stash
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import sys, torch, transformers, safetensors, click, tqdm; print(sys.version.split()[0], torch.__version__, transformers.__version__, torch.cuda.is_available())"
+  stash_p1
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/stash/gguf-*.whl \
     && python3 -c "import gguf; print('gguf', gguf.__file__)"
   for v in horse malmen; do
@@ -46,7 +38,6 @@ if [ "$MODE" = smoke ]; then
 fi
 
 # ---------------------------------------------------------------- main
-. benchmarks/gpu_prepare.sh
 [ "$MODEL" = smollm2-135m ] && { install_smollm2 || exit 3; }
 prepare_model "$MODEL" || exit 4
 echo "[$(el) s] model ready"

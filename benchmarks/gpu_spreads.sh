@@ -19,13 +19,7 @@
 # packed to bf16 in two parts.
 set -u
 MODE=${1:?usage: gpu_spreads.sh stash|main}
-OUTD=${OUT:-/tmp/gpu-out}
-mkdir -p "$OUTD" /tmp/stash /tmp/site
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-T0=$(date +%s)
-el() { echo $(( $(date +%s) - T0 )); }
-left() { local d=$(( $1 - $(el) )); [ $d -gt 5 ] && echo $d || echo 5; }
-W=${W:-/tmp/w}
+. benchmarks/gpu_prepare.sh  # OUTD, W, el, left, the environment; install_smollm2, prepare_model
 # knobs for a local dry run (defaults: the real run)
 MODEL=${MODEL:-smollm2-135m}; DEVICE=${DEVICE:-cuda}; STEPS=${STEPS:-200}; RANK=${RANK:-1440}
 NEDITS=${NEDITS:-100}; VAL_EDITS=${VAL_EDITS:-200}; VAL_EVERY=${VAL_EVERY:-20}; TRAIN_MIN=${TRAIN_MIN:-6.5}
@@ -33,15 +27,12 @@ EQ_EXTRA=${EQ_EXTRA:-}; VAL_LIMIT=${VAL_LIMIT:-1000}; END=${END:-550}
 mkdir -p $W/spread $W/loc2 $W/eq $W/eq-loc2 $W/val $W/logs
 
 if [ "$MODE" = stash ]; then
-  cp .dev/p1/* /tmp/stash/ && ls -la /tmp/stash
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import sys, torch, transformers, safetensors, click, tqdm; print(sys.version.split()[0], torch.__version__, transformers.__version__, torch.cuda.is_available())"
+  stash_p1
   echo "stash done in $(el) s"
   exit 0
 fi
 
 # ---------------------------------------------------------------- main
-. benchmarks/gpu_prepare.sh
 [ "$MODEL" = smollm2-135m ] && { install_smollm2 || exit 3; }
 prepare_model "$MODEL" || exit 4
 echo "[$(el) s] model ready"
