@@ -58,6 +58,7 @@ ACTOR = "daemon"
 STAGES = ("locked", "claimed", "materialised", "editing", "edited", "gated", "mid-write", "written", "published")
 _ABANDONABLE = frozenset(STAGES[:STAGES.index("mid-write")])
 SHIPPED_HYPERNETS = Path(__file__).resolve().parent.parent / "horse" / "hypernets"
+PROTECT_CHUNK = 100  # earlier edits captured per pass for `protect_earlier`
 
 
 class BatchAbandoned(Exception):
@@ -385,6 +386,9 @@ class _Batch:
         self.probe = probe_for(self.settings, self.store, [to_fact(e) for e in retained], seed=self.parent_id)
         self.head_measure = gate.measure(model, tokenizer, self.probe)
         t = self._timed("measure_head", t)
+        self.protected = self._protect_earlier(retained)
+        if self.protected:
+            t = self._timed("protect_keys", t)
 
         self._stage("editing")
         active = self._settle(sorted(self.edits))
@@ -466,6 +470,23 @@ class _Batch:
                 raise BatchRefused(f"batch {self.batch_id} refused: {exc}") from exc
             self._delta_cache[key] = deltas
         return self._delta_cache[key]
+
+    def _protect_earlier(self, retained: Sequence[EditRecord]) -> int:
+        """`protect_earlier` = ν > 0: the night's solve keeps the edited layers' outputs on the keys of the edits
+        the head already carries (ν·KₑᵀKₑ, `Editor.set_protected_keys`), captured at the head for the gate's
+        retention sample of them (so the cost stays bounded). Returns how many edits were protected."""
+        nu = self.settings.protect_earlier
+        if not nu or self.from_base or not retained or not hasattr(self.editor, "set_protected_keys"):
+            return 0
+        sampled = {f.key for f in self.probe.retained}
+        requests = [to_request(e) for e in retained if e.id in sampled]
+        total: dict | None = None
+        for start in range(0, len(requests), PROTECT_CHUNK):
+            captured = self.editor.capture(self.model, self.tokenizer, requests[start:start + PROTECT_CHUNK])
+            moments = self.editor.keys_second_moments(captured)
+            total = moments if total is None else {n: total[n] + moments[n] for n in total}
+        self.editor.set_protected_keys(total, nu)
+        return len(requests)
 
     def _start_normaliser(self) -> None:
         """`running_normaliser`: continue from the statistics saved beside the head snapshot (or the training
@@ -693,6 +714,7 @@ class _Batch:
             "weights_sha256": digest, "weights_modules": touched,
             "base_fingerprint": self.editor.fingerprint, "hypernet_fingerprint": self.hypernet_fingerprint,
             "engine": self.settings.engine, "chain_length": 1 if parent is None else len(self.chain) + 1,
+            "protected_edits": self.protected,
         }
         if self.running_normaliser:
             snap_metrics["normaliser_rows"] = {k: float(v) for k, v in self._normaliser_after[frozenset(final)].items()

@@ -67,6 +67,10 @@ class Settings:
     preserve_min: float = _opt(1.0, "≥ 0", "the least preservation weight μ for any batch size: μ(N) = max("
                                "preserve_weight / N^preserve_exponent, preserve_min); keeps a consolidation of many "
                                "nights (N in the thousands) from wrecking unrelated text")
+    protect_earlier: float = _opt(0.0, "ν ≥ 0", "hypernet engines: weight ν of the prior ν·KₑᵀKₑ in each night's "
+                                  "ridge solve on the keys of the edits the head already carries (the gate's retention "
+                                  "sample of them, captured at the head), so that a night overwrites less of the "
+                                  "earlier ones; 0 = off. See benchmarks/edit_quality.py --protect")
     running_normaliser: bool = _opt(False, "true|false", "hypernet engines: merge each night's inputs into the "
                                     "hypernet's input normaliser and carry the statistics to the next night (saved "
                                     "beside each snapshot); false = the frozen training-time statistics")
@@ -223,7 +227,7 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
         raise ConfigError(f"engine = {values['engine']!r} is not known; give one of {', '.join(ENGINES)}")
     if values.get("finetune_epochs", 1) < 1 or values.get("finetune_lr", 1.0) <= 0:
         raise ConfigError("finetune_epochs must be ≥ 1 and finetune_lr > 0; fix them in the config")
-    for name in ("preserve_weight", "preserve_exponent", "preserve_min", "finetune_locality_weight"):
+    for name in ("preserve_weight", "preserve_exponent", "preserve_min", "protect_earlier", "finetune_locality_weight"):
         if values.get(name, 0.0) < 0:
             raise ConfigError(f"{name} = {values[name]} is negative; give a value ≥ 0")
     return dataclasses.replace(Settings(), **values)

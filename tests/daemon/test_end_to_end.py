@@ -286,3 +286,39 @@ def test_switching_to_finetune_rederives_the_hypernet_nights_from_the_base(db_ur
     assert all(abs(measured[k] - published[k]) <= 1e-5 * published[k] for k in published)
     assert cli_runner(cfg_ft, "verify").stdout.strip().endswith("OK")
     store.close()
+
+
+def test_protect_earlier_captures_the_carried_edits_keys(db_url, daemon_settings, cli_runner, tmp_path):
+    """protect_earlier = ν: night 2 solves with ν·KₑᵀKₑ over night 1's edits, captured at the head; the second
+    night's delta then moves the first night's keys less than the same night without it."""
+    from daemon import snapshots
+    from horse.editor import Editor
+    from horse.types import EditRequest
+    from horse.zoo import load_model
+
+    def two_nights(name: str, nu: float) -> tuple[Store, int, object]:
+        url = f"sqlite:///{tmp_path / name}.db"
+        settings = daemon_settings(url, gate_min_efficacy=0.0, protect_earlier=nu,
+                                   snapshot_dir=str(tmp_path / name / "snapshots"))
+        cfg = write_config(tmp_path / f"{name}.toml", settings)
+        _add(cli_runner, cfg, tmp_path, f"{name}-1", [fact(0), fact(1), fact(2)])
+        s1 = _apply(cli_runner, cfg)["snapshot_id"]
+        _add(cli_runner, cfg, tmp_path, f"{name}-2", [fact(3), fact(4)])
+        s2 = _apply(cli_runner, cfg)["snapshot_id"]
+        store = Store(url)
+        assert store.get_snapshot(s1).metrics["protected_edits"] == 0  # nothing carried yet
+        return store, s1, s2, settings
+
+    def moved(name: str, nu: float) -> float:  # ‖Kₑ ΔW₂‖: night 2's delta on night 1's keys at night 1's head
+        store, s1, s2, settings = two_nights(name, nu)
+        assert store.get_snapshot(s2).metrics["protected_edits"] == (3 if nu else 0)
+        with store.session(write=False) as s:
+            head = materialise(settings, links(s, s1))
+        editor = Editor.from_checkpoint(settings.hypernet, load_model("tiny-llama", progress=False)[0])
+        keys = editor.capture(head.model, head.tokenizer, [
+            EditRequest(prompt=f["prompt"].format(f["subject"]), target=f["target"]) for f in map(fact, range(3))])
+        deltas, _ = snapshots.read_snapshot(settings.snapshot_dir, store.get_snapshot(s2).path)
+        store.close()
+        return sum(float((keys.keys_NK[n].double() @ d.to_dense().double()).norm()) for n, d in deltas.items())
+
+    assert moved("kept", 1e6) < 0.01 * moved("plain", 0.0)
