@@ -2,6 +2,7 @@
 
     python benchmarks/lifelong.py --nights 80                        # HORSE, 8,000 edits (resumable)
     python benchmarks/lifelong.py --nights 20 --consolidate-every 10 # HORSE + consolidation every 10 nights
+    python benchmarks/lifelong.py --nights 20 --protect-earlier 1    # HORSE, earlier edits' keys protected
     python benchmarks/lifelong.py --method malmen --nights 20
     python benchmarks/lifelong.py --method finetune --nights 10 --checkpoint-every 5   # fine-tune-the-ledger
     python benchmarks/lifelong.py --method memit --nights 5
@@ -69,6 +70,8 @@ def main() -> None:
     p.add_argument("--checkpoint-every", type=int, default=10)
     p.add_argument("--running-normaliser", action="store_true",
                    help="carry the hypernet's input statistics from night to night (config running_normaliser)")
+    p.add_argument("--protect-earlier", type=float, default=0.0,
+                   help="config protect_earlier: ν of the prior on the carried edits' keys in each night's solve")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lifelong")
     p.add_argument("--report-only", action="store_true", help="only rewrite results.md and lifelong.png")
@@ -92,7 +95,8 @@ def main() -> None:
     from ledger.validate import EditSpec
 
     run = (f"{args.method}{'-consolidate' + str(args.consolidate_every) if args.consolidate_every else ''}"
-           f"{'-running' if args.running_normaliser else ''}")
+           f"{'-running' if args.running_normaliser else ''}"
+           f"{f'-protect{args.protect_earlier:g}' if args.protect_earlier else ''}")
     out = args.out / run
     out.mkdir(parents=True, exist_ok=True)
     db = f"sqlite:///{out / 'ledger.db'}"  # Store upgrades the schema on open
@@ -104,16 +108,18 @@ def main() -> None:
                              gate_min_canary_agreement=0.0, gate_min_efficacy=0.0, gate_min_retention=0.0,
                              gate_max_protected_drop=1.0, gate_bisect_depth=0, batch_max_edits=args.edits_per_night,
                              consolidate_every_nights=args.consolidate_every, log_json="false",
-                             running_normaliser=args.running_normaliser)
+                             running_normaliser=args.running_normaliser, protect_earlier=args.protect_earlier)
     store = Store(db)
     run_info = out / "run.json"  # what the run's nights were made with; a resumed run must not change it
     info = {"method": args.method, "consolidate_every": args.consolidate_every,
             "running_normaliser": args.running_normaliser, "edits_per_night": args.edits_per_night,
+            **({"protect_earlier": args.protect_earlier} if args.protect_earlier else {}),
             "hypernet": hypernet.name if engine == "hypernet" else None,
             "hypernet_sha256": file_sha256(hypernet) if engine == "hypernet" else None}
     if run_info.exists():
         earlier = json.loads(run_info.read_text())
-        changed = {k for k in info if earlier.get(k) != info[k]}
+        changed = {k for k in set(info) | set(earlier) - {"started", "threads", "machine"}
+                   if earlier.get(k) != info.get(k)}
         if changed:
             sys.exit(f"{out} was run with other settings ({', '.join(sorted(changed))} differ: {run_info}); "
                      "give another --out or delete that run's folder to start afresh")
