@@ -9,8 +9,8 @@ Runs, each in a child process (`python -m horse.evalcli --json`, so peak memory 
 to <out>/<run>.json as soon as it finishes (a rerun skips finished runs):
 - one-shot batches: the CounterFact edit-1k records (a subset of the edit split, never used for training or
   tuning; the set ../REFERENCE_RESULTS.md was measured on) in batches of 100 and of 1,000 edits, and zsRE
-  eval in batches of 100, for unedited, MEMIT, MALMEN and HORSE (default spread); HORSE with the other
-  spreads on the same CounterFact batches where a hypernet trained with that spread exists
+  eval in the same batch sizes (the first --zsre-limit records, at least one whole batch), for unedited,
+  MEMIT, MALMEN and HORSE (default spread); HORSE with the other spreads on the same CounterFact batches where a hypernet trained with that spread exists
   (<hypernet-dir>/<model>-horse-<spread>.safetensors);
 - sequential: 10 batches of 100 CounterFact edits applied one after another on the same model; after each,
   the retention of every earlier edit (CounterFact ES on its prompt), of the first batch, PS and NS.
@@ -243,8 +243,10 @@ def main() -> None:
         for n in sizes[:1] if m == "none" else sizes:
             if not (m == "memit" and n in skip_memit):
                 jobs[f"cf-{n}-{m}"] = [*evalcmd, "--data", str(CF), "--limit", str(args.limit), "--n-edits", str(n), "--method", m, *hn]
-        jobs[f"zsre-{sizes[0]}-{m}"] = [*evalcmd, "--data", str(ZSRE), "--limit", str(args.zsre_limit),
-                                        "--n-edits", str(sizes[0]), "--method", m, *hn]
+        for n in sizes[:1] if m == "none" else sizes:  # at least one whole batch of n zsRE records
+            if not (m == "memit" and n in skip_memit):
+                jobs[f"zsre-{n}-{m}"] = [*evalcmd, "--data", str(ZSRE), "--limit", str(max(args.zsre_limit, n)),
+                                         "--n-edits", str(n), "--method", m, *hn]
     seq_methods = [m for m in args.sequential.split(",") if m and (m == "memit" or hypernet(m).is_file())]
     for m in seq_methods:
         child = [sys.executable, str(Path(__file__).resolve()), "--sequential-child", m, *common, "--hypernet-dir",
