@@ -10,8 +10,8 @@ to <out>/<run>.json as soon as it finishes (a rerun skips finished runs):
 - one-shot batches: the CounterFact edit-1k records (a subset of the edit split, never used for training or
   tuning; the set ../REFERENCE_RESULTS.md was measured on) in batches of 100 and of 1,000 edits, and zsRE
   eval in the same batch sizes (the first --zsre-limit records, at least one whole batch), for unedited,
-  MEMIT, MALMEN and HORSE (default spread); HORSE with the other spreads on the same CounterFact batches where a hypernet trained with that spread exists
-  (<hypernet-dir>/<model>-horse-<spread>.safetensors);
+  MEMIT, MALMEN and HORSE (default spread); HORSE with the other spreads on the same CounterFact batches
+  where a hypernet trained with that spread exists (<hypernet-dir>/<model>-horse-<spread>.safetensors);
 - sequential: 10 batches of 100 CounterFact edits applied one after another on the same model; after each,
   the retention of every earlier edit (CounterFact ES on its prompt), of the first batch, PS and NS.
 Then it writes results.md (the table for the README) and edit_quality.png (quality vs number of edits, and
