@@ -63,11 +63,13 @@ def run_child(path: Path, cmd: list[str], stamp: dict) -> dict:
 
 
 def sequential(model_name: str, method: str, hypernet: Path | None, n_batches: int, n_edits: int,
-               device: str, protect: float = 0.0) -> dict:
-    """Apply n_batches of n_edits one after another; after each, retention of all earlier edits and NS.
+               device: str, protect: float = 0.0, running: bool = False) -> dict:
+    """Apply n_batches of n_edits one after another; after each, retention of all earlier edits (probability
+    and token ES), the first and the newest batch's, PS and NS.
 
     protect > 0 (horse / malmen): each batch is solved with the prior ν·KₑᵀKₑ on the keys of every earlier
-    batch (`Editor.set_protected_keys`), so that it overwrites less of them."""
+    batch (`Editor.set_protected_keys`), so that it overwrites less of them. running: the hypernet's input
+    normaliser merges every batch (the daemon's `running_normaliser`)."""
     import torch
 
     from horse.data import load_requests
@@ -92,6 +94,7 @@ def sequential(model_name: str, method: str, hypernet: Path | None, n_batches: i
         from horse.editor import solutions_to_deltas
 
         editor = Editor.from_checkpoint(hypernet, model)
+        editor.update_normaliser = running
         earlier_KK: dict = {}
 
         def edit(reqs):
@@ -114,14 +117,16 @@ def sequential(model_name: str, method: str, hypernet: Path | None, n_batches: i
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         seen = requests[:(i + 1) * n_edits]
-        summary = summarise_scores(request_scores(model, tok, seen, batch_size=32))
-        first = summarise_scores(request_scores(model, tok, requests[:n_edits], batch_size=32))
+        scores = request_scores(model, tok, seen, batch_size=32)
+        summary, newest = summarise_scores(scores), summarise_scores({k: v[-n_edits:] for k, v in scores.items()})
+        first = summarise_scores({k: v[:n_edits] for k, v in scores.items()})
         rows.append({"batches": i + 1, "edits": len(seen), "retention_es": summary["cf_es"],
                      "first_batch_es": first["cf_es"], "ns": summary["cf_ns"], "ps": summary["cf_ps"],
-                     "edit_s": seconds})
+                     "retention_token_es": summary["token_es"], "first_batch_token_es": first["token_es"],
+                     "newest_batch_token_es": newest["token_es"], "edit_s": seconds})
         print(f"sequential {method} {i + 1}/{n_batches}: {rows[-1]}", file=sys.stderr, flush=True)
     return {"method": method, "model": model_name, "device": device, "n_edits": n_edits, "rows": rows,
-            **({"protect_weight": protect} if protect else {})}
+            **({"protect_weight": protect} if protect else {}), **({"running_normaliser": True} if running else {})}
 
 
 def table(runs: dict[str, dict]) -> str:
@@ -145,7 +150,8 @@ def table(runs: dict[str, dict]) -> str:
 
 def seq_label(run: dict) -> str:
     """A sequential run's name in the table and the plot: the method, and ν when earlier keys were protected."""
-    return run["method"] + (f" (protect ν={run['protect_weight']:g})" if run.get("protect_weight") else "")
+    return (run["method"] + (f" (protect ν={run['protect_weight']:g})" if run.get("protect_weight") else "")
+            + (" (running normaliser)" if run.get("running_normaliser") else ""))
 
 
 def plot(runs: dict[str, dict], seqs: list[dict], path: Path) -> None:
@@ -209,6 +215,9 @@ def main() -> None:
     p.add_argument("--protect", type=float, default=0.0,
                    help="sequential horse/malmen: also run each with the prior ν·KₑᵀKₑ on earlier batches' keys "
                         "(run sequential-<method>-protect<ν>)")
+    p.add_argument("--running-normaliser", action="store_true",
+                   help="sequential horse/malmen: also run each with the input normaliser merging every batch "
+                        "(run sequential-<method>-running)")
     p.add_argument("--only", default=None, help="run only the runs whose names match this glob (e.g. 'cf-100-*')")
     p.add_argument("--report-only", action="store_true", help="write the table from finished runs; run nothing")
     p.add_argument("--sequential-child", default=None, help=argparse.SUPPRESS)
@@ -220,7 +229,7 @@ def main() -> None:
     if args.sequential_child:  # one sequential run, in this child process
         m = args.sequential_child
         print(json.dumps(sequential(args.model, m, hypernet(m) if m != "memit" else None, args.seq_batches,
-                                    args.seq_edits, args.device, args.protect)))
+                                    args.seq_edits, args.device, args.protect, args.running_normaliser)))
         return
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -254,6 +263,8 @@ def main() -> None:
         jobs[f"sequential-{m}"] = child
         if args.protect and m != "memit":
             jobs[f"sequential-{m}-protect{args.protect:g}"] = [*child, "--protect", str(args.protect)]
+        if args.running_normaliser and m != "memit":
+            jobs[f"sequential-{m}-running"] = [*child, "--running-normaliser"]
 
     if args.report_only:  # every finished run in --out, whatever made it
         jobs = {f.stem: [] for f in sorted(args.out.glob("*.json"), key=lambda f: (f.stem.startswith("sequential-"),
@@ -288,13 +299,15 @@ def main() -> None:
         header = (f"Measured {date.today()} on {machine(args.device)}, "
                   f"`python benchmarks/edit_quality.py {' '.join(sys.argv[1:])}`"
                   + (f" ({args.jobs} runs at a time: edit times are upper bounds)." if args.jobs > 1 else "."))
-    seq_lines = ["", "| sequential | edits | retention ES | first batch ES | PS | NS | edit s |",
-                 "|---|---|---|---|---|---|---|"]
+    seq_lines = ["", "| sequential | edits | retention ES | first batch ES | PS | NS | token ES: all / first / newest "
+                 "batch | edit s |", "|---|---|---|---|---|---|---|---|"]
     for s in seqs:
         for row in s["rows"]:
+            tokens = " / ".join(f"{100 * row[k]:.1f}" if k in row else "–" for k in
+                                ("retention_token_es", "first_batch_token_es", "newest_batch_token_es"))
             seq_lines.append(f"| {seq_label(s)} | {row['edits']} | {100 * row['retention_es']:.1f} | "
                              f"{100 * row['first_batch_es']:.1f} | {100 * row['ps']:.1f} | {100 * row['ns']:.1f} | "
-                             f"{row['edit_s']:.2f} |")
+                             f"{tokens} | {row['edit_s']:.2f} |")
     (args.out / "results.md").write_text(header + "\n\n" + table(runs) + "\n" + "\n".join(seq_lines) + "\n")
     try:
         plot(runs, seqs, args.out / "edit_quality.png")
