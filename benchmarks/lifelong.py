@@ -162,6 +162,7 @@ def main() -> None:
         result = run_batch(settings, store, actor="benchmark")
         wall = time.perf_counter() - started
         row = {"night": night + 1, "status": result.status, "applied": len(result.applied), "night_s": wall,
+               "efficacy": (result.metrics or {}).get("efficacy_mean"),  # the night's edits on the new head
                "consolidation_s": (result.consolidation or {}).get("timings_s", {}).get("total")}
         if (night + 1) % args.checkpoint_every == 0 or night + 1 == args.nights:
             checkpoint(row)
