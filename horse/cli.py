@@ -91,7 +91,8 @@ def hypernet() -> None:
 def train_cmd(model_name: str, data_path: Path, out_path: Path, variant: str, spread: str | None, n_edits: int,
               steps: int, rank: int, blocks: int, lr: float, eta_init: float, lm_batch_size: int, limit: int | None,
               val_data: Path | None, val_every: int, val_edits: int, patience: int, checkpoint_every: int,
-              time_limit: float | None, loc_coef: float, device: str, dtype: str, cache_dir: Path | None, resume: bool, seed: int, quiet: bool) -> None:
+              time_limit: float | None, loc_coef: float, device: str, dtype: str, cache_dir: Path | None,
+              resume: bool, seed: int, quiet: bool) -> None:
     """Meta-train a hypernet on a training split and write it to --out."""
     import torch
 
