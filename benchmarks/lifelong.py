@@ -3,6 +3,7 @@
     python benchmarks/lifelong.py --nights 80                        # HORSE, 8,000 edits (resumable)
     python benchmarks/lifelong.py --nights 20 --consolidate-every 10 # HORSE + consolidation every 10 nights
     python benchmarks/lifelong.py --nights 20 --protect-earlier 1    # HORSE, earlier edits' keys protected
+    python benchmarks/lifelong.py --nights 80 --from-base             # HORSE, every night one edit from the base
     python benchmarks/lifelong.py --method malmen --nights 20
     python benchmarks/lifelong.py --method finetune --nights 10 --checkpoint-every 5   # fine-tune-the-ledger
     python benchmarks/lifelong.py --method memit --nights 5
@@ -12,7 +13,8 @@ benchmarks/results/lifelong/<run>/ and runs one `daemon.cycle.run_batch` on Smol
 hypernet, or the configured engine (`--method finetune`: every night from the base on all applied edits;
 `--method memit`: MEMIT on the head) (the gate measures but does not stop anything here: canary, retention and efficacy bars 0, no
 bisection, so every night publishes and the numbers show what the editor itself does; the consolidation
-policy is the config's `consolidate_every_nights`). Every `--checkpoint-every` nights it materialises the
+policy is the config's `consolidate_every_nights`; `--from-base`: the config's `hypernet_from_base`, every night one
+hypernet edit of all applied edits on the base weights). Every `--checkpoint-every` nights it materialises the
 head and measures over ALL accumulated edits: retention teacher-forced (mean answer-token accuracy), by
 probability (P(new) > P(true)) and generated (greedy decoding produces the target), the same for the first
 night's edits, NS on the locality prompts, canary agreement with the base model (greedy next token, 200
@@ -38,7 +40,7 @@ DATA = ROOT / "data" / "counterfact" / "counterfact-edit.json"
 CANARY = ROOT / "daemon" / "assets" / "canary.jsonl"
 
 
-def measure(settings, store, requests, first, canary, base_next, ppl_texts) -> dict:
+def measure(settings, store, requests, first, canary, base_next, ppl_texts, batch_size: int = 32) -> dict:
     from daemon.materialise import head_id, links, materialise
     from horse.metrics import next_token_ids, perplexity, request_scores, summarise_scores
 
@@ -48,7 +50,7 @@ def measure(settings, store, requests, first, canary, base_next, ppl_texts) -> d
         snap = store.get_snapshot(head) if head is not None else None
     m = materialise(settings, chain_links)
     model, tok = m.model, m.tokenizer
-    scores = request_scores(model, tok, requests, batch_size=32, with_generation=True)
+    scores = request_scores(model, tok, requests, batch_size=batch_size, with_generation=True)
     every, firsts = summarise_scores(scores), summarise_scores({k: v[:first] for k, v in scores.items()})
     agree = float((next_token_ids(model, tok, canary) == base_next).float().mean())
     return {
@@ -72,6 +74,13 @@ def main() -> None:
                    help="carry the hypernet's input statistics from night to night (config running_normaliser)")
     p.add_argument("--protect-earlier", type=float, default=0.0,
                    help="config protect_earlier: ν of the prior on the carried edits' keys in each night's solve")
+    p.add_argument("--from-base", action="store_true",
+                   help="config hypernet_from_base: every night one edit of all applied edits from the base")
+    p.add_argument("--preserve-min", type=float, default=None, help="config preserve_min (default: the config's)")
+    p.add_argument("--device", default="cpu", help="config device (cpu, cuda:0)")
+    p.add_argument("--eval-batch-size", type=int, default=32, help="prompts per batch of the checkpoints' measures")
+    p.add_argument("--deadline-min", type=float, default=0.0,
+                   help="start no night after this many minutes; measure the last night and stop (0: none)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lifelong")
     p.add_argument("--report-only", action="store_true", help="only rewrite results.md and lifelong.png")
@@ -96,7 +105,9 @@ def main() -> None:
 
     run = (f"{args.method}{'-consolidate' + str(args.consolidate_every) if args.consolidate_every else ''}"
            f"{'-running' if args.running_normaliser else ''}"
-           f"{f'-protect{args.protect_earlier:g}' if args.protect_earlier else ''}")
+           f"{f'-protect{args.protect_earlier:g}' if args.protect_earlier else ''}"
+           f"{'-frombase' if args.from_base else ''}"
+           f"{f'-pmin{args.preserve_min:g}' if args.preserve_min is not None else ''}")
     out = args.out / run
     out.mkdir(parents=True, exist_ok=True)
     db = f"sqlite:///{out / 'ledger.db'}"  # Store upgrades the schema on open
@@ -108,30 +119,36 @@ def main() -> None:
                              gate_min_canary_agreement=0.0, gate_min_efficacy=0.0, gate_min_retention=0.0,
                              gate_max_protected_drop=1.0, gate_bisect_depth=0, batch_max_edits=args.edits_per_night,
                              consolidate_every_nights=args.consolidate_every, log_json="false",
-                             running_normaliser=args.running_normaliser, protect_earlier=args.protect_earlier)
+                             running_normaliser=args.running_normaliser, protect_earlier=args.protect_earlier,
+                             hypernet_from_base=args.from_base, device=args.device,
+                             **({"preserve_min": args.preserve_min} if args.preserve_min is not None else {}))
     store = Store(db)
     run_info = out / "run.json"  # what the run's nights were made with; a resumed run must not change it
     info = {"method": args.method, "consolidate_every": args.consolidate_every,
             "running_normaliser": args.running_normaliser, "edits_per_night": args.edits_per_night,
             **({"protect_earlier": args.protect_earlier} if args.protect_earlier else {}),
+            **({"from_base": True} if args.from_base else {}),
+            **({"preserve_min": args.preserve_min} if args.preserve_min is not None else {}),
             "hypernet": hypernet.name if engine == "hypernet" else None,
             "hypernet_sha256": file_sha256(hypernet) if engine == "hypernet" else None}
     if run_info.exists():
         earlier = json.loads(run_info.read_text())
-        changed = {k for k in set(info) | set(earlier) - {"started", "threads", "machine"}
+        changed = {k for k in set(info) | set(earlier) - {"started", "threads", "machine", "device"}
                    if earlier.get(k) != info.get(k)}
         if changed:
             sys.exit(f"{out} was run with other settings ({', '.join(sorted(changed))} differ: {run_info}); "
                      "give another --out or delete that run's folder to start afresh")
     else:
+        gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None
         run_info.write_text(json.dumps({**info, "started": time.strftime("%Y-%m-%d"), "threads": args.threads,
-                                        "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores)"}, indent=2))
+                                        "machine": gpu or f"{platform.machine()} CPU ({os.cpu_count()} cores)"},
+                                       indent=2))
     records = json.loads(DATA.read_text())
     requests = load_requests(DATA, limit=args.nights * args.edits_per_night)
     canary_rows = [json.loads(line) for line in CANARY.read_text().splitlines()]
     canary = [r["prompt"] for r in canary_rows]
     ppl_texts = [f"{r['prompt']} {r['answer']}." for r in canary_rows]
-    base, tok = load_model("smollm2-135m", progress=False)
+    base, tok = load_model("smollm2-135m", device=args.device, progress=False)
     base_next = next_token_ids(base, tok, canary)
     base_row = {"night": 0, "edits": 0, "perplexity": perplexity(base, tok, ppl_texts)}
     del base
@@ -142,7 +159,7 @@ def main() -> None:
     def checkpoint(row: dict) -> None:
         """Measure the head over every edit up to `row`'s night and store the numbers on the row."""
         row.update(measure(settings, store, requests[:row["night"] * args.edits_per_night], args.edits_per_night,
-                           canary, base_next, ppl_texts))
+                           canary, base_next, ppl_texts, args.eval_batch_size))
         row["perplexity_ratio"] = row["perplexity"] / base_row["perplexity"]
 
     if args.measure_now and rows and "retention_token" not in rows[-1]:
@@ -152,7 +169,14 @@ def main() -> None:
         report(args.out)
         return
     bar = tqdm(range(done_nights, args.nights), desc=run, unit="night", initial=done_nights, total=args.nights)
+    t_start = time.perf_counter()
     for night in bar:
+        if args.deadline_min and time.perf_counter() - t_start > 60 * args.deadline_min:
+            bar.write(f"deadline of {args.deadline_min} min reached after night {night}; measuring it and stopping")
+            if rows and "retention_token" not in rows[-1]:
+                checkpoint(rows[-1])
+                rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            break
         chunk = records[night * args.edits_per_night:(night + 1) * args.edits_per_night]
         store.add_edits([EditSpec(subject=r["subject"], prompt=r["prompt"], target_new=r["target_new"],
                                   target_true=r["ground_truth"], paraphrases=(r["rephrase_prompt"],),

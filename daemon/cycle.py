@@ -128,10 +128,12 @@ def probe_for(settings: Settings, store: Store, retained: Sequence[gate.Fact], *
 
 
 def load_editor(settings: Settings, path: Path, model, tokenizer):
-    """The configured hypernet editor for the unedited base `model`, with its preservation prior (config)."""
+    """The configured hypernet editor for the unedited base `model`, with its preservation prior and
+    `hypernet_from_base` (config)."""
     from horse.editor import Editor
 
     editor = Editor.from_checkpoint(path, model)
+    editor.from_base = settings.hypernet_from_base
     if settings.preserve_weight:  # statistics of the base model's inputs, cached after the first night
         from horse.covariance import preservation_moments
 
@@ -373,7 +375,8 @@ class _Batch:
             self.chain: list[ChainLink] = links(s, self.parent_id)
             rewritten = set(s.execute(select(Edit.key_hash).where(Edit.id.in_(list(self.edits)))).scalars())
             retained = self._retained_edits(s, [c.id for c in self.chain], rewritten)
-        # fine-tune-the-ledger re-derives everything the head carries from the base, every night
+        # fine-tune-the-ledger (and a hypernet with `hypernet_from_base`) re-derives everything the head carries
+        # from the base, every night
         self.from_base = bool(getattr(self.editor, "from_base", False))
         self.carried: list[EditRecord] = retained if self.from_base else []
         self.m: Materialised = materialise(self.settings, self.chain, track=self.editor.module_names,

@@ -98,6 +98,8 @@ class Editor:
         protect_KK: per module, KₑᵀKₑ of the keys of earlier edits whose outputs the solve keeps, weighted
             by protect_weight (None: off); set them with `set_protected_keys`.
         metadata: the checkpoint card's extra fields (training data hash, steps, metrics, ...).
+        from_base: read by the daemon: when True each night is one edit of every carried edit plus the
+            new ones on the base weights (config `hypernet_from_base`); the editor itself ignores it.
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class Editor:
         self.protect_KK: dict[str, torch.Tensor] | None = None
         self.protect_weight = 0.0
         self.metadata: dict = dict(metadata or {})
+        self.from_base = False
 
     # ------------------------------------------------------------------ construction
 

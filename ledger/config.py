@@ -71,6 +71,11 @@ class Settings:
                                   "ridge solve on the keys of the edits the head already carries (the gate's retention "
                                   "sample of them, captured at the head), so that a night overwrites less of the "
                                   "earlier ones; 0 = off. See benchmarks/edit_quality.py --protect")
+    hypernet_from_base: bool = _opt(False, "true|false", "hypernet engines: derive every night's snapshot from "
+                                    "the base model by one edit of every applied edit plus the new ones (a "
+                                    "consolidation each night, kind `consolidated`), so the hypernet only ever edits "
+                                    "the model it was trained on; false = each night edits the head (incremental). "
+                                    "Costs grow with the ledger; see benchmarks/lifelong.py --from-base")
     running_normaliser: bool = _opt(False, "true|false", "hypernet engines: merge each night's inputs into the "
                                     "hypernet's input normaliser and carry the statistics to the next night (saved "
                                     "beside each snapshot); false = the frozen training-time statistics")

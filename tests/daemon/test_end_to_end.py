@@ -322,3 +322,38 @@ def test_protect_earlier_captures_the_carried_edits_keys(db_url, daemon_settings
         return sum(float((keys.keys_NK[n].double() @ d.to_dense().double()).norm()) for n, d in deltas.items())
 
     assert moved("kept", 1e6) < 0.01 * moved("plain", 0.0)
+
+
+def test_hypernet_from_base_publishes_one_edit_of_every_carried_edit(db_url, daemon_settings, cli_runner, tmp_path):
+    """hypernet_from_base = true: every night is one hypernet edit, on the base weights, of the edits the head
+    carries plus the night's (what the hypernet was trained on: no chain of its own deltas). The published
+    snapshot is exactly that edit; a rewritten edit is superseded and left out; rollback and verify work."""
+    from daemon import snapshots
+    from daemon.cycle import load_editor, to_request
+    from daemon.materialise import load_base
+
+    settings, cfg, store, first = _first_night(db_url, daemon_settings, cli_runner, tmp_path, gate_min_efficacy=0.0,
+                                               hypernet_from_base=True)
+    s1 = store.get_snapshot(first["snapshot_id"])
+    assert (s1.kind, s1.parent_id, s1.metrics["n_carried"]) == ("consolidated", None, 2)
+
+    _add(cli_runner, cfg, tmp_path, "night2", [fact(2), fact(0, color=COLORS[5])])  # edit 4 rewrites edit 1
+    second = _apply(cli_runner, cfg)
+    assert second["status"] == "published" and second["applied"] == [3, 4], second
+    s2 = store.get_snapshot(second["snapshot_id"])
+    assert (s2.kind, s2.parent_id, s2.metrics["chain_length"], s2.metrics["n_carried"]) == ("consolidated", None, 1, 3)
+    assert store.get_edits([1])[0].status == "superseded"
+
+    # the snapshot is the editor's one edit of edits 2, 3 and 4 on the base, not night 1 plus a night-2 delta
+    model, tok = load_base(settings)
+    editor = load_editor(settings, Path(settings.hypernet), model, tok)
+    expected, _ = editor.compute_deltas(model, tok, [to_request(e) for e in store.get_edits([2, 3, 4])])
+    published, _ = snapshots.read_snapshot(settings.snapshot_dir, s2.path)
+    assert set(published) == set(expected)
+    for name, delta in expected.items():
+        torch.testing.assert_close(published[name].to_dense(), delta.to_dense(), rtol=1e-4, atol=1e-5)
+    assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
+
+    rb = json.loads(cli_runner(cfg, "rollback", str(s1.id), "--json").stdout)
+    assert rb["rolled_back_edits"] == [3, 4] and rb["restored_edits"] == [1]
+    store.close()
