@@ -259,6 +259,9 @@ class _Batch:
         self.bisect_log: list[dict[str, Any]] = []
         self._delta_cache: dict[frozenset[int], Any] = {}
         self._base_deltas: dict[int, Any] = {}  # from_base engines: id(relative deltas) → base-relative deltas
+        self._carried_sums: Any = None  # hypernet_from_base: the carried edits' statistics (horse.sums), at the base
+        self.sums_source: str | None = None  # where they came from: "cache" or "captured"
+        self._sums_after: dict[frozenset[int], Any] = {}  # candidate set → carried + its statistics
         self._verdict_cache: dict[frozenset[int], gate.Verdict] = {}
 
     # ------------------------------------------------------------------ plumbing
@@ -336,6 +339,8 @@ class _Batch:
             published = list(s.execute(select(Snapshot.id).where(Snapshot.base_model == self.base_model,
                                                                  Snapshot.status == "published")).scalars())
         snapshots.prune_weights_cache(self.settings.snapshot_dir, self.base_model, valid_ids=published)
+        snapshots.prune_weights_cache(self.settings.snapshot_dir, self.base_model, valid_ids=published,
+                                      folder=snapshots.SUMS_DIR, keep=2)
         if removed:
             log.warning("removed %d orphan snapshot files", len(removed), extra={"files": [str(p) for p in removed]})
         swept = self.store.sweep_stale(self.settings.claim_stale_after_s, actor=self.actor)
@@ -456,7 +461,7 @@ class _Batch:
             t = time.perf_counter()
             requests = [to_request(self.edits[i]) for i in sorted(ids)]
             if self.from_base:
-                deltas, engine_timings = self._compute_from_base([to_request(e) for e in self.carried] + requests)
+                deltas, engine_timings = self._compute_from_base(requests, key)
             else:
                 if self.running_normaliser:  # every candidate starts from the head's statistics
                     self.editor.load_normaliser_state(self._normaliser_head)
@@ -505,9 +510,51 @@ class _Batch:
         self._normaliser_head = self.editor.normaliser_state()
         self._normaliser_after: dict[frozenset[int], dict] = {}
 
-    def _compute_from_base(self, requests):
-        """Run the engine on the base weights (the head's are put back after), keep its base-relative deltas
-        and return them relative to the head: base + Δ − head, dense."""
+    def _uses_sums(self) -> bool:
+        """hypernet_from_base with an editor whose statistics add up (`horse.sums`): a night captures only its
+        own edits and adds them to the carried edits' statistics (cached beside the head snapshot)."""
+        return bool(getattr(self.editor, "sums_supported", False))
+
+    def _sums_metadata(self, edit_ids: Sequence[int]) -> dict[str, str]:
+        return {"hypernet_fingerprint": self.hypernet_fingerprint, "base_fingerprint": self.editor.fingerprint,
+                "edits_sha256": hashlib.sha256(json.dumps(sorted(edit_ids)).encode()).hexdigest(),
+                "n_edits": str(len(edit_ids))}
+
+    def _carried_sums_at_base(self):
+        """The carried edits' statistics: the head's cached ones when they are of exactly these edits, this
+        hypernet and base; else captured now (the model must be at the base). None when nothing is carried."""
+        from horse.sums import EditSums
+
+        if self._carried_sums is not None or not self.carried:
+            return self._carried_sums
+        ids = [e.id for e in self.carried]
+        cached = snapshots.read_sums_cache(self.settings.snapshot_dir, self.base_model, self.parent_id) \
+            if self.parent_id is not None else None
+        if cached is not None and all(cached[1].get(k) == v for k, v in self._sums_metadata(ids).items()):
+            self._carried_sums, self.sums_source = EditSums.from_tensors(cached[0]), "cache"
+        else:  # a rewritten (superseded) edit, a rollback, another hypernet, or no cache: capture them all again
+            self._carried_sums = self.editor.edit_sums(self.model, self.tokenizer, [to_request(e) for e in self.carried])
+            self.sums_source = "captured"
+        return self._carried_sums
+
+    def _base_edit(self, requests, key: frozenset[int]):
+        """The engine's base-relative deltas of every carried edit plus `requests` (the model is at the base)."""
+        if not self._uses_sums():
+            return self.editor.compute_deltas(self.model, self.tokenizer,
+                                              [to_request(e) for e in self.carried] + list(requests))
+        t = time.perf_counter()
+        carried = self._carried_sums_at_base()
+        t_carried = time.perf_counter() - t
+        sums = self.editor.edit_sums(self.model, self.tokenizer, requests)
+        sums = sums if carried is None else carried + sums
+        t_new = time.perf_counter() - t - t_carried
+        self._sums_after[key] = sums
+        deltas = self.editor.deltas_from_sums(sums)
+        return deltas, {"sums_carried": t_carried, "sums_new": t_new, "solve": time.perf_counter() - t - t_carried - t_new}
+
+    def _compute_from_base(self, requests, key: frozenset[int]):
+        """Run the engine on the base weights (the head's are put back after) for the carried edits plus
+        `requests`, keep its base-relative deltas and return them relative to the head: base + Δ − head, dense."""
         import torch
 
         from horse.arch import get_module, module_weight_KV
@@ -520,7 +567,7 @@ class _Batch:
             heads = {n: m.weight.detach().clone() for n, m in modules.items()}
             try:
                 self.m.reset_to_base()
-                base_deltas, timings = self.editor.compute_deltas(self.model, self.tokenizer, requests)
+                base_deltas, timings = self._base_edit(requests, key)
                 base_KV = {n: module_weight_KV(m).detach().float().cpu().clone() for n, m in modules.items()}
             finally:
                 for n, m in modules.items():
@@ -723,7 +770,8 @@ class _Batch:
             snap_metrics["normaliser_rows"] = {k: float(v) for k, v in self._normaliser_after[frozenset(final)].items()
                                                if k.endswith(".count")}
         if self.from_base:
-            snap_metrics.update(n_carried=len(carried), engine_run=getattr(self.editor, "last_run", None))
+            snap_metrics.update(n_carried=len(carried), engine_run=getattr(self.editor, "last_run", None),
+                                carried_sums=self.sums_source)
         with self.store.session() as s:
             current = head_id(s, self.base_model)
             if current != self.parent_id:
@@ -759,8 +807,13 @@ class _Batch:
             from horse.arch import get_module
             snapshots.write_weights_cache(self.settings.snapshot_dir, self.base_model, snapshot_id,
                                           {n: get_module(self.model, n).weight for n in touched})
+            if frozenset(final) in self._sums_after:
+                t = time.perf_counter()
+                snapshots.write_sums_cache(self.settings.snapshot_dir, self.base_model, snapshot_id,
+                                           self._sums_after[frozenset(final)].to_tensors(), self._sums_metadata(carried))
+                self._timed("write_sums", t)
         except OSError:
-            log.warning("could not write the weights cache of snapshot %d", snapshot_id, exc_info=True)
+            log.warning("could not write the weights or sums cache of snapshot %d", snapshot_id, exc_info=True)
         result.timings_s = dict(self.timings)
         with log_context(snapshot_id=snapshot_id):
             log.info("published snapshot %d: %d applied, %d failed, %d rejected", snapshot_id, len(final),

@@ -215,14 +215,19 @@ def write_weights_cache(snapshot_dir: str | os.PathLike[str], base_model: str, s
     path.parent.mkdir(parents=True, exist_ok=True)
     data = st_save({k: v.detach().cpu().contiguous() for k, v in weights.items()},
                    metadata={"format": "horse-ledger/weights-cache/1", "snapshot_id": str(snapshot_id)})
+    _replace_with(path, data)
+    prune_weights_cache(snapshot_dir, base_model, keep=keep)
+    return path
+
+
+def _replace_with(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a synced temp file and an atomic rename (a crash leaves the old file)."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    prune_weights_cache(snapshot_dir, base_model, keep=keep)
-    return path
 
 
 def read_weights_cache(snapshot_dir: str | os.PathLike[str], base_model: str, snapshot_id: int):
@@ -240,9 +245,10 @@ def read_weights_cache(snapshot_dir: str | os.PathLike[str], base_model: str, sn
 
 
 def prune_weights_cache(snapshot_dir: str | os.PathLike[str], base_model: str, *, keep: int = 4,
-                        valid_ids: Iterable[int] | None = None) -> list[Path]:
-    """Delete temp files, caches of snapshots not in `valid_ids` (when given), and all but the newest `keep`."""
-    directory = model_dir(snapshot_dir, base_model) / CACHE_DIR
+                        valid_ids: Iterable[int] | None = None, folder: str = CACHE_DIR) -> list[Path]:
+    """Delete temp files, caches of snapshots not in `valid_ids` (when given), and all but the newest `keep`
+    (in `folder`: the weights cache, or the edit sums' SUMS_DIR)."""
+    directory = model_dir(snapshot_dir, base_model) / folder
     if not directory.is_dir():
         return []
     valid = None if valid_ids is None else {int(i) for i in valid_ids}
@@ -266,3 +272,44 @@ def prune_weights_cache(snapshot_dir: str | os.PathLike[str], base_model: str, *
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+# ------------------------------------------------------------------ the edit sums (derived, deletable)
+
+SUMS_DIR = "sums"
+SUMS_FORMAT = "horse-ledger/edit-sums/1"
+
+
+def sums_cache_path(snapshot_dir: str | os.PathLike[str], base_model: str, snapshot_id: int) -> Path:
+    return model_dir(snapshot_dir, base_model) / SUMS_DIR / f"s{snapshot_id:08d}.sums.safetensors"
+
+
+def write_sums_cache(snapshot_dir: str | os.PathLike[str], base_model: str, snapshot_id: int,
+                     tensors: Mapping, metadata: Mapping[str, str], *, keep: int = 2) -> Path:
+    """Keep the additive edit statistics (`horse.sums`) of a `hypernet_from_base` snapshot, so that the next
+    night adds its own edits' instead of re-capturing every edit the snapshot carries; prune all but `keep`."""
+    from safetensors.torch import save as st_save
+
+    path = sums_cache_path(snapshot_dir, base_model, snapshot_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _replace_with(path, st_save(dict(tensors), metadata={"format": SUMS_FORMAT, **metadata}))
+    prune_weights_cache(snapshot_dir, base_model, keep=keep, folder=SUMS_DIR)
+    return path
+
+
+def read_sums_cache(snapshot_dir: str | os.PathLike[str], base_model: str, snapshot_id: int):
+    """(tensors, metadata) of a snapshot's edit statistics, or None when there are none or they are unreadable;
+    the caller checks the metadata (hypernet, base, the edits) before using them."""
+    from safetensors import safe_open
+
+    path = sums_cache_path(snapshot_dir, base_model, snapshot_id)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            if metadata.get("format") != SUMS_FORMAT:
+                return None
+            return {k: fh.get_tensor(k) for k in fh.keys()}, metadata
+    except Exception:  # noqa: BLE001 - a damaged cache is simply not used
+        return None

@@ -36,6 +36,7 @@ from transformers import PreTrainedTokenizerBase
 
 from horse.arch import default_target_modules, get_module, model_device, module_shape_KV
 from horse.deltas import Deltas, LayerDelta, fingerprint_modules
+from horse.sums import SUMS_SPREADS, EditSums, batch_sums, solve_sums, spread_rhs
 from horse.errors import BadCheckpoint, CheckpointMismatch, EngineError
 from horse.hooks import Captured, capture
 from horse.hypernet import HyperConfig, HyperNetSet, layer_residuals
@@ -354,6 +355,53 @@ class Editor:
         deltas = solutions_to_deltas(self.module_names, prediction.solutions)
         timings_s["total"] = time.perf_counter() - t0
         return deltas, timings_s
+
+    # ------------------------------------------------------------------ one edit of a whole ledger, from sums
+
+    @property
+    def sums_supported(self) -> bool:
+        """Whether `edit_sums` / `deltas_from_sums` reproduce `compute_deltas` of the union: the spread's
+        coefficients are sums over tokens and the normaliser is frozen, so each residual row is its token's own."""
+        return (self.config.spread in SUMS_SPREADS and not self.update_normaliser
+                and all(net.normaliser.has_stats for net in self.nets.nets.values()))
+
+    def edit_sums(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
+                  *, chunk_edits: int = 200, lm_batch_size: int = 25) -> EditSums:
+        """The additive statistics (`horse.sums`) of `requests` on `model`, captured about `chunk_edits` at a
+        time in LM mini-batches of `lm_batch_size` (each gradient is of its mini-batch's mean CE, so the sums of
+        sets equal the statistics of their union captured in the same mini-batches); `deltas_from_sums` solves
+        them.
+
+        Raises:
+            EngineError: no requests, or an editor whose residuals depend on the batch (`sums_supported`).
+        """
+        if not self.sums_supported:
+            raise EngineError(f"spread {self.config.spread!r} or a running normaliser makes residuals depend on "
+                              f"the batch; edit sums need one of {', '.join(SUMS_SPREADS)} and frozen statistics")
+        chunk = max(lm_batch_size, chunk_edits - chunk_edits % lm_batch_size)  # whole LM mini-batches
+        total: EditSums | None = None
+        for start in range(0, len(requests), chunk):
+            part = requests[start:start + chunk]
+            captured = self.capture(model, tokenizer, part, lm_batch_size=lm_batch_size)
+            with torch.no_grad():
+                resids = self.residuals(captured, self.normaliser_stats(captured, update=False))
+                sums = batch_sums([captured.keys_NK[n].to(self.device) for n in self.module_names], resids,
+                                  [captured.grads_NV[n].to(self.device) for n in self.module_names], len(part))
+            total = sums if total is None else total + sums
+        if total is None:
+            raise EngineError("no requests to edit; give at least one EditRequest")
+        return total
+
+    def deltas_from_sums(self, sums: EditSums) -> Deltas:
+        """Dense fp32 deltas (CPU) of the edits behind `sums`: the spread and the ridge solve with this editor's
+        λ and prior (preservation μ(N) for N = sums.n_edits, protection) — `compute_deltas` of their union."""
+        rhs = spread_rhs(sums, self.config.spread)
+        deltas: Deltas = {}
+        for name, kk, r, lam in zip(self.module_names, sums.kk_KK, rhs, self.lams()):
+            kk = kk.to(self.device)
+            delta_KV = solve_sums(kk, r.to(self.device), lam, self.prior_KK(name, sums.n_edits))
+            deltas[name] = LayerDelta(dense_KV=delta_KV.float().cpu())
+        return deltas
 
     # ------------------------------------------------------------------ checkpoints
 

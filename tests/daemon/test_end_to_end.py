@@ -326,8 +326,10 @@ def test_protect_earlier_captures_the_carried_edits_keys(db_url, daemon_settings
 
 def test_hypernet_from_base_publishes_one_edit_of_every_carried_edit(db_url, daemon_settings, cli_runner, tmp_path):
     """hypernet_from_base = true: every night is one hypernet edit, on the base weights, of the edits the head
-    carries plus the night's (what the hypernet was trained on: no chain of its own deltas). The published
-    snapshot is exactly that edit; a rewritten edit is superseded and left out; rollback and verify work."""
+    carries plus the night's (what the hypernet was trained on: no chain of its own deltas), solved from
+    additive statistics (horse.sums) that are cached beside the head, so a night captures only its own edits.
+    A rewritten edit is superseded and left out (the carried statistics are captured again); rollback and
+    verify work."""
     from daemon import snapshots
     from daemon.cycle import load_editor, to_request
     from daemon.materialise import load_base
@@ -335,25 +337,41 @@ def test_hypernet_from_base_publishes_one_edit_of_every_carried_edit(db_url, dae
     settings, cfg, store, first = _first_night(db_url, daemon_settings, cli_runner, tmp_path, gate_min_efficacy=0.0,
                                                hypernet_from_base=True)
     s1 = store.get_snapshot(first["snapshot_id"])
-    assert (s1.kind, s1.parent_id, s1.metrics["n_carried"]) == ("consolidated", None, 2)
+    assert (s1.kind, s1.parent_id, s1.metrics["n_carried"], s1.metrics["carried_sums"]) == ("consolidated", None, 2, None)
+    assert snapshots.sums_cache_path(settings.snapshot_dir, "tiny-llama", s1.id).is_file()
 
     _add(cli_runner, cfg, tmp_path, "night2", [fact(2), fact(0, color=COLORS[5])])  # edit 4 rewrites edit 1
     second = _apply(cli_runner, cfg)
     assert second["status"] == "published" and second["applied"] == [3, 4], second
     s2 = store.get_snapshot(second["snapshot_id"])
     assert (s2.kind, s2.parent_id, s2.metrics["chain_length"], s2.metrics["n_carried"]) == ("consolidated", None, 1, 3)
+    assert s2.metrics["carried_sums"] == "captured"  # edit 1 left the carried set: the cache is of other edits
     assert store.get_edits([1])[0].status == "superseded"
 
-    # the snapshot is the editor's one edit of edits 2, 3 and 4 on the base, not night 1 plus a night-2 delta
+    _add(cli_runner, cfg, tmp_path, "night3", [fact(5)])
+    third = _apply(cli_runner, cfg)
+    s3 = store.get_snapshot(third["snapshot_id"])
+    assert (s3.metrics["n_carried"], s3.metrics["carried_sums"]) == (4, "cache")
+    assert third["timings_s"]["edit_sums_carried"] < third["timings_s"]["edit_sums_new"]  # read, not captured
+
+    # each snapshot is the editor's one edit of what it carries, on the base: not a chain of nightly deltas
     model, tok = load_base(settings)
     editor = load_editor(settings, Path(settings.hypernet), model, tok)
-    expected, _ = editor.compute_deltas(model, tok, [to_request(e) for e in store.get_edits([2, 3, 4])])
-    published, _ = snapshots.read_snapshot(settings.snapshot_dir, s2.path)
-    assert set(published) == set(expected)
-    for name, delta in expected.items():
-        torch.testing.assert_close(published[name].to_dense(), delta.to_dense(), rtol=1e-4, atol=1e-5)
+    sums = editor.edit_sums(model, tok, [to_request(e) for e in store.get_edits([2])])
+    for snap, night in ((s2, [3, 4]), (s3, [5])):
+        sums = sums + editor.edit_sums(model, tok, [to_request(e) for e in store.get_edits(night)])
+        expected = editor.deltas_from_sums(sums)
+        published, _ = snapshots.read_snapshot(settings.snapshot_dir, snap.path)
+        assert set(published) == set(expected)
+        for name, delta in expected.items():
+            want = delta.to_dense()
+            torch.testing.assert_close(published[name].to_dense(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
 
     rb = json.loads(cli_runner(cfg, "rollback", str(s1.id), "--json").stdout)
-    assert rb["rolled_back_edits"] == [3, 4] and rb["restored_edits"] == [1]
+    assert rb["rolled_back_edits"] == [3, 4, 5] and rb["restored_edits"] == [1]
+    _add(cli_runner, cfg, tmp_path, "night4", [fact(6)])
+    fourth = _apply(cli_runner, cfg)  # on s1 again, whose statistics were pruned (the newest two are kept)
+    s4 = store.get_snapshot(fourth["snapshot_id"])
+    assert (fourth["status"], s4.metrics["n_carried"], s4.metrics["carried_sums"]) == ("published", 3, "captured")
     store.close()
