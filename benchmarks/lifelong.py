@@ -106,8 +106,7 @@ def main() -> None:
     run = (f"{args.method}{'-consolidate' + str(args.consolidate_every) if args.consolidate_every else ''}"
            f"{'-running' if args.running_normaliser else ''}"
            f"{f'-protect{args.protect_earlier:g}' if args.protect_earlier else ''}"
-           f"{'-frombase' if args.from_base else ''}"
-           f"{f'-pmin{args.preserve_min:g}' if args.preserve_min is not None else ''}")
+           f"{'-frombase' if args.from_base else ''}")  # other settings: --out (run.json refuses a mix)
     out = args.out / run
     out.mkdir(parents=True, exist_ok=True)
     db = f"sqlite:///{out / 'ledger.db'}"  # Store upgrades the schema on open
@@ -128,7 +127,7 @@ def main() -> None:
             "running_normaliser": args.running_normaliser, "edits_per_night": args.edits_per_night,
             **({"protect_earlier": args.protect_earlier} if args.protect_earlier else {}),
             **({"from_base": True} if args.from_base else {}),
-            **({"preserve_min": args.preserve_min} if args.preserve_min is not None else {}),
+            **({"preserve_min": settings.preserve_min} if engine == "hypernet" else {}),
             "hypernet": hypernet.name if engine == "hypernet" else None,
             "hypernet_sha256": file_sha256(hypernet) if engine == "hypernet" else None}
     if run_info.exists():

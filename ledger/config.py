@@ -64,18 +64,20 @@ class Settings:
                                   "moments of the edited layers' inputs on local text); 0 = off. Keeps small batches "
                                   "(bisection) from moving unrelated prompts; see benchmarks/preserve_weight.py")
     preserve_exponent: float = _opt(2.0, "≥ 0", "how fast the preservation weight falls with the batch size")
-    preserve_min: float = _opt(1.0, "≥ 0", "the least preservation weight μ for any batch size: μ(N) = max("
+    preserve_min: float = _opt(10.0, "≥ 0", "the least preservation weight μ for any batch size: μ(N) = max("
                                "preserve_weight / N^preserve_exponent, preserve_min); keeps a consolidation of many "
                                "nights (N in the thousands) from wrecking unrelated text")
     protect_earlier: float = _opt(0.0, "ν ≥ 0", "hypernet engines: weight ν of the prior ν·KₑᵀKₑ in each night's "
                                   "ridge solve on the keys of the edits the head already carries (the gate's retention "
                                   "sample of them, captured at the head), so that a night overwrites less of the "
                                   "earlier ones; 0 = off. See benchmarks/edit_quality.py --protect")
-    hypernet_from_base: bool = _opt(False, "true|false", "hypernet engines: derive every night's snapshot from "
+    hypernet_from_base: bool = _opt(True, "true|false", "hypernet engines: derive every night's snapshot from "
                                     "the base model by one edit of every applied edit plus the new ones (a "
-                                    "consolidation each night, kind `consolidated`), so the hypernet only ever edits "
-                                    "the model it was trained on; false = each night edits the head (incremental). "
-                                    "Costs grow with the ledger; see benchmarks/lifelong.py --from-base")
+                                    "consolidation each night, kind `consolidated`), solved from additive statistics "
+                                    "cached beside the head, so a night captures only its own edits and the "
+                                    "hypernet only ever edits the model it was trained on; false = each night edits "
+                                    "the head (incremental: the shipped hypernets break down on their own deltas "
+                                    "within a few nights, see benchmarks/lifelong.py)")
     running_normaliser: bool = _opt(False, "true|false", "hypernet engines: merge each night's inputs into the "
                                     "hypernet's input normaliser and carry the statistics to the next night (saved "
                                     "beside each snapshot); false = the frozen training-time statistics")
@@ -235,7 +237,13 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
     for name in ("preserve_weight", "preserve_exponent", "preserve_min", "protect_earlier", "finetune_locality_weight"):
         if values.get(name, 0.0) < 0:
             raise ConfigError(f"{name} = {values[name]} is negative; give a value ≥ 0")
-    return dataclasses.replace(Settings(), **values)
+    settings = dataclasses.replace(Settings(), **values)
+    if settings.hypernet_from_base and settings.engine == "hypernet":
+        for name in ("running_normaliser", "protect_earlier"):
+            if getattr(settings, name):
+                raise ConfigError(f"{name} acts on nights that edit the head; with hypernet_from_base = true every "
+                                  f"night is one edit from the base. Set hypernet_from_base = false, or drop {name}")
+    return settings
 
 
 if __name__ == "__main__":  # python -m ledger.config: print the effective settings

@@ -141,7 +141,7 @@ def test_a_later_night_supersedes_an_applied_edit_and_rollback_restores_it(db_ur
 
 
 def test_consolidation_folds_the_chain_and_rollback_still_works(db_url, daemon_settings, cli_runner, tmp_path):
-    settings = daemon_settings(db_url, gate_min_efficacy=0.0)
+    settings = daemon_settings(db_url, gate_min_efficacy=0.0, hypernet_from_base=False)  # a chain to fold
     cfg = write_config(tmp_path / "config.toml", settings)
     store = Store(db_url)
     _add(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
@@ -170,7 +170,7 @@ def test_consolidation_folds_the_chain_and_rollback_still_works(db_url, daemon_s
 
     # the policy: with consolidate_max_chain = 1 the next published night is folded right away
     cfg2 = write_config(tmp_path / "config2.toml", daemon_settings(db_url, gate_min_efficacy=0.0,
-                                                                   consolidate_max_chain=1))
+                                                                   consolidate_max_chain=1, hypernet_from_base=False))
     _add(cli_runner, cfg2, tmp_path, "night3", [fact(4)])
     third = _apply(cli_runner, cfg2)
     assert third["status"] == "published" and third["consolidation"]["status"] == "published", third
@@ -233,7 +233,7 @@ def test_running_normaliser_statistics_carry_from_night_to_night(db_url, daemon_
     from horse.editor import Editor
     from horse.zoo import load_model
 
-    settings = daemon_settings(db_url, gate_min_efficacy=0.0, running_normaliser=True)
+    settings = daemon_settings(db_url, gate_min_efficacy=0.0, running_normaliser=True, hypernet_from_base=False)
     cfg = write_config(tmp_path / "config.toml", settings)
     store = Store(db_url)
     model, _ = load_model("tiny-llama", progress=False)
@@ -261,7 +261,7 @@ def test_running_normaliser_statistics_carry_from_night_to_night(db_url, daemon_
     means = [snapshots.read_normaliser(settings.snapshot_dir, store.get_snapshot(i).path) for i in (s2, s3)]
     assert all(not torch.equal(means[0][k], means[1][k]) for k in means[0] if k.endswith(".mean_D"))
 
-    off = daemon_settings(db_url, gate_min_efficacy=0.0)  # off: frozen statistics, nothing saved
+    off = daemon_settings(db_url, gate_min_efficacy=0.0, hypernet_from_base=False)  # frozen statistics, none saved
     cfg_off = write_config(tmp_path / "off.toml", off)
     _add(cli_runner, cfg_off, tmp_path, "night4", [fact(4)])
     s4 = _apply(cli_runner, cfg_off)["snapshot_id"]
@@ -298,7 +298,7 @@ def test_protect_earlier_captures_the_carried_edits_keys(db_url, daemon_settings
 
     def two_nights(name: str, nu: float) -> tuple[Store, int, object]:
         url = f"sqlite:///{tmp_path / name}.db"
-        settings = daemon_settings(url, gate_min_efficacy=0.0, protect_earlier=nu,
+        settings = daemon_settings(url, gate_min_efficacy=0.0, protect_earlier=nu, hypernet_from_base=False,
                                    snapshot_dir=str(tmp_path / name / "snapshots"))
         cfg = write_config(tmp_path / f"{name}.toml", settings)
         _add(cli_runner, cfg, tmp_path, f"{name}-1", [fact(0), fact(1), fact(2)])

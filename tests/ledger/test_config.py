@@ -51,6 +51,8 @@ def test_precedence_toml_env_flags(tmp_path):
     ("engine = 'rome'", "engine = 'rome' is not known; give one of hypernet, finetune, memit"),
     ("finetune_epochs = 0", "finetune_epochs must be ≥ 1"),
     ("finetune_locality_weight = -1.0", "finetune_locality_weight = -1.0 is negative"),
+    ("running_normaliser = true", "running_normaliser acts on nights that edit the head"),
+    ("protect_earlier = 1.0", "Set hypernet_from_base = false, or drop protect_earlier"),
 ])
 def test_bad_config_file(tmp_path, content, message):
     cfg = tmp_path / "c.toml"
