@@ -517,6 +517,7 @@ class _Batch:
 
     def _sums_metadata(self, edit_ids: Sequence[int]) -> dict[str, str]:
         return {"hypernet_fingerprint": self.hypernet_fingerprint, "base_fingerprint": self.editor.fingerprint,
+                "dtype": self.settings.dtype,
                 "edits_sha256": hashlib.sha256(json.dumps(sorted(edit_ids)).encode()).hexdigest(),
                 "n_edits": str(len(edit_ids))}
 
@@ -549,6 +550,11 @@ class _Batch:
         sums = sums if carried is None else carried + sums
         t_new = time.perf_counter() - t - t_carried
         self._sums_after[key] = sums
+        k, v = self.editor.shapes_KV[0]
+        if sums.n_tokens * (k + v) < k * v:  # few edits: one batch of them all, kept factored (smaller files)
+            deltas, timings = self.editor.compute_deltas(self.model, self.tokenizer,
+                                                         [to_request(e) for e in self.carried] + list(requests))
+            return deltas, {**timings, "sums_carried": t_carried, "sums_new": t_new}
         deltas = self.editor.deltas_from_sums(sums)
         return deltas, {"sums_carried": t_carried, "sums_new": t_new, "solve": time.perf_counter() - t - t_carried - t_new}
 

@@ -36,11 +36,13 @@ class EditSums:
 
     Attributes:
         n_edits: how many edits (the preservation prior's μ(N) reads it).
+        n_tokens: how many answer tokens (rows of K) they have.
         kk_KK, kr_KV, kg_KV: per layer KᵀK, KᵀR^l, KᵀG^{l−1} (layer 0's kg is zeros).
         rr_L, pp_L: ⟨R^l, R^{l−1}⟩ and ‖R^{l−1}‖² per layer (0 for layer 0).
     """
 
     n_edits: int
+    n_tokens: int
     kk_KK: tuple[torch.Tensor, ...]
     kr_KV: tuple[torch.Tensor, ...]
     kg_KV: tuple[torch.Tensor, ...]
@@ -54,7 +56,7 @@ class EditSums:
             return a + sign * b.to(a.device)
 
         return EditSums(
-            self.n_edits + int(sign) * other.n_edits,
+            self.n_edits + int(sign) * other.n_edits, self.n_tokens + int(sign) * other.n_tokens,
             tuple(map(add, self.kk_KK, other.kk_KK)), tuple(map(add, self.kr_KV, other.kr_KV)),
             tuple(map(add, self.kg_KV, other.kg_KV)), add(self.rr_L, other.rr_L), add(self.pp_L, other.pp_L))
 
@@ -66,7 +68,8 @@ class EditSums:
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Flat name → tensor (for safetensors); `from_tensors` inverts it."""
-        out = {"n_edits": torch.tensor([self.n_edits], dtype=torch.int64), "rr_L": self.rr_L, "pp_L": self.pp_L}
+        out = {"n_edits": torch.tensor([self.n_edits, self.n_tokens], dtype=torch.int64), "rr_L": self.rr_L,
+               "pp_L": self.pp_L}
         for i, (kk, kr, kg) in enumerate(zip(self.kk_KK, self.kr_KV, self.kg_KV)):
             out.update({f"kk.{i}": kk, f"kr.{i}": kr, f"kg.{i}": kg})
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
@@ -75,10 +78,10 @@ class EditSums:
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> EditSums:
         n_layers = len([k for k in tensors if k.startswith("kk.")])
         try:
-            return cls(int(tensors["n_edits"][0]), *(tuple(tensors[f"{p}.{i}"].double() for i in range(n_layers))
+            return cls(int(tensors["n_edits"][0]), int(tensors["n_edits"][1]), *(tuple(tensors[f"{p}.{i}"].double() for i in range(n_layers))
                                                       for p in ("kk", "kr", "kg")),
                        tensors["rr_L"].double(), tensors["pp_L"].double())
-        except KeyError as exc:
+        except (KeyError, IndexError) as exc:
             raise EngineError(f"edit statistics without {exc}; the file is not one of horse-ledger's") from exc
 
 
@@ -97,7 +100,7 @@ def batch_sums(keys_NK: Sequence[torch.Tensor], resids_NV: Sequence[torch.Tensor
         kg.append(k64[layer].T @ g64[layer - 1] if same else torch.zeros_like(k64[layer].T @ r64[layer]))
         rr.append(float((r64[layer] * r64[layer - 1]).sum()) if same else 0.0)
         pp.append(float((r64[layer - 1] ** 2).sum()) if same else 0.0)
-    return EditSums(n_edits, tuple(k.T @ k for k in k64), tuple(k.T @ r for k, r in zip(k64, r64)), tuple(kg),
+    return EditSums(n_edits, k64[0].shape[0], tuple(k.T @ k for k in k64), tuple(k.T @ r for k, r in zip(k64, r64)), tuple(kg),
                     torch.tensor(rr, dtype=torch.float64), torch.tensor(pp, dtype=torch.float64))
 
 

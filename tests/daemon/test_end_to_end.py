@@ -348,29 +348,34 @@ def test_hypernet_from_base_publishes_one_edit_of_every_carried_edit(db_url, dae
     assert s2.metrics["carried_sums"] == "captured"  # edit 1 left the carried set: the cache is of other edits
     assert store.get_edits([1])[0].status == "superseded"
 
-    _add(cli_runner, cfg, tmp_path, "night3", [fact(5)])
+    _add(cli_runner, cfg, tmp_path, "night3", [fact(i, color=f"deep {COLORS[i % 8]} and {COLORS[(i + 1) % 8]}")
+                                               for i in range(5, 11)])  # edits 5–10, longer answers
     third = _apply(cli_runner, cfg)
     s3 = store.get_snapshot(third["snapshot_id"])
-    assert (s3.metrics["n_carried"], s3.metrics["carried_sums"]) == (4, "cache")
+    assert (s3.metrics["n_carried"], s3.metrics["carried_sums"]) == (9, "cache")
     assert third["timings_s"]["edit_sums_carried"] < third["timings_s"]["edit_sums_new"]  # read, not captured
 
-    # each snapshot is the editor's one edit of what it carries, on the base: not a chain of nightly deltas
+    # each snapshot is the editor's one edit of what it carries, on the base, not a chain of nightly deltas:
+    # of few answer tokens, one batch of them all (factored, small files); of more, solved from the sums
     model, tok = load_base(settings)
     editor = load_editor(settings, Path(settings.hypernet), model, tok)
-    sums = editor.edit_sums(model, tok, [to_request(e) for e in store.get_edits([2])])
-    for snap, night in ((s2, [3, 4]), (s3, [5])):
-        sums = sums + editor.edit_sums(model, tok, [to_request(e) for e in store.get_edits(night)])
-        expected = editor.deltas_from_sums(sums)
+    requests = {i: to_request(e) for i, e in zip(range(2, 11), store.get_edits(list(range(2, 11))))}
+    small, _ = editor.compute_deltas(model, tok, [requests[i] for i in (2, 3, 4)])
+    sums = sum((editor.edit_sums(model, tok, [requests[i] for i in night]) for night in ([3, 4], range(5, 11))),
+               editor.edit_sums(model, tok, [requests[2]]))
+    assert sums.n_tokens * sum(editor.shapes_KV[0]) > editor.shapes_KV[0][0] * editor.shapes_KV[0][1]
+    for snap, expected in ((s2, small), (s3, editor.deltas_from_sums(sums))):
         published, _ = snapshots.read_snapshot(settings.snapshot_dir, snap.path)
         assert set(published) == set(expected)
         for name, delta in expected.items():
             want = delta.to_dense()
+            assert published[name].is_factored == delta.is_factored
             torch.testing.assert_close(published[name].to_dense(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
 
     rb = json.loads(cli_runner(cfg, "rollback", str(s1.id), "--json").stdout)
-    assert rb["rolled_back_edits"] == [3, 4, 5] and rb["restored_edits"] == [1]
-    _add(cli_runner, cfg, tmp_path, "night4", [fact(6)])
+    assert rb["rolled_back_edits"] == list(range(3, 11)) and rb["restored_edits"] == [1]
+    _add(cli_runner, cfg, tmp_path, "night4", [fact(11)])
     fourth = _apply(cli_runner, cfg)  # on s1 again, whose statistics were pruned (the newest two are kept)
     s4 = store.get_snapshot(fourth["snapshot_id"])
     assert (fourth["status"], s4.metrics["n_carried"], s4.metrics["carried_sums"]) == ("published", 3, "captured")

@@ -44,7 +44,7 @@ def test_sums_of_two_batches_solve_to_the_one_batch_edit(model_tok, spread, prio
     # the same LM mini-batches on both sides: each gradient is of its own mini-batch's mean CE (MALMEN), so a
     # token's residual depends on how many answer tokens share its mini-batch, and nothing else
     sums = editor.edit_sums(model, tok, A, lm_batch_size=5) + editor.edit_sums(model, tok, B, lm_batch_size=5)
-    assert sums.n_edits == len(A) + len(B)
+    assert sums.n_edits == len(A) + len(B) and sums.n_tokens == editor.capture(model, tok, A + B).n_tokens
     expected, _ = editor.compute_deltas(model, tok, A + B, lm_batch_size=5)
     got = editor.deltas_from_sums(sums)
     assert set(got) == set(expected)
@@ -65,7 +65,7 @@ def test_sums_round_trip_and_refusals(model_tok) -> None:
     editor = _trained_like(model, tok, "reference")
     sums = editor.edit_sums(model, tok, A)
     again = EditSums.from_tensors(sums.to_tensors())
-    assert again.n_edits == sums.n_edits and all(torch.equal(x, y) for x, y in zip(again.kk_KK, sums.kk_KK))
+    assert (again.n_edits, again.n_tokens) == (sums.n_edits, sums.n_tokens) and all(torch.equal(x, y) for x, y in zip(again.kk_KK, sums.kk_KK))
     with pytest.raises(EngineError, match="not one of"):
         EditSums.from_tensors({k: v for k, v in sums.to_tensors().items() if k != "rr_L"})
     with pytest.raises(EngineError, match="at least one"):
