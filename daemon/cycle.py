@@ -261,7 +261,8 @@ class _Batch:
         self._base_deltas: dict[int, Any] = {}  # from_base engines: id(relative deltas) → base-relative deltas
         self._carried_sums: Any = None  # hypernet_from_base: the carried edits' statistics (horse.sums), at the base
         self.sums_source: str | None = None  # where they came from: "cache" or "captured"
-        self._sums_after: dict[frozenset[int], Any] = {}  # candidate set → carried + its statistics
+        self._last_sums: tuple[frozenset[int], Any] | None = None  # the newest candidate: (its set, carried + its
+        # statistics); one only, each is K×K + 2·K×V per layer (198 MB for SmolLM2)
         self._verdict_cache: dict[frozenset[int], gate.Verdict] = {}
 
     # ------------------------------------------------------------------ plumbing
@@ -549,7 +550,7 @@ class _Batch:
         sums = self.editor.edit_sums(self.model, self.tokenizer, requests)
         sums = sums if carried is None else carried + sums
         t_new = time.perf_counter() - t - t_carried
-        self._sums_after[key] = sums
+        self._last_sums = (key, sums)
         k, v = self.editor.shapes_KV[0]
         if sums.n_tokens * (k + v) < k * v:  # few edits: one batch of them all, kept factored (smaller files)
             deltas, timings = self.editor.compute_deltas(self.model, self.tokenizer,
@@ -557,6 +558,17 @@ class _Batch:
             return deltas, {**timings, "sums_carried": t_carried, "sums_new": t_new}
         deltas = self.editor.deltas_from_sums(sums)
         return deltas, {"sums_carried": t_carried, "sums_new": t_new, "solve": time.perf_counter() - t - t_carried - t_new}
+
+    def _final_sums(self, final: Sequence[int]):
+        """The published set's statistics (None without sums): the newest candidate's, or captured again when
+        bisection published another set (the model must be at the base)."""
+        if not self._uses_sums():
+            return None
+        if self._last_sums is not None and self._last_sums[0] == frozenset(final):
+            return self._last_sums[1]
+        carried = self._carried_sums_at_base()
+        sums = self.editor.edit_sums(self.model, self.tokenizer, [to_request(self.edits[i]) for i in sorted(final)])
+        return sums if carried is None else carried + sums
 
     def _compute_from_base(self, requests, key: frozenset[int]):
         """Run the engine on the base weights (the head's are put back after) for the carried edits plus
@@ -739,8 +751,10 @@ class _Batch:
             written, parent, kind = self._base_deltas[id(deltas)], None, "consolidated"
             carried = sorted({e.id for e in self.carried} | set(final))
             self.m.reset_to_base()
+            final_sums = self._final_sums(final)  # at the base, before the new deltas go in
         else:
             written, parent, kind, carried = deltas, self.parent_id, "incremental", list(final)
+            final_sums = None
         add_deltas_(self.model, written)  # the model now is exactly what materialising the new snapshot gives
         touched = sorted(set(self.m.base_weights) | set(written))
         norms = self.m.layer_norms()
@@ -813,10 +827,10 @@ class _Batch:
             from horse.arch import get_module
             snapshots.write_weights_cache(self.settings.snapshot_dir, self.base_model, snapshot_id,
                                           {n: get_module(self.model, n).weight for n in touched})
-            if frozenset(final) in self._sums_after:
+            if final_sums is not None:
                 t = time.perf_counter()
                 snapshots.write_sums_cache(self.settings.snapshot_dir, self.base_model, snapshot_id,
-                                           self._sums_after[frozenset(final)].to_tensors(), self._sums_metadata(carried))
+                                           final_sums.to_tensors(), self._sums_metadata(carried))
                 self._timed("write_sums", t)
         except OSError:
             log.warning("could not write the weights or sums cache of snapshot %d", snapshot_id, exc_info=True)
