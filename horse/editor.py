@@ -36,12 +36,12 @@ from transformers import PreTrainedTokenizerBase
 
 from horse.arch import default_target_modules, get_module, model_device, module_shape_KV
 from horse.deltas import Deltas, LayerDelta, fingerprint_modules
-from horse.sums import SUMS_SPREADS, EditSums, batch_sums, solve_sums, spread_rhs
 from horse.errors import BadCheckpoint, CheckpointMismatch, EngineError
 from horse.hooks import Captured, capture
 from horse.hypernet import HyperConfig, HyperNetSet, layer_residuals
 from horse.solve import RidgeSolution, preserving_solve, ridge_solve
 from horse.spread import spread_residuals
+from horse.sums import SUMS_SPREADS, EditSums, batch_sums, solve_sums, spread_rhs
 from horse.tokens import TokenizedBatch, chunked, tokenize_pairs
 from horse.types import EditRequest
 
