@@ -123,7 +123,8 @@ def probe_for(settings: Settings, store: Store, retained: Sequence[gate.Fact], *
     return gate.Probe(
         canary_prompts=gate.load_canary(settings.gate_canary_file or None),
         protected=tuple(gate.Fact(key=p.id, prompt=p.rendered_prompt, answer=p.target) for p in store.list_protected()),
-        retained=gate.sample_retained(retained, seed=seed or 0) if sample else tuple(retained),
+        retained=(gate.sample_retained(retained, seed=seed or 0, limit=settings.gate_retention_sample) if sample
+                  else tuple(retained)),
         generation_sample=settings.gate_generation_sample)
 
 

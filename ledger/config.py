@@ -95,6 +95,9 @@ class Settings:
                                             "greedy next tokens on canary prompts that must not change")
     gate_max_protected_drop: float = _opt(0.0, "share 0..1", "share of protected facts allowed to flip")
     gate_min_retention: float = _opt(0.9, "share 0..1", "earlier applied edits that must still hold")
+    gate_retention_sample: int = _opt(2000, "edits", "earlier applied edits the gate measures each night (a fixed "
+                                      "random sample when there are more): bounds a night's cost as the ledger grows; "
+                                      "`consolidate` and the benchmarks' checkpoints measure them all")
     gate_generation_sample: int = _opt(200, "edits", "retained edits also checked by greedy generation (what users "
                                        "see; slower than teacher forcing); 0 = off")
     gate_min_retention_generated: float = _opt(0.0, "share 0..1", "of the sampled earlier edits the head generates, "
@@ -232,6 +235,8 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
         values["cache_dir"] = str(_xdg("XDG_CACHE_HOME", ".cache", env) / APP_NAME)
     if values.get("engine", "hypernet") not in ENGINES:
         raise ConfigError(f"engine = {values['engine']!r} is not known; give one of {', '.join(ENGINES)}")
+    if values.get("gate_retention_sample", 1) < 1:
+        raise ConfigError(f"gate_retention_sample = {values['gate_retention_sample']} must be ≥ 1 (edits measured)")
     if values.get("finetune_epochs", 1) < 1 or values.get("finetune_lr", 1.0) <= 0:
         raise ConfigError("finetune_epochs must be ≥ 1 and finetune_lr > 0; fix them in the config")
     for name in ("preserve_weight", "preserve_exponent", "preserve_min", "protect_earlier", "finetune_locality_weight"):

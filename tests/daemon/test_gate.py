@@ -33,3 +33,16 @@ def test_generated_retention_is_measured_and_can_be_required(tmp_path):
     assert not strict.passed
     assert strict.reasons == ["generated retention 0.667 < 0.9: 1 earlier edits are no longer produced by greedy "
                               "decoding, ids [1]"]
+
+
+def test_the_retention_sample_is_configured_and_fixed_per_head(db_url, tmp_path):
+    from daemon.cycle import probe_for
+    from ledger.store import Store
+
+    facts = [Fact(key=i, prompt=f"p{i}", answer="a") for i in range(50)]
+    settings = load_settings(environ={"HOME": str(tmp_path)}, gate_retention_sample=7)
+    store = Store(db_url)
+    probe = probe_for(settings, store, facts, seed=3)
+    assert len(probe.retained) == 7 and probe.retained == probe_for(settings, store, facts, seed=3).retained
+    assert len(probe_for(settings, store, facts, seed=3, sample=False).retained) == 50
+    store.close()

@@ -52,6 +52,7 @@ def test_precedence_toml_env_flags(tmp_path):
     ("finetune_epochs = 0", "finetune_epochs must be ≥ 1"),
     ("finetune_locality_weight = -1.0", "finetune_locality_weight = -1.0 is negative"),
     ("running_normaliser = true", "running_normaliser acts on nights that edit the head"),
+    ("gate_retention_sample = 0", "gate_retention_sample = 0 must be ≥ 1"),
     ("protect_earlier = 1.0", "Set hypernet_from_base = false, or drop protect_earlier"),
 ])
 def test_bad_config_file(tmp_path, content, message):
