@@ -161,9 +161,15 @@ def main() -> None:
                            canary, base_next, ppl_texts, args.eval_batch_size))
         row["perplexity_ratio"] = row["perplexity"] / base_row["perplexity"]
 
-    if args.measure_now and rows and "retention_token" not in rows[-1]:
+    def measure_last() -> bool:
+        """Measure the last finished night when it has no measurements yet (an interrupted run); rewrite rows."""
+        if not rows or "retention_token" in rows[-1]:
+            return False
         checkpoint(rows[-1])
         rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return True
+
+    if args.measure_now and measure_last():
         print(json.dumps(rows[-1]))
         report(args.out)
         return
@@ -172,9 +178,7 @@ def main() -> None:
     for night in bar:
         if args.deadline_min and time.perf_counter() - t_start > 60 * args.deadline_min:
             bar.write(f"deadline of {args.deadline_min} min reached after night {night}; measuring it and stopping")
-            if rows and "retention_token" not in rows[-1]:
-                checkpoint(rows[-1])
-                rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            measure_last()
             break
         chunk = records[night * args.edits_per_night:(night + 1) * args.edits_per_night]
         store.add_edits([EditSpec(subject=r["subject"], prompt=r["prompt"], target_new=r["target_new"],

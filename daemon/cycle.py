@@ -540,25 +540,34 @@ class _Batch:
             self.sums_source = "captured"
         return self._carried_sums
 
-    def _base_edit(self, requests, key: frozenset[int]):
-        """The engine's base-relative deltas of every carried edit plus `requests` (the model is at the base)."""
-        if not self._uses_sums():
-            return self.editor.compute_deltas(self.model, self.tokenizer,
-                                              [to_request(e) for e in self.carried] + list(requests))
+    def _sums_with_carried(self, requests, timings: dict[str, float]):
+        """The carried edits' statistics plus those of `requests`, captured now (the model must be at the base);
+        the seconds of each part go to `timings` (sums_carried, sums_new)."""
         t = time.perf_counter()
         carried = self._carried_sums_at_base()
-        t_carried = time.perf_counter() - t
+        timings["sums_carried"] = time.perf_counter() - t
         sums = self.editor.edit_sums(self.model, self.tokenizer, requests)
-        sums = sums if carried is None else carried + sums
-        t_new = time.perf_counter() - t - t_carried
+        timings["sums_new"] = time.perf_counter() - t - timings["sums_carried"]
+        return sums if carried is None else carried + sums
+
+    def _base_edit(self, requests, key: frozenset[int]):
+        """The engine's base-relative deltas of every carried edit plus `requests` (the model is at the base)."""
+        def one_batch():
+            return self.editor.compute_deltas(self.model, self.tokenizer,
+                                              [to_request(e) for e in self.carried] + list(requests))
+
+        if not self._uses_sums():
+            return one_batch()
+        timings: dict[str, float] = {}
+        sums = self._sums_with_carried(requests, timings)
         self._last_sums = (key, sums)
         k, v = self.editor.shapes_KV[0]
         if sums.n_tokens * (k + v) < k * v:  # few edits: one batch of them all, kept factored (smaller files)
-            deltas, timings = self.editor.compute_deltas(self.model, self.tokenizer,
-                                                         [to_request(e) for e in self.carried] + list(requests))
-            return deltas, {**timings, "sums_carried": t_carried, "sums_new": t_new}
+            deltas, engine_timings = one_batch()
+            return deltas, {**engine_timings, **timings}
+        t = time.perf_counter()
         deltas = self.editor.deltas_from_sums(sums)
-        return deltas, {"sums_carried": t_carried, "sums_new": t_new, "solve": time.perf_counter() - t - t_carried - t_new}
+        return deltas, {**timings, "solve": time.perf_counter() - t}
 
     def _final_sums(self, final: Sequence[int]):
         """The published set's statistics (None without sums): the newest candidate's, or captured again when
@@ -567,9 +576,7 @@ class _Batch:
             return None
         if self._last_sums is not None and self._last_sums[0] == frozenset(final):
             return self._last_sums[1]
-        carried = self._carried_sums_at_base()
-        sums = self.editor.edit_sums(self.model, self.tokenizer, [to_request(self.edits[i]) for i in sorted(final)])
-        return sums if carried is None else carried + sums
+        return self._sums_with_carried([to_request(self.edits[i]) for i in sorted(final)], {})
 
     def _compute_from_base(self, requests, key: frozenset[int]):
         """Run the engine on the base weights (the head's are put back after) for the carried edits plus
