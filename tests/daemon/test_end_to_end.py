@@ -72,14 +72,18 @@ def test_apply_ask_rollback_requeue(db_url, daemon_settings, cli_runner, tmp_pat
 
     # ask shows the new fact. The tiny model's byte-level tokenizer splits " red" into " " + "red" and the
     # engine edits the answer after the space (the lone-space rule of horse/tokens.py), so ask with the space.
+    # Every taught fact is asked: each passed the gate on teacher-forced accuracy, but a greedy continuation
+    # may still drift after its first token on this tiny model, so most (not all) must come out whole.
     taught_subjects = {e.subject for e in store.get_edits(taught)}
-    i = next(i for i in range(4) if fact(i)["subject"] in taught_subjects)
-    prompt = f"The color of {fact(i)['subject']} is "
-    asked = json.loads(cli_runner(cfg, "ask", prompt, "--json", "--max-new-tokens", "4").stdout)
-    assert asked["snapshot_id"] == s1 and asked["continuation"].startswith(COLORS[i]), asked
-    assert asked["top_tokens"][0]["token"] == COLORS[i][0]
-    base_ask = json.loads(cli_runner(cfg, "ask", prompt, "--snapshot", "base", "--json").stdout)
-    assert not base_ask["continuation"].startswith(COLORS[i])
+    whole = 0
+    for i in (i for i in range(4) if fact(i)["subject"] in taught_subjects):
+        prompt = f"The color of {fact(i)['subject']} is "
+        asked = json.loads(cli_runner(cfg, "ask", prompt, "--json", "--max-new-tokens", "4").stdout)
+        assert asked["snapshot_id"] == s1 and asked["top_tokens"][0]["token"] == COLORS[i][0], asked
+        whole += asked["continuation"].startswith(COLORS[i])
+        base_ask = json.loads(cli_runner(cfg, "ask", prompt, "--snapshot", "base", "--json").stdout)
+        assert not base_ask["continuation"].startswith(COLORS[i])
+    assert whole >= (len(taught) + 1) // 2, (whole, len(taught))
     assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
 
     # rollback to base with requeue: base weights bit for bit, the edits pending again
