@@ -1,0 +1,132 @@
+"""Two ways to make one large from-base HORSE solve keep more edits, tried on CounterFact val (tuning only).
+
+    python benchmarks/from_base_variants.py refine --passes 3 --mu 10 --mode plain --scale 0.5
+    python benchmarks/from_base_variants.py refine --passes 3 --mu 10 --mode anchored
+    python benchmarks/from_base_variants.py relation-prior --facts 2000 --mu-rel 0,10,100,1000
+
+Both start from the statistics (`horse.sums`) of the first `--edits` val records captured on the base model
+(cached under ~/.cache/horse-ledger/variants/) and the solve with a fixed preservation weight μ:
+
+- refine: after the solve Δ, run the hypernet again on base + Δ for the same edits (a second capture) and add
+  a correction: "plain" solves the new residuals alone, times `--scale`; "anchored" solves the whole ridge
+  problem again with the prior on the total, Δ ← (K'ᵀK' + λI + P)⁻¹ K'ᵀ(R̂' + K'Δ).
+- relation-prior: add μ_rel·C_rel to the prior, C_rel the second moment of the edited layers' keys at the
+  answer positions of CounterFact *train* facts with their true answers (records behind the canary left out),
+  so the solve keeps the relation templates' outputs on other subjects.
+
+Each line printed: token ES / ES / PS / NS on every (edits/eval)-th edit, perplexity ratio and canary
+agreement (first 100 canary prompts). Findings: benchmarks/results/edit_quality/tuning/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+VAL = ROOT / "data" / "counterfact" / "counterfact-val.json"
+TRAIN = ROOT / "data" / "counterfact" / "counterfact-train.json"
+CANARY = ROOT / "daemon" / "assets" / "canary.jsonl"
+CACHE = Path.home() / ".cache" / "horse-ledger" / "variants"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("variant", choices=("refine", "relation-prior"))
+    p.add_argument("--edits", type=int, default=1000)
+    p.add_argument("--eval", type=int, default=300)
+    p.add_argument("--mu", type=float, default=10.0, help="the preservation weight μ (fixed)")
+    p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--mode", choices=("plain", "anchored"), default="plain")
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--facts", type=int, default=2000, help="train facts behind C_rel")
+    p.add_argument("--mu-rel", default="0,100,1000")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from safetensors.torch import load_file, save_file
+
+    from daemon.cycle import hypernet_path, load_editor
+    from daemon.materialise import load_base
+    from horse.data import load_requests
+    from horse.deltas import LayerDelta, apply_deltas, sum_deltas
+    from horse.metrics import next_token_ids, perplexity, request_scores, summarise_scores
+    from horse.sums import EditSums, solve_sums, spread_rhs
+    from horse.types import EditRequest
+    from ledger.config import load_settings
+
+    settings = load_settings(environ={})
+    model, tok = load_base(settings)
+    editor = load_editor(settings, hypernet_path(settings), model, tok)
+    editor.preserve_weight, editor.preserve_exponent, editor.preserve_floor = args.mu, 0.0, args.mu
+    requests = load_requests(VAL, limit=args.edits)
+    evaluated = requests[::max(1, args.edits // args.eval)][:args.eval]
+    canary_rows = [json.loads(line) for line in CANARY.read_text().splitlines()]
+    prompts, texts = [r["prompt"] for r in canary_rows[:100]], [f"{r['prompt']} {r['answer']}." for r in canary_rows[:100]]
+    base_next, base_ppl = next_token_ids(model, tok, prompts), perplexity(model, tok, texts)
+
+    def measure(tag: dict, deltas) -> None:
+        with apply_deltas(model, deltas):
+            sc = summarise_scores(request_scores(model, tok, evaluated, batch_size=64))
+            ppl = perplexity(model, tok, texts) / base_ppl
+            agree = float((next_token_ids(model, tok, prompts) == base_next).float().mean())
+        print(json.dumps({**tag, "token_es": round(sc["token_es"], 4), "es": round(sc["cf_es"], 4),
+                          "ps": round(sc["cf_ps"], 4), "ns": round(sc["cf_ns"], 4), "ppl_x": round(ppl, 2),
+                          "canary": round(agree, 3)}), flush=True)
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    cached = CACHE / f"val-sums-{args.edits}-{editor.fingerprint[:12]}.safetensors"
+    if cached.exists():
+        sums = EditSums.from_tensors(load_file(str(cached)))
+    else:
+        sums = editor.edit_sums(model, tok, requests)
+        save_file(sums.to_tensors(), str(cached))
+
+    if args.variant == "refine":
+        total = editor.deltas_from_sums(sums)
+        measure({"pass": 1, "mu": args.mu}, total)
+        for p_ in range(2, args.passes + 1):
+            with apply_deltas(model, total):
+                again = editor.edit_sums(model, tok, requests)
+            step = {}
+            for name, kk, rhs, lam in zip(editor.module_names, again.kk_KK, spread_rhs(again, editor.config.spread),
+                                          editor.lams()):
+                prior = editor.prior_KK(name, again.n_edits)
+                if args.mode == "anchored":  # the whole solve again, targets K'Δ + R̂'; the step is the difference
+                    current = total[name].to_dense().double()
+                    new = solve_sums(kk, rhs.double() + kk.double() @ current, lam, prior)
+                    step[name] = LayerDelta(dense_KV=(args.scale * (new - current)).float())
+                else:
+                    step[name] = LayerDelta(dense_KV=(args.scale * solve_sums(kk, rhs, lam, prior)).float())
+            total = sum_deltas(total, step)
+            measure({"pass": p_, "mu": args.mu, "mode": args.mode, "scale": args.scale}, total)
+        return
+
+    canary_cases = {int(r["source"].split(":")[1]) for r in canary_rows if r["source"].startswith("counterfact-train:")}
+    canary_prompts = {r["prompt"] for r in canary_rows}
+    train = [r for r in json.loads(TRAIN.read_text()) if r["case_id"] not in canary_cases
+             and r["prompt"] not in canary_prompts and r["locality_prompt"] not in canary_prompts][-args.facts:]
+    facts = [EditRequest(prompt=r["prompt"], target=r["ground_truth"]) for r in train]
+    t, kk_sum, n_tokens = time.perf_counter(), {n: 0.0 for n in editor.module_names}, 0
+    for start in range(0, len(facts), 200):
+        captured = editor.capture(model, tok, facts[start:start + 200])
+        for n in editor.module_names:
+            keys = captured.keys_NK[n].double()
+            kk_sum[n] = kk_sum[n] + keys.T @ keys
+        n_tokens += captured.keys_NK[editor.module_names[0]].shape[0]
+    c_rel = {n: kk_sum[n] / n_tokens for n in editor.module_names}
+    print(json.dumps({"c_rel_facts": len(facts), "tokens": n_tokens, "s": round(time.perf_counter() - t)}), flush=True)
+    generic = dict(editor.preserve_KK)
+    for mu_rel in (float(x) for x in args.mu_rel.split(",")):
+        editor.preserve_KK = {n: generic[n] + (mu_rel / args.mu) * c_rel[n].to(generic[n]) for n in editor.module_names}
+        measure({"mu": args.mu, "mu_rel": mu_rel}, editor.deltas_from_sums(sums))
+
+
+if __name__ == "__main__":
+    main()
