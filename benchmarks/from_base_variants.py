@@ -3,6 +3,7 @@
     python benchmarks/from_base_variants.py refine --passes 3 --mu 10 --mode plain --scale 0.5
     python benchmarks/from_base_variants.py refine --passes 3 --mu 10 --mode anchored
     python benchmarks/from_base_variants.py relation-prior --facts 2000 --mu-rel 0,10,100,1000
+    python benchmarks/from_base_variants.py more-layers --first-layer 18 --eta-scale 1,0.7,0.5
 
 Both start from the statistics (`horse.sums`) of the first `--edits` val records captured on the base model
 (cached under ~/.cache/horse-ledger/variants/) and the solve with a fixed preservation weight μ:
@@ -13,6 +14,9 @@ Both start from the statistics (`horse.sums`) of the first `--edits` val records
 - relation-prior: add μ_rel·C_rel to the prior, C_rel the second moment of the edited layers' keys at the
   answer positions of CounterFact *train* facts with their true answers (records behind the canary left out),
   so the solve keeps the relation templates' outputs on other subjects.
+- more-layers: edit layers `--first-layer`..29 with the shipped hypernet, the new layers' per-layer parameters
+  (block scale / shift, η, λ) copied from its first layer's, every η scaled by each of `--eta-scale`. Each
+  layer's solve is its own, so added layers add change on top of the six; the scale shares it out.
 
 Each line printed: token ES / ES / PS / NS on every (edits/eval)-th edit, perplexity ratio and canary
 agreement (first 100 canary prompts). Findings: benchmarks/results/edit_quality/tuning/README.md.
@@ -35,9 +39,33 @@ CANARY = ROOT / "daemon" / "assets" / "canary.jsonl"
 CACHE = Path.home() / ".cache" / "horse-ledger" / "variants"
 
 
+def extended_editor(editor, model, tok, settings, first_layer: int):
+    """`editor` over layers first_layer..29: the new layers get its first layer's per-layer parameters, the
+    shared blocks and normaliser are its own; the same preservation prior on every layer."""
+    from dataclasses import replace
+
+    from horse.covariance import preservation_moments
+    from horse.deltas import fingerprint_modules
+    from horse.editor import Editor
+    from horse.hypernet import HyperNetSet
+
+    first_old = int(editor.module_names[0].split(".")[2])
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(first_layer, first_old)] + editor.module_names
+    shapes = [editor.shapes_KV[0]] * len(names)
+    config = replace(editor.config, module_names=tuple(names))
+    nets = HyperNetSet(config, names, shapes)
+    old, extra = editor.nets.state_dict(), len(names) - len(editor.module_names)
+    state = {k: old[k].clone() if old[k].shape == v.shape else torch.cat([old[k][:1].expand(extra, *v.shape[1:]), old[k]])
+             for k, v in nets.state_dict().items()}  # per-layer tensors are [L, ...]
+    nets.load_state_dict(state)
+    wider = Editor(config, nets, fingerprint_modules(model, names), shapes)
+    moments, _ = preservation_moments(model, tok, names, cache_dir=settings.cache_dir)
+    return wider.set_preservation(moments, settings.preserve_weight, settings.preserve_exponent, settings.preserve_min)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("variant", choices=("refine", "relation-prior"))
+    p.add_argument("variant", choices=("refine", "relation-prior", "more-layers"))
     p.add_argument("--edits", type=int, default=1000)
     p.add_argument("--eval", type=int, default=300)
     p.add_argument("--mu", type=float, default=10.0, help="the preservation weight μ (fixed)")
@@ -46,6 +74,8 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--facts", type=int, default=2000, help="train facts behind C_rel")
     p.add_argument("--mu-rel", default="0,100,1000")
+    p.add_argument("--first-layer", type=int, default=18)
+    p.add_argument("--eta-scale", default="1,0.7,0.5")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,6 +94,8 @@ def main() -> None:
     settings = load_settings(environ={})
     model, tok = load_base(settings)
     editor = load_editor(settings, hypernet_path(settings), model, tok)
+    if args.variant == "more-layers":
+        editor = extended_editor(editor, model, tok, settings, args.first_layer)
     editor.preserve_weight, editor.preserve_exponent, editor.preserve_floor = args.mu, 0.0, args.mu
     requests = load_requests(VAL, limit=args.edits)
     evaluated = requests[::max(1, args.edits // args.eval)][:args.eval]
@@ -81,7 +113,7 @@ def main() -> None:
                           "canary": round(agree, 3)}), flush=True)
 
     CACHE.mkdir(parents=True, exist_ok=True)
-    cached = CACHE / f"val-sums-{args.edits}-{editor.fingerprint[:12]}.safetensors"
+    cached = CACHE / f"val-sums-{args.edits}-{len(editor.module_names)}-{editor.fingerprint[:12]}.safetensors"
     if cached.exists():
         sums = EditSums.from_tensors(load_file(str(cached)))
     else:
@@ -106,6 +138,13 @@ def main() -> None:
                     step[name] = LayerDelta(dense_KV=(args.scale * solve_sums(kk, rhs, lam, prior)).float())
             total = sum_deltas(total, step)
             measure({"pass": p_, "mu": args.mu, "mode": args.mode, "scale": args.scale}, total)
+        return
+
+    if args.variant == "more-layers":  # every η × a: KᵀR scales by a, ⟨R^l, R^{l−1}⟩ and ‖R^{l−1}‖² by a², KᵀG not
+        for a in (float(x) for x in args.eta_scale.split(",")):
+            scaled = EditSums(sums.n_edits, sums.n_tokens, sums.kk_KK, tuple(a * x for x in sums.kr_KV), sums.kg_KV,
+                              a * a * sums.rr_L, a * a * sums.pp_L)
+            measure({"mu": args.mu, "layers": f"{args.first_layer}-29", "eta_scale": a}, editor.deltas_from_sums(scaled))
         return
 
     canary_cases = {int(r["source"].split(":")[1]) for r in canary_rows if r["source"].startswith("counterfact-train:")}
