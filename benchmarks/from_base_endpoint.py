@@ -3,6 +3,7 @@
     python benchmarks/from_base_endpoint.py                                  # HORSE, 1,000 … 8,000 edits
     python benchmarks/from_base_endpoint.py --method malmen --points 1000,2000,4000
     python benchmarks/from_base_endpoint.py --points 1000 --sample 1000      # check against lifelong.py
+    python benchmarks/from_base_endpoint.py --points 8000 --preserve-min 100 # a stronger prior at 8,000
 
 With `hypernet_from_base` every night is one hypernet edit of every applied edit on the base weights, solved
 from additive statistics (`horse.sums`). When every edit is applied (lifelong.py sets every gate bar to 0), the
@@ -50,6 +51,7 @@ def main() -> None:
     p.add_argument("--method", choices=("horse", "malmen"), default="horse")
     p.add_argument("--points", default="1000,2000,4000,8000", help="accumulated edits at which to measure")
     p.add_argument("--sample", type=int, default=1000, help="retained edits measured at each point (at most)")
+    p.add_argument("--preserve-min", type=float, default=None, help="config preserve_min (default: the config's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--eval-batch-size", type=int, default=64)
@@ -72,8 +74,9 @@ def main() -> None:
 
     hypernet = ROOT / "horse" / "hypernets" / f"smollm2-135m-{args.method}.safetensors"
     settings = load_settings(environ={}, model="smollm2-135m", hypernet=str(hypernet), hypernet_from_base=True,
-                             device=args.device)
-    out = args.out / f"endpoint-{args.method}"
+                             device=args.device,
+                             **({"preserve_min": args.preserve_min} if args.preserve_min is not None else {}))
+    out = args.out / f"endpoint-{args.method}{f'-pmin{args.preserve_min:g}' if args.preserve_min is not None else ''}"
     out.mkdir(parents=True, exist_ok=True)
     info = {"method": args.method, "hypernet_sha256": file_sha256(hypernet), "preserve_weight": settings.preserve_weight,
             "preserve_exponent": settings.preserve_exponent, "preserve_min": settings.preserve_min,
