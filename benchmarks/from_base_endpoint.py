@@ -57,7 +57,10 @@ def main() -> None:
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lifelong")
     args = p.parse_args()
-    points = sorted({int(x) for x in args.points.split(",")})
+    try:
+        points = sorted({int(x) for x in args.points.split(",")})
+    except ValueError:
+        sys.exit(f"--points {args.points!r}: give edit counts separated by commas, e.g. 1000,2000,4000")
     if not points or points[0] < NIGHT or any(x % NIGHT for x in points):
         sys.exit(f"--points must be multiples of {NIGHT} edits (one night), e.g. 1000,2000,4000")
     torch.set_num_threads(args.threads)
