@@ -4,6 +4,7 @@
     python benchmarks/from_base_variants.py refine --passes 3 --mu 10 --mode anchored
     python benchmarks/from_base_variants.py relation-prior --facts 2000 --mu-rel 0,10,100,1000
     python benchmarks/from_base_variants.py more-layers --first-layer 18 --eta-scale 1,0.7,0.5
+    python benchmarks/from_base_variants.py preserve --edits 1900 --mus 10,30,100,300
 
 Both start from the statistics (`horse.sums`) of the first `--edits` val records captured on the base model
 (cached under ~/.cache/horse-ledger/variants/) and the solve with a fixed preservation weight μ:
@@ -17,6 +18,7 @@ Both start from the statistics (`horse.sums`) of the first `--edits` val records
 - more-layers: edit layers `--first-layer`..29 with the shipped hypernet, the new layers' per-layer parameters
   (block scale / shift, η, λ) copied from its first layer's, every η scaled by each of `--eta-scale`. Each
   layer's solve is its own, so added layers add change on top of the six; the scale shares it out.
+- preserve: the plain solve at each fixed μ of `--mus` (how the best preservation floor moves with N).
 
 Each line printed: token ES / ES / PS / NS on every (edits/eval)-th edit, perplexity ratio and canary
 agreement (first 100 canary prompts). Findings: benchmarks/results/edit_quality/tuning/README.md.
@@ -65,7 +67,7 @@ def extended_editor(editor, model, tok, settings, first_layer: int):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("variant", choices=("refine", "relation-prior", "more-layers"))
+    p.add_argument("variant", choices=("refine", "relation-prior", "more-layers", "preserve"))
     p.add_argument("--edits", type=int, default=1000)
     p.add_argument("--eval", type=int, default=300)
     p.add_argument("--mu", type=float, default=10.0, help="the preservation weight μ (fixed)")
@@ -74,6 +76,7 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--facts", type=int, default=2000, help="train facts behind C_rel")
     p.add_argument("--mu-rel", default="0,100,1000")
+    p.add_argument("--mus", default="10,30,100,300", help="preserve: the fixed μ values")
     p.add_argument("--first-layer", type=int, default=18)
     p.add_argument("--eta-scale", default="1,0.7,0.5")
     p.add_argument("--threads", type=int, default=2)
@@ -138,6 +141,12 @@ def main() -> None:
                     step[name] = LayerDelta(dense_KV=(args.scale * solve_sums(kk, rhs, lam, prior)).float())
             total = sum_deltas(total, step)
             measure({"pass": p_, "mu": args.mu, "mode": args.mode, "scale": args.scale}, total)
+        return
+
+    if args.variant == "preserve":
+        for mu in (float(x) for x in args.mus.split(",")):
+            editor.preserve_weight, editor.preserve_exponent, editor.preserve_floor = mu, 0.0, mu
+            measure({"mu": mu}, editor.deltas_from_sums(sums))
         return
 
     if args.variant == "more-layers":  # every η × a: KᵀR scales by a, ⟨R^l, R^{l−1}⟩ and ‖R^{l−1}‖² by a², KᵀG not
