@@ -35,7 +35,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT / "data" / "counterfact" / "counterfact-edit.json"
-CANARY = ROOT / "daemon" / "assets" / "canary.jsonl"
 NIGHT = 100  # edits per night, as in lifelong.py
 
 
@@ -72,7 +71,8 @@ def main() -> None:
     from horse.cli import file_sha256
     from horse.data import load_requests
     from horse.deltas import apply_deltas, frobenius_norms
-    from horse.metrics import next_token_ids, perplexity, request_scores, summarise_scores
+    from benchmarks.canary import CanaryProbe
+    from horse.metrics import request_scores, summarise_scores
     from ledger.config import load_settings
 
     hypernet = ROOT / "horse" / "hypernets" / f"smollm2-135m-{args.method}.safetensors"
@@ -106,11 +106,7 @@ def main() -> None:
     requests = load_requests(DATA, limit=todo[-1])
     if len(requests) < todo[-1]:
         sys.exit(f"the edit split has {len(requests)} records, fewer than {todo[-1]}")
-    canary_rows = [json.loads(line) for line in CANARY.read_text().splitlines()]
-    canary = [r["prompt"] for r in canary_rows]
-    ppl_texts = [f"{r['prompt']} {r['answer']}." for r in canary_rows]
-    base_next = next_token_ids(model, tok, canary)
-    base_ppl = perplexity(model, tok, ppl_texts)
+    canary = CanaryProbe.on_base(model, tok)
 
     sums, captured_s = None, 0.0
     for night in tqdm(range(todo[-1] // NIGHT), desc="capture", unit="night"):
@@ -130,12 +126,11 @@ def main() -> None:
                                                     with_generation=True))
             first = summarise_scores(request_scores(model, tok, requests[:NIGHT], batch_size=args.eval_batch_size,
                                                     with_generation=True))
-            agree = float((next_token_ids(model, tok, canary) == base_next).float().mean())
-            ppl = perplexity(model, tok, ppl_texts)
+            agree, ppl_ratio = canary.agreement(model, tok), canary.perplexity_ratio(model, tok)
         row = {"edits": n, "measured": len(retained), "retention_token": every["token_es"],
                "retention_prob": every["cf_es"], "retention_gen": every["gen_es"], "first_token": first["token_es"],
                "first_prob": first["cf_es"], "first_gen": first["gen_es"], "ps": every["cf_ps"], "ns": every["cf_ns"],
-               "canary_agreement_with_base": agree, "perplexity_ratio": ppl / base_ppl,
+               "canary_agreement_with_base": agree, "perplexity_ratio": ppl_ratio,
                "norm_max": max(frobenius_norms(deltas).values()), "mu": editor.preserve_mu(n),
                "capture_s_so_far": round(captured_s, 1), "solve_s": round(solve_s, 2)}
         with rows_path.open("a") as f:

@@ -37,7 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 VAL = ROOT / "data" / "counterfact" / "counterfact-val.json"
 TRAIN = ROOT / "data" / "counterfact" / "counterfact-train.json"
-CANARY = ROOT / "daemon" / "assets" / "canary.jsonl"
 CACHE = Path.home() / ".cache" / "horse-ledger" / "variants"
 
 
@@ -89,7 +88,8 @@ def main() -> None:
     from daemon.materialise import load_base
     from horse.data import load_requests
     from horse.deltas import LayerDelta, apply_deltas, sum_deltas
-    from horse.metrics import next_token_ids, perplexity, request_scores, summarise_scores
+    from benchmarks.canary import CanaryProbe, canary_rows
+    from horse.metrics import request_scores, summarise_scores
     from horse.sums import EditSums, solve_sums, spread_rhs
     from horse.types import EditRequest
     from ledger.config import load_settings
@@ -102,15 +102,12 @@ def main() -> None:
     editor.preserve_weight, editor.preserve_exponent, editor.preserve_floor = args.mu, 0.0, args.mu
     requests = load_requests(VAL, limit=args.edits)
     evaluated = requests[::max(1, args.edits // args.eval)][:args.eval]
-    canary_rows = [json.loads(line) for line in CANARY.read_text().splitlines()]
-    prompts, texts = [r["prompt"] for r in canary_rows[:100]], [f"{r['prompt']} {r['answer']}." for r in canary_rows[:100]]
-    base_next, base_ppl = next_token_ids(model, tok, prompts), perplexity(model, tok, texts)
+    canary = CanaryProbe.on_base(model, tok, limit=100)
 
     def measure(tag: dict, deltas) -> None:
         with apply_deltas(model, deltas):
             sc = summarise_scores(request_scores(model, tok, evaluated, batch_size=64))
-            ppl = perplexity(model, tok, texts) / base_ppl
-            agree = float((next_token_ids(model, tok, prompts) == base_next).float().mean())
+            ppl, agree = canary.perplexity_ratio(model, tok), canary.agreement(model, tok)
         print(json.dumps({**tag, "token_es": round(sc["token_es"], 4), "es": round(sc["cf_es"], 4),
                           "ps": round(sc["cf_ps"], 4), "ns": round(sc["cf_ns"], 4), "ppl_x": round(ppl, 2),
                           "canary": round(agree, 3)}), flush=True)
@@ -156,8 +153,9 @@ def main() -> None:
             measure({"mu": args.mu, "layers": f"{args.first_layer}-29", "eta_scale": a}, editor.deltas_from_sums(scaled))
         return
 
-    canary_cases = {int(r["source"].split(":")[1]) for r in canary_rows if r["source"].startswith("counterfact-train:")}
-    canary_prompts = {r["prompt"] for r in canary_rows}
+    every_canary = canary_rows()
+    canary_cases = {int(r["source"].split(":")[1]) for r in every_canary if r["source"].startswith("counterfact-train:")}
+    canary_prompts = {r["prompt"] for r in every_canary}
     train = [r for r in json.loads(TRAIN.read_text()) if r["case_id"] not in canary_cases
              and r["prompt"] not in canary_prompts and r["locality_prompt"] not in canary_prompts][-args.facts:]
     facts = [EditRequest(prompt=r["prompt"], target=r["ground_truth"]) for r in train]
