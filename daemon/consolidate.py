@@ -11,6 +11,9 @@ moves to it. The edits stay `applied`; the snapshots it folded stay on disk, so 
 still materialises base + their own chain, bit for bit. If the gate fails nothing changes and the
 measurements are recorded on a `consolidation.rejected` event.
 
+With (config): `consolidate_engine`, when set, instead of `engine` — `finetune` makes the hybrid: HORSE
+nights on the head (`hypernet_from_base = false`), and every fold a fine-tune of the whole ledger from the base.
+
 When (config): every `consolidate_every_nights` published nights since the chain's root, when the chain is
 longer than `consolidate_max_chain` snapshots, or when the last night's retention fell below
 `consolidate_min_retention`; `run_batch` checks after each published batch, `horse-ledger consolidate` runs it
@@ -23,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import insert, select
@@ -48,6 +51,7 @@ class ConsolidationResult:
 
     status: str
     reason: str = ""
+    engine: str = ""
     from_snapshot: int | None = None
     snapshot_id: int | None = None
     n_edits: int = 0
@@ -77,6 +81,13 @@ def consolidation_due(settings: Settings, store: Store) -> str | None:
     if settings.consolidate_min_retention and retention is not None and retention < settings.consolidate_min_retention:
         return f"retention {retention:.3f} < consolidate_min_retention {settings.consolidate_min_retention}"
     return None
+
+
+def consolidation_settings(settings: Settings) -> Settings:
+    """The settings a consolidation edits with: `engine` replaced by `consolidate_engine` when that is set."""
+    if settings.consolidate_engine in ("", settings.engine):
+        return settings
+    return replace(settings, engine=settings.consolidate_engine)
 
 
 def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason: str = "by hand") -> ConsolidationResult:
@@ -124,7 +135,9 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
 
         # one edit of every carried edit, from the unedited base
         model, tokenizer = load_base(settings)
-        editor, engine_fingerprint = load_engine(settings, model, tokenizer)
+        fold = consolidation_settings(settings)
+        result.engine = fold.engine
+        editor, engine_fingerprint = load_engine(fold, model, tokenizer)
         normaliser = None
         if settings.running_normaliser and hasattr(editor, "normaliser_state"):  # the head's statistics, carried on
             normaliser = snapshots.read_normaliser(settings.snapshot_dir, chain_links[-1].path)
@@ -169,7 +182,7 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
             "layer_norms": norms, "cumulative_norm_max": max(norms.values()) if norms else 0.0,
             "batch_delta_norms": norms, "weights_sha256": weights_digest(model, touched), "weights_modules": touched,
             "base_fingerprint": editor.fingerprint, "hypernet_fingerprint": engine_fingerprint,
-            "chain_length": 1, "consolidated_from": head, "consolidation_reason": reason,
+            "chain_length": 1, "consolidated_from": head, "consolidation_reason": reason, "engine": fold.engine,
         }
         with store.session() as s:
             if head_id(s, base_model) != head:

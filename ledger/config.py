@@ -110,6 +110,11 @@ class Settings:
     consolidate_max_chain: int = _opt(0, "snapshots", "fold when the chain is this long; 0 = off")
     consolidate_min_retention: float = _opt(0.0, "share 0..1",
                                             "fold when retention drops below this; 0 = off")
+    consolidate_engine: str = _opt("", "''|hypernet|finetune|memit",
+                                   "the engine a consolidation re-derives the head with; empty = `engine`. "
+                                   "finetune with engine = hypernet and hypernet_from_base = false is the hybrid: "
+                                   "cheap HORSE nights on the head, a fine-tune of the whole ledger from the base "
+                                   "every consolidate_every_nights nights")
     # logging
     log_json: str = _opt("auto", "auto|true|false", "JSON log lines; auto = when stderr is not a terminal")
 
@@ -233,8 +238,11 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
         values["snapshot_dir"] = str(data_dir / "snapshots")
     if not values.get("cache_dir"):
         values["cache_dir"] = str(_xdg("XDG_CACHE_HOME", ".cache", env) / APP_NAME)
-    if values.get("engine", "hypernet") not in ENGINES:
-        raise ConfigError(f"engine = {values['engine']!r} is not known; give one of {', '.join(ENGINES)}")
+    for name, empty_ok in (("engine", False), ("consolidate_engine", True)):
+        value = values.get(name, "" if empty_ok else "hypernet")
+        if value not in ENGINES and not (empty_ok and value == ""):
+            raise ConfigError(f"{name} = {value!r} is not known; give one of {', '.join(ENGINES)}"
+                              + (" (or leave it empty: the same as engine)" if empty_ok else ""))
     if values.get("gate_retention_sample", 1) < 1:
         raise ConfigError(f"gate_retention_sample = {values['gate_retention_sample']} must be ≥ 1 (edits measured)")
     if values.get("finetune_epochs", 1) < 1 or values.get("finetune_lr", 1.0) <= 0:
@@ -248,6 +256,11 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
             if getattr(settings, name):
                 raise ConfigError(f"{name} acts on nights that edit the head; with hypernet_from_base = true every "
                                   f"night is one edit from the base. Set hypernet_from_base = false, or drop {name}")
+        if settings.consolidate_engine not in ("", settings.engine):
+            raise ConfigError(f"consolidate_engine = {settings.consolidate_engine!r} would be undone the next night: "
+                              "with hypernet_from_base = true every night re-derives the head from the base with "
+                              "the hypernet. Set hypernet_from_base = false (HORSE nights on the head), or leave "
+                              "consolidate_engine empty")
     return settings
 
 

@@ -183,6 +183,44 @@ def test_consolidation_folds_the_chain_and_rollback_still_works(db_url, daemon_s
     store.close()
 
 
+def test_hybrid_hypernet_nights_with_finetune_consolidation(db_url, daemon_settings, cli_runner, tmp_path):
+    """consolidate_engine = finetune: hypernet nights edit the head; every second night the policy folds the chain
+    by fine-tuning the base on every carried edit (a snapshot of the base listing them all, engine finetune); the
+    next hypernet night edits that head again, and rollback to the folded chain is exact."""
+    settings = daemon_settings(db_url, gate_min_efficacy=0.0, gate_min_retention=0.0, hypernet_from_base=False,
+                               consolidate_engine="finetune", consolidate_every_nights=2, finetune_epochs=40,
+                               finetune_lr=1e-2, finetune_locality_weight=0.1)
+    cfg = write_config(tmp_path / "config.toml", settings)
+    store = Store(db_url)
+    _add(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
+    first = _apply(cli_runner, cfg)
+    assert first["status"] == "published" and first["consolidation"] is None, first
+    assert store.get_snapshot(first["snapshot_id"]).metrics["engine"] == "hypernet"
+    _add(cli_runner, cfg, tmp_path, "night2", [fact(2)])
+    second = _apply(cli_runner, cfg)
+    fold = second["consolidation"]
+    assert second["status"] == "published" and fold["status"] == "published", second
+    assert fold["engine"] == "finetune" and "consolidate_every_nights" in fold["reason"] and fold["n_edits"] == 3
+    c = store.get_snapshot(fold["snapshot_id"])
+    assert (c.kind, c.parent_id, c.metrics["engine"]) == ("consolidated", None, "finetune")
+    assert c.metrics["hypernet_fingerprint"] != store.get_snapshot(second["snapshot_id"]).metrics["hypernet_fingerprint"]
+    assert fold["gate"]["retention_n"] == 3 and fold["gate"]["retention"] >= 2 / 3  # fine-tuned in from the base
+    assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
+
+    _add(cli_runner, cfg, tmp_path, "night3", [fact(3)])
+    third = _apply(cli_runner, cfg)
+    assert third["status"] == "published" and third["consolidation"] is None, third
+    s3 = store.get_snapshot(third["snapshot_id"])
+    assert (s3.kind, s3.parent_id, s3.metrics["engine"]) == ("incremental", c.id, "hypernet")
+    assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
+    weights_s2 = _weights(settings, store, second["snapshot_id"])
+    rb = json.loads(cli_runner(cfg, "rollback", str(second["snapshot_id"]), "--json").stdout)
+    assert sorted(rb["rolled_back_snapshots"]) == sorted([c.id, s3.id]) and rb["rolled_back_edits"] == [4], rb
+    after = _weights(settings, store, second["snapshot_id"])
+    assert all(torch.equal(after[k], weights_s2[k]) for k in weights_s2)
+    store.close()
+
+
 def test_finetune_engine_rederives_every_night_from_the_base(db_url, daemon_settings, cli_runner, tmp_path):
     """engine = finetune (fine-tune-the-ledger): each night fine-tunes the base on every applied edit plus the
     night's, and publishes a snapshot of the base (parent none) that lists all of them; the gate still

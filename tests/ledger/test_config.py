@@ -54,6 +54,9 @@ def test_precedence_toml_env_flags(tmp_path):
     ("running_normaliser = true", "running_normaliser acts on nights that edit the head"),
     ("gate_retention_sample = 0", "gate_retention_sample = 0 must be ≥ 1"),
     ("protect_earlier = 1.0", "Set hypernet_from_base = false, or drop protect_earlier"),
+    ("consolidate_engine = 'rome'", "consolidate_engine = 'rome' is not known; give one of hypernet, finetune, "
+                                    "memit \\(or leave it empty"),
+    ("consolidate_engine = 'finetune'", "would be undone the next night.*Set hypernet_from_base = false"),
 ])
 def test_bad_config_file(tmp_path, content, message):
     cfg = tmp_path / "c.toml"
