@@ -2,6 +2,7 @@
 
     python benchmarks/lifelong.py --nights 80                        # HORSE, 8,000 edits (resumable)
     python benchmarks/lifelong.py --nights 20 --consolidate-every 10 # HORSE + consolidation every 10 nights
+    python benchmarks/lifelong.py --nights 20 --consolidate-every 5 --consolidate-engine finetune  # the hybrid
     python benchmarks/lifelong.py --nights 20 --protect-earlier 1    # HORSE, earlier edits' keys protected
     python benchmarks/lifelong.py --nights 80 --from-base             # HORSE, every night one edit from the base
     python benchmarks/lifelong.py --method malmen --nights 20
@@ -13,8 +14,9 @@ benchmarks/results/lifelong/<run>/ and runs one `daemon.cycle.run_batch` on Smol
 hypernet, or the configured engine (`--method finetune`: every night from the base on all applied edits;
 `--method memit`: MEMIT on the head) (the gate measures but does not stop anything here: canary, retention and efficacy bars 0, no
 bisection, so every night publishes and the numbers show what the editor itself does; the consolidation
-policy is the config's `consolidate_every_nights`; `--from-base`: the config's `hypernet_from_base`, every night one
-hypernet edit of all applied edits on the base weights). Every `--checkpoint-every` nights it materialises the
+policy is the config's `consolidate_every_nights`, its engine `consolidate_engine` (`--consolidate-engine
+finetune`: HORSE nights on the head, each fold a fine-tune of the whole ledger from the base); `--from-base`:
+the config's `hypernet_from_base`, every night one hypernet edit of all applied edits on the base weights). Every `--checkpoint-every` nights it materialises the
 head and measures over ALL accumulated edits: retention teacher-forced (mean answer-token accuracy), by
 probability (P(new) > P(true)) and generated (greedy decoding produces the target), the same for the first
 night's edits, NS on the locality prompts, canary agreement with the base model (greedy next token, 200
@@ -69,6 +71,8 @@ def main() -> None:
     p.add_argument("--nights", type=int, default=80)
     p.add_argument("--edits-per-night", type=int, default=100)
     p.add_argument("--consolidate-every", type=int, default=0, help="consolidate_every_nights (0: never)")
+    p.add_argument("--consolidate-engine", choices=("", "finetune", "memit"), default="",
+                   help="config consolidate_engine: what a fold re-derives the head with (finetune: the hybrid)")
     p.add_argument("--checkpoint-every", type=int, default=10)
     p.add_argument("--running-normaliser", action="store_true",
                    help="carry the hypernet's input statistics from night to night (config running_normaliser)")
@@ -106,6 +110,7 @@ def main() -> None:
     run = (f"{args.method}{'-consolidate' + str(args.consolidate_every) if args.consolidate_every else ''}"
            f"{'-running' if args.running_normaliser else ''}"
            f"{f'-protect{args.protect_earlier:g}' if args.protect_earlier else ''}"
+           f"{'-fold' + args.consolidate_engine if args.consolidate_engine else ''}"
            f"{'-frombase' if args.from_base else ''}")  # other settings: --out (run.json refuses a mix)
     out = args.out / run
     out.mkdir(parents=True, exist_ok=True)
@@ -118,6 +123,7 @@ def main() -> None:
                              gate_min_canary_agreement=0.0, gate_min_efficacy=0.0, gate_min_retention=0.0,
                              gate_max_protected_drop=1.0, gate_bisect_depth=0, batch_max_edits=args.edits_per_night,
                              consolidate_every_nights=args.consolidate_every, log_json="false",
+                             consolidate_engine=args.consolidate_engine,
                              running_normaliser=args.running_normaliser, protect_earlier=args.protect_earlier,
                              hypernet_from_base=args.from_base, device=args.device,
                              **({"preserve_min": args.preserve_min} if args.preserve_min is not None else {}))
@@ -127,6 +133,7 @@ def main() -> None:
             "running_normaliser": args.running_normaliser, "edits_per_night": args.edits_per_night,
             **({"protect_earlier": args.protect_earlier} if args.protect_earlier else {}),
             **({"from_base": True} if args.from_base else {}),
+            **({"consolidate_engine": args.consolidate_engine} if args.consolidate_engine else {}),
             **({"preserve_min": settings.preserve_min} if engine == "hypernet" else {}),
             "hypernet": hypernet.name if engine == "hypernet" else None,
             "hypernet_sha256": file_sha256(hypernet) if engine == "hypernet" else None}
