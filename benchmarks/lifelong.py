@@ -209,10 +209,13 @@ def main() -> None:
 
 
 def load_runs(root: Path) -> list[tuple[str, list[dict]]]:
-    """(run name, rows) for every run directory under `root`, from rows.jsonl (complete or interrupted)."""
+    """(run name, rows) for every run directory under `root`, from rows.jsonl (complete or interrupted); the
+    folders of from_base_endpoint.py (rows without nights) are not this script's runs."""
     runs = []
     for path in sorted(root.glob("*/rows.jsonl")):
-        runs.append((path.parent.name, [json.loads(line) for line in path.read_text().splitlines() if line.strip()]))
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if rows and all("night" in r for r in rows):
+            runs.append((path.parent.name, rows))
     return runs
 
 
