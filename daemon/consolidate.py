@@ -11,8 +11,8 @@ moves to it. The edits stay `applied`; the snapshots it folded stay on disk, so 
 still materialises base + their own chain, bit for bit. If the gate fails nothing changes and the
 measurements are recorded on a `consolidation.rejected` event.
 
-With (config): `consolidate_engine`, when set, instead of `engine` — `finetune` makes the hybrid: HORSE
-nights on the head (`hypernet_from_base = false`), and every fold a fine-tune of the whole ledger from the base.
+Which engine (config): `consolidate_engine` when set, else `engine`. `finetune` makes the hybrid: HORSE nights
+on the head (`hypernet_from_base = false`), and every fold a fine-tune of the whole ledger from the base.
 
 When (config): every `consolidate_every_nights` published nights since the chain's root, when the chain is
 longer than `consolidate_max_chain` snapshots, or when the last night's retention fell below
