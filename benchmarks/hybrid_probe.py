@@ -98,10 +98,7 @@ def main() -> None:
     with apply_deltas(model, folded):
         measure({"step": "fold (fine-tune)", "s": round(time.perf_counter() - t, 1), "cached": cached.name},
                 {"A": fold, "B": night})
-        keys = None
-        for start in range(0, len(fold), 100):
-            moments = editor.keys_second_moments(editor.capture(model, tok, fold[start:start + 100]))
-            keys = moments if keys is None else {n: keys[n] + moments[n] for n in keys}
+        keys = editor.requests_second_moments(model, tok, fold)
         for nu in nus:
             editor.set_protected_keys(keys, nu)
             t = time.perf_counter()

@@ -490,12 +490,10 @@ class _Batch:
             return 0
         sampled = {f.key for f in self.probe.retained}
         requests = [to_request(e) for e in retained if e.id in sampled]
-        total: dict | None = None
-        for start in range(0, len(requests), PROTECT_CHUNK):
-            captured = self.editor.capture(self.model, self.tokenizer, requests[start:start + PROTECT_CHUNK])
-            moments = self.editor.keys_second_moments(captured)
-            total = moments if total is None else {n: total[n] + moments[n] for n in total}
-        self.editor.set_protected_keys(total, nu)
+        if not requests:
+            return 0
+        moments = self.editor.requests_second_moments(self.model, self.tokenizer, requests, chunk_edits=PROTECT_CHUNK)
+        self.editor.set_protected_keys(moments, nu)
         return len(requests)
 
     def _start_normaliser(self) -> None:

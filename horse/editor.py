@@ -286,6 +286,18 @@ class Editor:
         """Per module, KᵀK (K×K, float64) of a batch's captured keys: what `set_protected_keys` sums."""
         return {n: (k := captured.keys_NK[n].to(self.device, torch.float64)).T @ k for n in self.module_names}
 
+    def requests_second_moments(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                                requests: Sequence[EditRequest], *, chunk_edits: int = 100) -> dict[str, torch.Tensor]:
+        """Per module, KᵀK (K×K, float64) of `requests`' keys on `model`, captured `chunk_edits` at a time: the
+        argument of `set_protected_keys` for edits the model already carries."""
+        total: dict[str, torch.Tensor] | None = None
+        for start in range(0, len(requests), chunk_edits):
+            moments = self.keys_second_moments(self.capture(model, tokenizer, requests[start:start + chunk_edits]))
+            total = moments if total is None else {n: total[n] + moments[n] for n in total}
+        if total is None:
+            raise EngineError("no requests to take key moments of; give at least one EditRequest")
+        return total
+
     def prior_KK(self, name: str, n_edits: int) -> torch.Tensor | None:
         """The solve's prior P for module `name` and a batch of N edits: μ(N)·C + ν·KₑᵀKₑ (None: neither)."""
         parts = []
