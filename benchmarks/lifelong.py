@@ -4,6 +4,8 @@
     python benchmarks/lifelong.py --nights 20 --consolidate-every 10 # HORSE + consolidation every 10 nights
     python benchmarks/lifelong.py --nights 20 --consolidate-every 5 --consolidate-engine finetune  # the hybrid
     python benchmarks/lifelong.py --nights 20 --protect-earlier 1    # HORSE, earlier edits' keys protected
+    python benchmarks/lifelong.py --nights 20 --consolidate-every 3 --consolidate-engine finetune --protect-earlier 1 \
+        --from-fold                                                  # the hybrid, each night from the newest fold
     python benchmarks/lifelong.py --nights 80 --from-base             # HORSE, every night one edit from the base
     python benchmarks/lifelong.py --method malmen --nights 20
     python benchmarks/lifelong.py --method finetune --nights 10 --checkpoint-every 5   # fine-tune-the-ledger
@@ -15,8 +17,10 @@ hypernet, or the configured engine (`--method finetune`: every night from the ba
 `--method memit`: MEMIT on the head) (the gate measures but does not stop anything here: canary, retention and efficacy bars 0, no
 bisection, so every night publishes and the numbers show what the editor itself does; the consolidation
 policy is the config's `consolidate_every_nights`, its engine `consolidate_engine` (`--consolidate-engine
-finetune`: HORSE nights on the head, each fold a fine-tune of the whole ledger from the base); `--from-base`:
-the config's `hypernet_from_base`, every night one hypernet edit of all applied edits on the base weights). Every `--checkpoint-every` nights it materialises the
+finetune`: HORSE nights on the head, each fold a fine-tune of the whole ledger from the base; `--from-fold`: the
+config's `hypernet_from_consolidation`, each night one HORSE edit of every edit since the newest fold, on its
+weights); `--from-base`: the config's `hypernet_from_base`, every night one hypernet edit of all applied edits on
+the base weights). Every `--checkpoint-every` nights it materialises the
 head and measures over ALL accumulated edits: retention teacher-forced (mean answer-token accuracy), by
 probability (P(new) > P(true)) and generated (greedy decoding produces the target), the same for the first
 night's edits, NS on the locality prompts, canary agreement with the base model (greedy next token, 200
@@ -80,6 +84,9 @@ def main() -> None:
                    help="config protect_earlier: ν of the prior on the carried edits' keys in each night's solve")
     p.add_argument("--from-base", action="store_true",
                    help="config hypernet_from_base: every night one edit of all applied edits from the base")
+    p.add_argument("--from-fold", action="store_true",
+                   help="config hypernet_from_consolidation: every night one edit of all edits since the newest "
+                        "consolidated snapshot, on its weights")
     p.add_argument("--preserve-min", type=float, default=None, help="config preserve_min (default: the config's)")
     p.add_argument("--device", default="cpu", help="config device (cpu, cuda:0)")
     p.add_argument("--eval-batch-size", type=int, default=32, help="prompts per batch of the checkpoints' measures")
@@ -111,7 +118,7 @@ def main() -> None:
            f"{'-running' if args.running_normaliser else ''}"
            f"{f'-protect{args.protect_earlier:g}' if args.protect_earlier else ''}"
            f"{'-fold' + args.consolidate_engine if args.consolidate_engine else ''}"
-           f"{'-frombase' if args.from_base else ''}")  # other settings: --out (run.json refuses a mix)
+           f"{'-frombase' if args.from_base else ''}{'-fromfold' if args.from_fold else ''}")  # other settings: --out (run.json refuses a mix)
     out = args.out / run
     out.mkdir(parents=True, exist_ok=True)
     db = f"sqlite:///{out / 'ledger.db'}"  # Store upgrades the schema on open
@@ -125,7 +132,8 @@ def main() -> None:
                              consolidate_every_nights=args.consolidate_every, log_json="false",
                              consolidate_engine=args.consolidate_engine,
                              running_normaliser=args.running_normaliser, protect_earlier=args.protect_earlier,
-                             hypernet_from_base=args.from_base, device=args.device,
+                             hypernet_from_base=args.from_base, hypernet_from_consolidation=args.from_fold,
+                             device=args.device,
                              **({"preserve_min": args.preserve_min} if args.preserve_min is not None else {}))
     store = Store(db)
     run_info = out / "run.json"  # what the run's nights were made with; a resumed run must not change it
@@ -133,6 +141,7 @@ def main() -> None:
             "running_normaliser": args.running_normaliser, "edits_per_night": args.edits_per_night,
             **({"protect_earlier": args.protect_earlier} if args.protect_earlier else {}),
             **({"from_base": True} if args.from_base else {}),
+            **({"from_fold": True} if args.from_fold else {}),
             **({"consolidate_engine": args.consolidate_engine} if args.consolidate_engine else {}),
             **({"preserve_min": settings.preserve_min} if engine == "hypernet" else {}),
             "hypernet": hypernet.name if engine == "hypernet" else None,

@@ -12,12 +12,13 @@ still materialises base + their own chain, bit for bit. If the gate fails nothin
 measurements are recorded on a `consolidation.rejected` event.
 
 Which engine (config): `consolidate_engine` when set, else `engine`. `finetune` makes the hybrid: HORSE nights
-on the head (`hypernet_from_base = false`), and every fold a fine-tune of the whole ledger from the base.
+(`hypernet_from_base = false`; on the head, or with `hypernet_from_consolidation` each one edit of every edit
+since the newest fold, on the fold's weights), and every fold a fine-tune of the whole ledger from the base.
 
-When (config): every `consolidate_every_nights` published nights since the chain's root, when the chain is
-longer than `consolidate_max_chain` snapshots, or when the last night's retention fell below
-`consolidate_min_retention`; `run_batch` checks after each published batch, `horse-ledger consolidate` runs it
-by hand.
+When (config): every `consolidate_every_nights` published nights since the last consolidation (or the base), when
+the chain is longer than `consolidate_max_chain` snapshots, or when the last night's retention fell below
+`consolidate_min_retention`; `run_batch` checks after each published batch, `horse-ledger consolidate` runs it by
+hand.
 
     result = consolidate(settings, store, reason="by hand")     # ConsolidationResult; .to_dict() for JSON
 """
@@ -32,7 +33,7 @@ from typing import Any
 from sqlalchemy import insert, select
 
 from daemon import gate, snapshots
-from daemon.cycle import ACTOR, load_engine, probe_for, to_fact, to_request
+from daemon.cycle import ACTOR, load_engine, nights_since_consolidation, probe_for, to_fact, to_request
 from daemon.errors import BatchRefused, DaemonError
 from daemon.locks import applier_lock
 from daemon.materialise import chain, head_id, links, load_base, materialise, weights_digest
@@ -70,9 +71,9 @@ def consolidation_due(settings: Settings, store: Store) -> str | None:
     with store.session(write=False) as s:
         snaps = chain(s, head_id(s, settings.model))
         n_chain = len(snaps)
-        nights = len([x for x in snaps if x.kind == "incremental"])
+        nights = nights_since_consolidation(snaps)
         retention = ((snaps[-1].metrics or {}).get("gate") or {}).get("retention") if snaps else None
-    if n_chain <= 1:
+    if not snaps or (n_chain == 1 and snaps[0].kind == "consolidated"):  # nothing to fold
         return None
     if settings.consolidate_max_chain and n_chain > settings.consolidate_max_chain:
         return f"chain of {n_chain} snapshots > consolidate_max_chain {settings.consolidate_max_chain}"

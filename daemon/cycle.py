@@ -27,13 +27,14 @@ Tests kill real processes at the named stages through the `on_stage` hook.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ from daemon import gate, snapshots
 from daemon.errors import BatchRefused, DaemonError
 from daemon.locks import applier_lock
 from daemon.logs import log_context
-from daemon.materialise import ChainLink, Materialised, head_id, links, load_base, materialise, weights_digest
+from daemon.materialise import (ChainLink, Materialised, chain, head_id, link_of, load_base, materialise,
+                                weights_digest)
 from ledger.config import Settings
 from ledger.events import record_event
 from ledger.models import Batch, Edit, Snapshot, SnapshotEdit, utcnow
@@ -155,7 +157,8 @@ def load_engine(settings: Settings, model, tokenizer) -> tuple[Any, str]:
         from horse.finetune import FinetuneConfig, FineTuner
 
         editor = FineTuner.new(model, FinetuneConfig(epochs=settings.finetune_epochs, lr=settings.finetune_lr,
-                                                     locality_weight=settings.finetune_locality_weight))
+                                                     locality_weight=settings.finetune_locality_weight,
+                                                     swap_weight=settings.finetune_swap_weight))
     elif settings.engine == "memit":
         from horse.memit import MemitEditor
 
@@ -168,6 +171,19 @@ def load_engine(settings: Settings, model, tokenizer) -> tuple[Any, str]:
 
 
 _FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def nights_since_consolidation(rows: Sequence[Snapshot]) -> int:
+    """Published nights the head (rows[-1] of its chain, root first) carries since its newest consolidated
+    snapshot or the base: recorded on each night's snapshot (a night derived from a consolidated snapshot
+    replaces the one before it on the chain, so counting the chain would say 1), else counted."""
+    if not rows:
+        return 0
+    recorded = (rows[-1].metrics or {}).get("nights_since_consolidation")
+    if recorded is not None:
+        return int(recorded)
+    last = max((i + 1 for i, r in enumerate(rows) if r.kind == "consolidated"), default=0)
+    return len([r for r in rows[last:] if r.kind == "incremental"])
 
 
 def file_fingerprint(path: Path) -> str:
@@ -259,8 +275,8 @@ class _Batch:
         self.efficacy: dict[int, dict[str, float]] = {}
         self.bisect_log: list[dict[str, Any]] = []
         self._delta_cache: dict[frozenset[int], Any] = {}
-        self._base_deltas: dict[int, Any] = {}  # from_base engines: id(relative deltas) → base-relative deltas
-        self._carried_sums: Any = None  # hypernet_from_base: the carried edits' statistics (horse.sums), at the base
+        self._base_deltas: dict[int, Any] = {}  # re-deriving nights: id(relative deltas) → start-relative deltas
+        self._carried_sums: Any = None  # the carried edits' statistics (horse.sums), at the start weights
         self.sums_source: str | None = None  # where they came from: "cache" or "captured"
         self._last_sums: tuple[frozenset[int], Any] | None = None  # the newest candidate: (its set, carried + its
         # statistics); one only, each is K×K + 2·K×V per layer (198 MB for SmolLM2)
@@ -377,17 +393,26 @@ class _Batch:
         t = self._timed("load_model", t)
         self.editor, self.hypernet_fingerprint = load_engine(self.settings, model, tokenizer)
         t = self._timed("load_hypernet", t)
+        # fine-tune-the-ledger (and a hypernet with `hypernet_from_base`) re-derives everything the head carries
+        # from the base, every night; `hypernet_from_consolidation`: everything since the newest consolidated
+        # snapshot on the chain (the start), from its weights
+        self.from_base = bool(getattr(self.editor, "from_base", False))
+        self.from_start = self.from_base or self.settings.hypernet_from_consolidation
         with self.store.session(write=False) as s:
             self.parent_id = head_id(s, self.base_model)
-            self.chain: list[ChainLink] = links(s, self.parent_id)
+            rows = chain(s, self.parent_id)
+            self.chain: list[ChainLink] = [link_of(r) for r in rows]
+            self.start_len = 0 if self.from_base or not self.from_start else \
+                max((i + 1 for i, r in enumerate(rows) if r.kind == "consolidated"), default=0)
+            self.start_id = rows[self.start_len - 1].id if self.start_len else None
+            self.nights_before = nights_since_consolidation(rows)
             rewritten = set(s.execute(select(Edit.key_hash).where(Edit.id.in_(list(self.edits)))).scalars())
             retained = self._retained_edits(s, [c.id for c in self.chain], rewritten)
-        # fine-tune-the-ledger (and a hypernet with `hypernet_from_base`) re-derives everything the head carries
-        # from the base, every night
-        self.from_base = bool(getattr(self.editor, "from_base", False))
-        self.carried: list[EditRecord] = retained if self.from_base else []
+            at_start = {e.id for e in self._retained_edits(s, [c.id for c in self.chain[:self.start_len]], set())}
+        self.carried: list[EditRecord] = [e for e in retained if e.id not in at_start] if self.from_start else []
         self.m: Materialised = materialise(self.settings, self.chain, track=self.editor.module_names,
-                                           model_and_tokenizer=(model, tokenizer))
+                                           model_and_tokenizer=(model, tokenizer),
+                                           keep_after=self.start_len if self.start_len else None)
         self.model, self.tokenizer = model, tokenizer
         self._start_normaliser()
         t = self._timed("materialise", t)
@@ -453,17 +478,18 @@ class _Batch:
         s.execute(update(Edit), [{"id": o, "superseded_by_id": n} for o, n in links.items()])
 
     def _compute(self, ids: Sequence[int]):
-        """Deltas for exactly these edits on the head (cached per set). A `from_base` engine computes its
-        delta from the base over the carried edits plus these; the result is kept (`_base_deltas`) for the
-        snapshot, and returned relative to the head for the gate."""
+        """Deltas for exactly these edits on the head (cached per set). A night that re-derives (`from_start`)
+        computes its delta from the start (the base, or the newest consolidated snapshot) over the carried edits
+        plus these; the result is kept (`_base_deltas`) for the snapshot, and returned relative to the head for
+        the gate."""
         from horse.deltas import check_finite
 
         key = frozenset(ids)
         if key not in self._delta_cache:
             t = time.perf_counter()
             requests = [to_request(self.edits[i]) for i in sorted(ids)]
-            if self.from_base:
-                deltas, engine_timings = self._compute_from_base(requests, key)
+            if self.from_start:
+                deltas, engine_timings = self._compute_from_start(requests, key)
             else:
                 if self.running_normaliser:  # every candidate starts from the head's statistics
                     self.editor.load_normaliser_state(self._normaliser_head)
@@ -483,23 +509,48 @@ class _Batch:
 
     def _protect_earlier(self, retained: Sequence[EditRecord]) -> int:
         """`protect_earlier` = ν > 0: the night's solve keeps the edited layers' outputs on the keys of the edits
-        the head already carries (ν·KₑᵀKₑ, `Editor.set_protected_keys`), captured at the head for the gate's
+        the model it edits already carries (ν·KₑᵀKₑ, `Editor.set_protected_keys`): the head's, or with
+        `hypernet_from_consolidation` the consolidated snapshot's, captured on those weights for the gate's
         retention sample of them (so the cost stays bounded). Returns how many edits were protected."""
         nu = self.settings.protect_earlier
         if not nu or self.from_base or not retained or not hasattr(self.editor, "set_protected_keys"):
             return 0
         sampled = {f.key for f in self.probe.retained}
-        requests = [to_request(e) for e in retained if e.id in sampled]
+        redone = {e.id for e in self.carried}  # re-derived with the night's edits, not kept
+        requests = [to_request(e) for e in retained if e.id in sampled and e.id not in redone]
         if not requests:
             return 0
-        moments = self.editor.requests_second_moments(self.model, self.tokenizer, requests, chunk_edits=PROTECT_CHUNK)
+        with self._at_start():
+            moments = self.editor.requests_second_moments(self.model, self.tokenizer, requests,
+                                                          chunk_edits=PROTECT_CHUNK)
         self.editor.set_protected_keys(moments, nu)
         return len(requests)
+
+    @contextlib.contextmanager
+    def _at_start(self) -> Iterator[None]:
+        """With `from_start`, the model at the start weights (the base, or the newest consolidated snapshot) in
+        every module the chain or the engine touches, and the head's put back after; else as it is."""
+        import torch
+
+        from horse.arch import get_module
+
+        if not self.from_start:
+            yield
+            return
+        modules = {n: get_module(self.model, n) for n in sorted(self.m.base_weights)}
+        with torch.no_grad():
+            heads = {n: m.weight.detach().clone() for n, m in modules.items()}
+            try:
+                self.m.reset_to_start()
+                yield
+            finally:
+                for n, m in modules.items():
+                    m.weight.copy_(heads[n])
 
     def _start_normaliser(self) -> None:
         """`running_normaliser`: continue from the statistics saved beside the head snapshot (or the training
         ones); each computed candidate's merged statistics are kept, the published one's are saved."""
-        self.running_normaliser = (self.settings.running_normaliser and not self.from_base
+        self.running_normaliser = (self.settings.running_normaliser and not self.from_start
                                    and hasattr(self.editor, "normaliser_state"))
         if not self.running_normaliser:
             return
@@ -511,19 +562,20 @@ class _Batch:
         self._normaliser_after: dict[frozenset[int], dict] = {}
 
     def _uses_sums(self) -> bool:
-        """hypernet_from_base with an editor whose statistics add up (`horse.sums`): a night captures only its
+        """A re-deriving night with an editor whose statistics add up (`horse.sums`): a night captures only its
         own edits and adds them to the carried edits' statistics (cached beside the head snapshot)."""
         return bool(getattr(self.editor, "sums_supported", False))
 
     def _sums_metadata(self, edit_ids: Sequence[int]) -> dict[str, str]:
         return {"hypernet_fingerprint": self.hypernet_fingerprint, "base_fingerprint": self.editor.fingerprint,
-                "dtype": self.settings.dtype,
+                "dtype": self.settings.dtype, "start": "base" if self.start_id is None else f"snapshot {self.start_id}",
                 "edits_sha256": hashlib.sha256(json.dumps(sorted(edit_ids)).encode()).hexdigest(),
                 "n_edits": str(len(edit_ids))}
 
-    def _carried_sums_at_base(self):
+    def _carried_sums_at_start(self):
         """The carried edits' statistics: the head's cached ones when they are of exactly these edits, this
-        hypernet and base; else captured now (the model must be at the base). None when nothing is carried."""
+        hypernet, base and start; else captured now (the model must be at the start). None when nothing is
+        carried."""
         from horse.sums import EditSums
 
         if self._carried_sums is not None or not self.carried:
@@ -539,17 +591,17 @@ class _Batch:
         return self._carried_sums
 
     def _sums_with_carried(self, requests, timings: dict[str, float]):
-        """The carried edits' statistics plus those of `requests`, captured now (the model must be at the base);
+        """The carried edits' statistics plus those of `requests`, captured now (the model must be at the start);
         the seconds of each part go to `timings` (sums_carried, sums_new)."""
         t = time.perf_counter()
-        carried = self._carried_sums_at_base()
+        carried = self._carried_sums_at_start()
         timings["sums_carried"] = time.perf_counter() - t
         sums = self.editor.edit_sums(self.model, self.tokenizer, requests)
         timings["sums_new"] = time.perf_counter() - t - timings["sums_carried"]
         return sums if carried is None else carried + sums
 
-    def _base_edit(self, requests, key: frozenset[int]):
-        """The engine's base-relative deltas of every carried edit plus `requests` (the model is at the base)."""
+    def _start_edit(self, requests, key: frozenset[int]):
+        """The engine's start-relative deltas of every carried edit plus `requests` (the model is at the start)."""
         def one_batch():
             return self.editor.compute_deltas(self.model, self.tokenizer,
                                               [to_request(e) for e in self.carried] + list(requests))
@@ -569,41 +621,36 @@ class _Batch:
 
     def _final_sums(self, final: Sequence[int]):
         """The published set's statistics (None without sums): the newest candidate's, or captured again when
-        bisection published another set (the model must be at the base)."""
+        bisection published another set (the model must be at the start)."""
         if not self._uses_sums():
             return None
         if self._last_sums is not None and self._last_sums[0] == frozenset(final):
             return self._last_sums[1]
         return self._sums_with_carried([to_request(self.edits[i]) for i in sorted(final)], {})
 
-    def _compute_from_base(self, requests, key: frozenset[int]):
-        """Run the engine on the base weights (the head's are put back after) for the carried edits plus
-        `requests`, keep its base-relative deltas and return them relative to the head: base + Δ − head, dense."""
+    def _compute_from_start(self, requests, key: frozenset[int]):
+        """Run the engine on the start weights (the head's are put back after) for the carried edits plus
+        `requests`, keep its start-relative deltas and return them relative to the head: start + Δ − head, dense."""
         import torch
 
         from horse.arch import get_module, module_weight_KV
         from horse.deltas import LayerDelta
 
-        # every module the head's chain touched goes back to the base, not only the engine's (a ledger may have
-        # switched engines): the engine sees the base model, and the candidate is exactly base + Δ
-        modules = {n: get_module(self.model, n) for n in sorted(set(self.m.base_weights) | set(self.editor.module_names))}
+        # every module the head's chain touched goes back to the start, not only the engine's (a ledger may have
+        # switched engines): the engine sees the start model, and the candidate is exactly start + Δ
+        modules = {n: get_module(self.model, n) for n in sorted(self.m.base_weights)}
+        with self._at_start():
+            start_deltas, timings = self._start_edit(requests, key)
+            start_KV = {n: module_weight_KV(m).detach().float().cpu().clone() for n, m in modules.items()}
         with torch.no_grad():
-            heads = {n: m.weight.detach().clone() for n, m in modules.items()}
-            try:
-                self.m.reset_to_base()
-                base_deltas, timings = self._base_edit(requests, key)
-                base_KV = {n: module_weight_KV(m).detach().float().cpu().clone() for n, m in modules.items()}
-            finally:
-                for n, m in modules.items():
-                    m.weight.copy_(heads[n])
             relative = {}
             for n, m in modules.items():
-                change_KV = base_KV[n] - module_weight_KV(m).detach().float().cpu()
-                if n in base_deltas:
-                    change_KV = change_KV + base_deltas[n].to_dense().cpu()
-                if n in base_deltas or bool(change_KV.any()):
+                change_KV = start_KV[n] - module_weight_KV(m).detach().float().cpu()
+                if n in start_deltas:
+                    change_KV = change_KV + start_deltas[n].to_dense().cpu()
+                if n in start_deltas or bool(change_KV.any()):
                     relative[n] = LayerDelta(dense_KV=change_KV)
-        self._base_deltas[id(relative)] = base_deltas
+        self._base_deltas[id(relative)] = start_deltas
         return relative, timings
 
     def _settle(self, ids: list[int]) -> list[int]:
@@ -752,15 +799,19 @@ class _Batch:
         from horse.deltas import add_deltas_, frobenius_norms
 
         t = time.perf_counter()
-        if self.from_base:
-            # a snapshot of the base (kind "consolidated", parent none) listing every edit it carries
-            written, parent, kind = self._base_deltas[id(deltas)], None, "consolidated"
+        if self.from_start:
+            # from the base: a snapshot of the base (kind "consolidated", parent none); from the newest consolidated
+            # snapshot: a night whose parent is that snapshot; either lists every edit it adds to its parent
+            written, parent = self._base_deltas[id(deltas)], self.start_id
+            kind = "consolidated" if self.from_base else "incremental"
             carried = sorted({e.id for e in self.carried} | set(final))
-            self.m.reset_to_base()
-            final_sums = self._final_sums(final)  # at the base, before the new deltas go in
+            self.m.reset_to_start()
+            final_sums = self._final_sums(final)  # at the start, before the new deltas go in
+            chain_length = self.start_len + 1
         else:
             written, parent, kind, carried = deltas, self.parent_id, "incremental", list(final)
             final_sums = None
+            chain_length = len(self.chain) + 1
         add_deltas_(self.model, written)  # the model now is exactly what materialising the new snapshot gives
         touched = sorted(set(self.m.base_weights) | set(written))
         norms = self.m.layer_norms()
@@ -789,13 +840,13 @@ class _Batch:
             "delta_layers": {n: ("factored" if d.is_factored else "dense") for n, d in written.items()},
             "weights_sha256": digest, "weights_modules": touched,
             "base_fingerprint": self.editor.fingerprint, "hypernet_fingerprint": self.hypernet_fingerprint,
-            "engine": self.settings.engine, "chain_length": 1 if parent is None else len(self.chain) + 1,
-            "protected_edits": self.protected,
+            "engine": self.settings.engine, "chain_length": chain_length, "protected_edits": self.protected,
+            "nights_since_consolidation": 0 if kind == "consolidated" else self.nights_before + 1,
         }
         if self.running_normaliser:
             snap_metrics["normaliser_rows"] = {k: float(v) for k, v in self._normaliser_after[frozenset(final)].items()
                                                if k.endswith(".count")}
-        if self.from_base:
+        if self.from_start:
             snap_metrics.update(n_carried=len(carried), engine_run=getattr(self.editor, "last_run", None),
                                 carried_sums=self.sums_source)
         with self.store.session() as s:

@@ -98,6 +98,8 @@ class Materialised:
     chain_ids: list[int]
     base_weights: dict[str, torch.Tensor] = field(default_factory=dict)   # fp32 copies of touched modules
     timings_s: dict[str, float] = field(default_factory=dict)
+    # `materialise(..., keep_after=k)`: exact copies (model dtype) of the tracked modules after the first k links
+    start_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def touched_modules(self) -> list[str]:
         return sorted(self.base_weights)
@@ -120,6 +122,16 @@ class Materialised:
             for name, weight in self.base_weights.items():
                 module = get_module(self.model, name)
                 module.weight.copy_(weight.to(module.weight.device, module.weight.dtype))
+
+    def reset_to_start(self) -> None:
+        """Put the weights kept by `keep_after` back into every tracked module (the base's where none were kept:
+        a module first touched after those links was at its base value there). Exact."""
+        from horse.arch import get_module
+
+        with torch.no_grad():
+            for name, weight in self.base_weights.items():
+                module = get_module(self.model, name)
+                module.weight.copy_(self.start_weights.get(name, weight).to(module.weight.device, module.weight.dtype))
 
     def layer_norms(self) -> dict[str, float]:
         """Per-layer Frobenius norm of the cumulative delta (current weights − base weights), fp32."""
@@ -159,7 +171,7 @@ def link_of(snap: Snapshot) -> ChainLink:
 def materialise(settings: Settings, chain_links: Sequence[ChainLink], *, track: Sequence[str] = (),
                 model_and_tokenizer: tuple[Any, Any] | None = None,
                 after_each: Callable[[ChainLink, Materialised], None] | None = None,
-                use_cache: bool = True) -> Materialised:
+                use_cache: bool = True, keep_after: int | None = None) -> Materialised:
     """Load the base model and add the deltas of `chain_links` in order.
 
     Args:
@@ -168,6 +180,8 @@ def materialise(settings: Settings, chain_links: Sequence[ChainLink], *, track: 
         model_and_tokenizer: a freshly loaded, unedited base model to reuse instead of loading one.
         after_each: called after each snapshot's deltas are added (verify checks every step's digest).
         use_cache: start from the newest verified weights cache on the chain (verify turns it off).
+        keep_after: keep exact copies of the tracked modules once the first `keep_after` links are added
+            (`Materialised.start_weights`, `reset_to_start`): nights derived from a consolidated snapshot.
     Raises:
         SnapshotCorrupt: a file is missing, altered (sha256) or holds NaN/Inf.
     """
@@ -182,10 +196,17 @@ def materialise(settings: Settings, chain_links: Sequence[ChainLink], *, track: 
     t_read = t_add = 0.0
     start = 0
     t1 = time.perf_counter()
-    if use_cache and after_each is None:
-        start = _start_from_cache(settings, chain_links, m)
+    if use_cache and after_each is None:  # a cache past the links to keep would skip them
+        start = _start_from_cache(settings, chain_links if keep_after is None else chain_links[:keep_after], m)
     t_cache = time.perf_counter() - t1
-    for link in chain_links[start:]:
+    from horse.arch import get_module
+
+    def keep() -> None:
+        m.start_weights = {n: get_module(model, n).weight.detach().clone() for n in m.base_weights}
+
+    if keep_after is not None and start == keep_after:
+        keep()
+    for i, link in enumerate(chain_links[start:], start=start):
         t1 = time.perf_counter()
         deltas, _meta = snapshots.read_snapshot(settings.snapshot_dir, link.path, sha256=link.sha256)
         t2 = time.perf_counter()
@@ -194,7 +215,6 @@ def materialise(settings: Settings, chain_links: Sequence[ChainLink], *, track: 
             raise SnapshotCorrupt(f"snapshot {link.id} holds NaN/Inf in {bad[:3]}; roll back past it")
         new = [n for n in deltas if n not in m.base_weights]
         if new:
-            from horse.arch import get_module
             for name in new:  # first touched by this snapshot: the chain so far left it at its base value
                 m.base_weights[name] = get_module(model, name).weight.detach().float().cpu().clone()
         with torch.no_grad():
@@ -204,6 +224,8 @@ def materialise(settings: Settings, chain_links: Sequence[ChainLink], *, track: 
         t_add += time.perf_counter() - t2
         if after_each is not None:
             after_each(link, m)
+        if keep_after is not None and i + 1 == keep_after:
+            keep()
     m.timings_s = {"load": t_load, "cache": t_cache, "read": t_read, "add": t_add,
                    "total": time.perf_counter() - t0, "from_cache": float(start)}
     return m

@@ -12,6 +12,12 @@ local corpus (`horse.covariance.corpus_texts`: training-split prompts), never fr
 Loss of one step, B edits in the mini-batch and L locality prompts:
 
     mean_b NLL(answer tokens of edit b | prompt b) + locality_weight · mean_l KL(p_base(·|l) ‖ p_θ(·|l))
+        + swap_weight · mean_b KLₖ(p_base(·|s_b) ‖ p_θ(·|s_b))
+
+where s_b is edit b's prompt asked of another edit's subject ("The mother tongue of <other subject> is"): the
+same relation, a subject the edit must leave alone (what CounterFact's neighbourhood score measures, built from
+the edits being trained, never from evaluation data), and KLₖ the KL over the base model's `swap_top_k` most
+likely next tokens (stored per edit, so memory stays small with thousands of edits).
 
 An epoch in which every answer token of every edit was already the model's top choice (before the step that
 saw it) ends training early. The daemon uses a FineTuner like a hypernet Editor (`compute_deltas`), but
@@ -52,14 +58,17 @@ class FinetuneConfig:
     locality_weight: float = 1.0
     n_locality: int = 64        # fixed unrelated prompts, sampled once from the local corpus
     locality_batch: int = 16    # of them per step, in rotation
+    swap_weight: float = 0.0    # subject-swapped prompts of the mini-batch's edits (0 = off)
+    swap_top_k: int = 64        # base next-token probabilities kept per swapped prompt
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise EngineError(f"fine-tune settings need epochs ≥ 1, batch_size ≥ 1 and lr > 0; got epochs "
                               f"{self.epochs}, batch_size {self.batch_size}, lr {self.lr}")
-        if self.locality_weight < 0:
-            raise EngineError(f"locality_weight = {self.locality_weight} is negative; give a value ≥ 0")
+        for name in ("locality_weight", "swap_weight"):
+            if getattr(self, name) < 0:
+                raise EngineError(f"{name} = {getattr(self, name)} is negative; give a value ≥ 0")
 
 
 def answer_nll_B(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
@@ -81,6 +90,33 @@ def kl_from_base_B(base_logp_BV: torch.Tensor, logits_BV: torch.Tensor) -> torch
     """KL(p_base ‖ p_θ) of next-token distributions, per row. B float."""
     logp_BV = torch.log_softmax(logits_BV.float(), dim=-1)
     return (base_logp_BV.exp() * (base_logp_BV - logp_BV)).sum(dim=-1)
+
+
+def topk_kl_from_base_B(base_ids_BK: torch.Tensor, base_logp_BK: torch.Tensor, logits_BV: torch.Tensor) -> torch.Tensor:
+    """KL(p_base ‖ p_θ) over the base model's K most likely next tokens (their ids and log-probabilities), per
+    row: Σₖ p_base(k)·(log p_base(k) − log p_θ(k)). B float; ≥ −log Σₖ p_base(k) (0 when K covers the mass)."""
+    logp_BK = torch.log_softmax(logits_BV.float(), dim=-1).gather(-1, base_ids_BK)
+    return (base_logp_BK.exp() * (base_logp_BK - logp_BK)).sum(dim=-1)
+
+
+def subject_swaps(requests: Sequence[EditRequest], seed: int) -> list[str | None]:
+    """Per edit, its prompt asked of another edit's subject (None where none fits): the subject must appear in
+    the prompt, the other subject differs from it, and the swapped prompt must not itself be an edited prompt
+    (whose answer is meant to change). Deterministic for a given seed."""
+    edited = {r.prompt for r in requests}
+    subjects = sorted({r.subject for r in requests if r.subject})
+    rng = random.Random(seed)
+    out: list[str | None] = []
+    for r in requests:
+        swapped = None
+        if r.subject and r.subject in r.prompt and len(subjects) > 1:
+            for other in rng.sample(subjects, min(4, len(subjects))):
+                prompt = r.prompt.replace(r.subject, other, 1)
+                if other != r.subject and prompt not in edited:
+                    swapped = prompt
+                    break
+        out.append(swapped)
+    return out
 
 
 def last_logits_BV(model: nn.Module, batch) -> torch.Tensor:
@@ -155,6 +191,7 @@ class FineTuner:
                         pb = tokenize_prompts(tokenizer, list(chunk)).to(device)
                         loc_batches.append(pb)
                         base_logps.append(torch.log_softmax(last_logits_BV(model, pb).float(), dim=-1))
+            swaps = self._swap_targets(model, tokenizer, requests, device)
             timings["locality"] = time.perf_counter() - t0
             params = [m.weight for m in modules]
             for p in params:
@@ -176,6 +213,13 @@ class FineTuner:
                         j = steps % len(loc_batches)
                         loss = loss + cfg.locality_weight * kl_from_base_B(
                             base_logps[j], last_logits_BV(model, loc_batches[j])).mean()
+                    swapped = [i for i in chunk if i in swaps]
+                    if swapped:
+                        pb = tokenize_prompts(tokenizer, [swaps[i][0] for i in swapped]).to(device)
+                        ids_BK = torch.stack([swaps[i][1] for i in swapped]).to(device)
+                        logp_BK = torch.stack([swaps[i][2] for i in swapped]).to(device)
+                        loss = loss + cfg.swap_weight * topk_kl_from_base_B(
+                            ids_BK, logp_BK, last_logits_BV(model, pb)).mean()
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -198,5 +242,24 @@ class FineTuner:
             model.train(was_training)
             torch.set_grad_enabled(grad_was)
         timings["total"] = time.perf_counter() - t0
-        self.last_run = {"epochs": epochs, "steps": steps, "train_hit": hits / len(requests)}
+        self.last_run = {"epochs": epochs, "steps": steps, "train_hit": hits / len(requests), "swaps": len(swaps)}
         return deltas, timings
+
+    def _swap_targets(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
+                      device) -> dict[int, tuple[str, torch.Tensor, torch.Tensor]]:
+        """Edit index → (subject-swapped prompt, the base model's top-K next-token ids (K,), their log-probs
+        (K,)); empty when `swap_weight` is 0. The model must be at the base weights."""
+        cfg = self.config
+        if cfg.swap_weight <= 0:
+            return {}
+        prompts = subject_swaps(requests, cfg.seed)
+        index = [i for i, p in enumerate(prompts) if p is not None]
+        out = {}
+        with torch.no_grad():
+            for chunk in chunked(index, cfg.batch_size):
+                pb = tokenize_prompts(tokenizer, [prompts[i] for i in chunk]).to(device)
+                logp_BV = torch.log_softmax(last_logits_BV(model, pb).float(), dim=-1)
+                top_BK = logp_BV.topk(min(cfg.swap_top_k, logp_BV.shape[-1]), dim=-1)
+                for row, i in enumerate(chunk):
+                    out[i] = (prompts[i], top_BK.indices[row].cpu(), top_BK.values[row].cpu())
+        return out

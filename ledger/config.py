@@ -56,6 +56,10 @@ class Settings:
     finetune_lr: float = _opt(3e-3, "Adam lr", "engine = finetune: learning rate of the target modules")
     finetune_locality_weight: float = _opt(1.0, "≥ 0", "engine = finetune: weight of the KL to the base model's "
                                            "next-token distribution on unrelated local prompts")
+    finetune_swap_weight: float = _opt(0.0, "≥ 0", "engine = finetune (and fine-tune folds): weight of the KL to "
+                                       "the base model on each edit's prompt asked of another edit's subject (the "
+                                       "same relation of a subject the edit must leave alone); 0 = off. See "
+                                       "benchmarks/finetune_locality.py")
     device: str = _opt("cpu", "cpu|cuda:N|auto", "where the model runs; auto = cuda:0, or every GPU through "
                        "accelerate's device_map when there are several (models larger than one GPU), else cpu")
     dtype: str = _opt("float32", "float32|bfloat16", "weight dtype of the served model")
@@ -78,6 +82,13 @@ class Settings:
                                     "hypernet only ever edits the model it was trained on; false = each night edits "
                                     "the head (incremental: the shipped hypernets break down on their own deltas "
                                     "within a few nights, see benchmarks/lifelong.py)")
+    hypernet_from_consolidation: bool = _opt(False, "true|false", "hypernet engines with hypernet_from_base = "
+                                             "false: derive every night from the newest consolidated snapshot on the "
+                                             "head's chain (the base before the first one) by one edit of every edit "
+                                             "applied since it plus the new ones, so that nights never stack on each "
+                                             "other's deltas; protect_earlier then protects that snapshot's edits. "
+                                             "With consolidate_engine = finetune: fine-tune folds, each night one "
+                                             "HORSE edit of the fold")
     running_normaliser: bool = _opt(False, "true|false", "hypernet engines: merge each night's inputs into the "
                                     "hypernet's input normaliser and carry the statistics to the next night (saved "
                                     "beside each snapshot); false = the frozen training-time statistics")
@@ -247,10 +258,23 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
         raise ConfigError(f"gate_retention_sample = {values['gate_retention_sample']} must be ≥ 1 (edits measured)")
     if values.get("finetune_epochs", 1) < 1 or values.get("finetune_lr", 1.0) <= 0:
         raise ConfigError("finetune_epochs must be ≥ 1 and finetune_lr > 0; fix them in the config")
-    for name in ("preserve_weight", "preserve_exponent", "preserve_min", "protect_earlier", "finetune_locality_weight"):
+    for name in ("preserve_weight", "preserve_exponent", "preserve_min", "protect_earlier", "finetune_locality_weight",
+                 "finetune_swap_weight"):
         if values.get(name, 0.0) < 0:
             raise ConfigError(f"{name} = {values[name]} is negative; give a value ≥ 0")
     settings = dataclasses.replace(Settings(), **values)
+    if settings.hypernet_from_consolidation:
+        if settings.engine != "hypernet":
+            raise ConfigError(f"hypernet_from_consolidation acts on hypernet nights, not engine = {settings.engine!r}. "
+                              "Set engine = 'hypernet', or hypernet_from_consolidation = false")
+        if settings.hypernet_from_base:
+            raise ConfigError("hypernet_from_consolidation and hypernet_from_base both set: a night derives either "
+                              "from the base or from the newest consolidated snapshot. Set hypernet_from_base = false "
+                              "(nights from the newest fold), or hypernet_from_consolidation = false")
+        if settings.running_normaliser:
+            raise ConfigError("running_normaliser carries statistics from night to night on the head; with "
+                              "hypernet_from_consolidation every night is one edit from the newest consolidated "
+                              "snapshot. Drop running_normaliser, or set hypernet_from_consolidation = false")
     if settings.hypernet_from_base and settings.engine == "hypernet":
         for name in ("running_normaliser", "protect_earlier"):
             if getattr(settings, name):

@@ -221,6 +221,67 @@ def test_hybrid_hypernet_nights_with_finetune_consolidation(db_url, daemon_setti
     store.close()
 
 
+def test_hybrid_nights_derived_from_the_newest_fold(db_url, daemon_settings, cli_runner, tmp_path):
+    """hypernet_from_consolidation: before the first fold each night is one hypernet edit from the base of every
+    edit so far; after a fine-tune fold each night is one edit, on the fold's weights, of every edit since the
+    fold (a snapshot whose parent is the fold, never a chain of nights), with the fold's edits' keys protected;
+    the policy counts the nights since the fold; rollback to a replaced night is exact."""
+    from daemon import snapshots
+
+    settings = daemon_settings(db_url, gate_min_efficacy=0.0, gate_min_retention=0.0, hypernet_from_base=False,
+                               hypernet_from_consolidation=True, protect_earlier=1.0, consolidate_engine="finetune",
+                               consolidate_every_nights=2, finetune_epochs=40, finetune_lr=1e-2,
+                               finetune_locality_weight=0.1)
+    cfg = write_config(tmp_path / "config.toml", settings)
+    store = Store(db_url)
+
+    def edits_of(snapshot_id):
+        from sqlalchemy import select
+
+        from ledger.models import SnapshotEdit
+        with store.session(write=False) as s:
+            return sorted(s.execute(select(SnapshotEdit.edit_id).where(SnapshotEdit.snapshot_id == snapshot_id)).scalars())
+
+    _add(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
+    first = _apply(cli_runner, cfg)
+    s1 = store.get_snapshot(first["snapshot_id"])
+    assert first["consolidation"] is None and (s1.kind, s1.parent_id) == ("incremental", None)
+    assert (s1.metrics["nights_since_consolidation"], s1.metrics["protected_edits"]) == (1, 0)
+    _add(cli_runner, cfg, tmp_path, "night2", [fact(2)])
+    second = _apply(cli_runner, cfg)
+    s2 = store.get_snapshot(second["snapshot_id"])
+    assert (s2.parent_id, s2.metrics["chain_length"], s2.metrics["n_carried"]) == (None, 1, 3)  # from the base
+    assert edits_of(s2.id) == [1, 2, 3] and s2.metrics["nights_since_consolidation"] == 2
+    fold = second["consolidation"]
+    assert fold["status"] == "published" and fold["engine"] == "finetune" and fold["n_edits"] == 3, second
+    c = store.get_snapshot(fold["snapshot_id"])
+
+    _add(cli_runner, cfg, tmp_path, "night3", [fact(3)])
+    third = _apply(cli_runner, cfg)
+    s3 = store.get_snapshot(third["snapshot_id"])
+    assert third["consolidation"] is None, third
+    assert (s3.kind, s3.parent_id, s3.metrics["chain_length"], s3.metrics["nights_since_consolidation"]) == \
+        ("incremental", c.id, 2, 1)
+    assert edits_of(s3.id) == [4] and s3.metrics["protected_edits"] == 3  # the fold's edits, at its weights
+    assert snapshots.sums_cache_path(settings.snapshot_dir, "tiny-llama", s3.id).is_file()
+    _add(cli_runner, cfg, tmp_path, "night4", [fact(4)])
+    fourth = _apply(cli_runner, cfg)
+    s4 = store.get_snapshot(fourth["snapshot_id"])
+    assert (s4.parent_id, s4.metrics["chain_length"], s4.metrics["n_carried"]) == (c.id, 2, 2)  # replaces night 3
+    assert edits_of(s4.id) == [4, 5] and s4.metrics["carried_sums"] == "cache"
+    assert "2 nights since the last consolidation" in fourth["consolidation"]["reason"], fourth
+    assert fourth["consolidation"]["n_edits"] == 5
+    assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
+
+    weights_s3 = _weights(settings, store, s3.id)
+    rb = json.loads(cli_runner(cfg, "rollback", str(s3.id), "--json").stdout)
+    assert rb["rolled_back_edits"] == [5], rb
+    after = _weights(settings, store, s3.id)
+    assert all(torch.equal(after[k], weights_s3[k]) for k in weights_s3)
+    assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
+    store.close()
+
+
 def test_finetune_engine_rederives_every_night_from_the_base(db_url, daemon_settings, cli_runner, tmp_path):
     """engine = finetune (fine-tune-the-ledger): each night fine-tunes the base on every applied edit plus the
     night's, and publishes a snapshot of the base (parent none) that lists all of them; the gate still

@@ -9,7 +9,9 @@ import torch
 
 from horse.deltas import apply_deltas
 from horse.errors import EngineError
-from horse.finetune import FinetuneConfig, FineTuner, answer_hits_B, answer_nll_B, kl_from_base_B
+from horse.finetune import (FinetuneConfig, FineTuner, answer_hits_B, answer_nll_B, kl_from_base_B, last_logits_BV,
+                            subject_swaps, topk_kl_from_base_B)
+from horse.tokens import tokenize_prompts
 from horse.metrics import answer_token_accuracy
 from horse.tokens import IGNORE_INDEX
 from horse.types import EditRequest
@@ -30,6 +32,59 @@ def test_kl_from_base_is_zero_at_the_base_and_positive_elsewhere():
     base_logp_BV = torch.log_softmax(base_logits_BV, -1)
     assert torch.allclose(kl_from_base_B(base_logp_BV, base_logits_BV), torch.zeros(3), atol=1e-6)
     assert (kl_from_base_B(base_logp_BV, base_logits_BV + torch.randn(3, 7)) > 0).all()
+
+
+def test_topk_kl_is_the_kl_when_k_covers_the_vocabulary_and_a_lower_bound_part_of_it_otherwise():
+    base_BV, now_BV = torch.randn(4, 9), torch.randn(4, 9)
+    base_logp_BV = torch.log_softmax(base_BV, -1)
+    top = base_logp_BV.topk(9, dim=-1)
+    full = topk_kl_from_base_B(top.indices, top.values, now_BV)
+    assert torch.allclose(full, kl_from_base_B(base_logp_BV, now_BV), atol=1e-6)
+    assert torch.allclose(topk_kl_from_base_B(top.indices, top.values, base_BV), torch.zeros(4), atol=1e-6)
+    top3 = base_logp_BV.topk(3, dim=-1)
+    p_now = torch.log_softmax(now_BV, -1).gather(-1, top3.indices)
+    want = (top3.values.exp() * (top3.values - p_now)).sum(-1)
+    assert torch.allclose(topk_kl_from_base_B(top3.indices, top3.values, now_BV), want, atol=1e-6)
+
+
+def test_subject_swaps_ask_each_edits_relation_of_another_edits_subject():
+    requests = [EditRequest(prompt="The mother tongue of Ann Lee is", target="French", subject="Ann Lee"),
+                EditRequest(prompt="Bo Ray plays the", target="piano", subject="Bo Ray"),
+                EditRequest(prompt="The mother tongue of Bo Ray is", target="Dutch", subject="Bo Ray"),
+                EditRequest(prompt="Somewhere far away", target="x", subject="Cy"),      # subject not in the prompt
+                EditRequest(prompt="Dee works for", target="IBM", subject="")]
+    swaps = subject_swaps(requests, seed=0)
+    assert swaps == subject_swaps(requests, seed=0) and len(swaps) == 5
+    assert swaps[0] in ("The mother tongue of Cy is",)  # Bo Ray's would be an edited prompt
+    assert swaps[1] in ("Ann Lee plays the", "Cy plays the")
+    assert swaps[2] in ("The mother tongue of Cy is",) or swaps[2] is None  # Ann Lee's is edited too
+    assert swaps[3] is None and swaps[4] is None
+    assert subject_swaps(requests[:1], seed=0) == [None]
+
+
+def test_subject_swaps_keep_the_edits_relation_off_other_subjects(tiny_llama):
+    """swap_weight > 0 keeps the base model's next token on the edits' prompts asked of other subjects closer
+    than the same fine-tune without it, and still learns the edits."""
+    model, tok = tiny_llama
+    templates = ("The color of {} is", "{} lives in the", "The boss of {} is")
+    subjects = ("Zorblat", "Quenvik", "Mardoon", "Pellaxi", "Trosk", "Vindle")
+    requests = [EditRequest(prompt=t.format(s), target=c, subject=s)
+                for t, s, c in zip(templates, subjects[:3], ("red", "blue", "gold"))]
+    others = [t.format(s) for t in templates for s in subjects[3:]]  # never trained on
+    pb = tokenize_prompts(tok, others)
+    with torch.no_grad():
+        base_logp = torch.log_softmax(last_logits_BV(model, pb).float(), -1)
+    kl = {}
+    for weight in (0.0, 3.0):
+        tuner = FineTuner.new(model, FinetuneConfig(epochs=60, lr=1e-2, batch_size=3, locality_weight=0.0,
+                                                    swap_weight=weight))
+        deltas, _ = tuner.compute_deltas(model, tok, requests)
+        assert tuner.last_run["swaps"] == (3 if weight else 0)
+        with apply_deltas(model, deltas), torch.no_grad():
+            kl[weight] = float(kl_from_base_B(base_logp, last_logits_BV(model, pb)).mean())
+            acc = answer_token_accuracy(model, tok, [r.prompt for r in requests], [r.target for r in requests])
+        assert acc.float().mean() >= 0.9
+    assert kl[3.0] < 0.5 * kl[0.0], kl
 
 
 def test_finetuning_learns_the_edits_and_leaves_the_model_as_it_was(tiny_llama):
@@ -61,5 +116,7 @@ def test_bad_settings_and_empty_batches_are_refused(tiny_llama):
         FinetuneConfig(epochs=0)
     with pytest.raises(EngineError, match="locality_weight"):
         FinetuneConfig(locality_weight=-1)
+    with pytest.raises(EngineError, match="swap_weight"):
+        FinetuneConfig(swap_weight=-1)
     with pytest.raises(EngineError, match="no edits"):
         FineTuner.new(model).compute_deltas(model, tok, [])

@@ -57,6 +57,10 @@ def test_precedence_toml_env_flags(tmp_path):
     ("consolidate_engine = 'rome'", "consolidate_engine = 'rome' is not known; give one of hypernet, finetune, "
                                     "memit \\(or leave it empty"),
     ("consolidate_engine = 'finetune'", "would be undone the next night.*Set hypernet_from_base = false"),
+    ("hypernet_from_consolidation = true", "both set.*Set hypernet_from_base = false"),
+    ("hypernet_from_consolidation = true\nengine = 'finetune'", "acts on hypernet nights, not engine = 'finetune'"),
+    ("hypernet_from_consolidation = true\nhypernet_from_base = false\nrunning_normaliser = true",
+     "Drop running_normaliser, or set hypernet_from_consolidation = false"),
 ])
 def test_bad_config_file(tmp_path, content, message):
     cfg = tmp_path / "c.toml"
