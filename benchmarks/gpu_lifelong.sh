@@ -50,8 +50,10 @@ LIFE="python3 benchmarks/lifelong.py --device $DEVICE --eval-batch-size $EB --ni
  --deadline-min $DEADLINE --threads 2 --out $W/life"
 PIDS=""
 i=0
-for args in "--from-base" "--from-base --preserve-min 10" "--method malmen --from-base" "--method finetune" \
-            "--method memit"; do
+# RUNS: the runs' lifelong.py arguments, separated by '|'; e.g. the hybrid with nights from the newest fold:
+#   RUNS='--consolidate-every 3 --consolidate-engine finetune --protect-earlier 1 --from-fold|--method finetune'
+IFS='|' read -ra RUNLIST <<< "${RUNS:---from-base|--from-base --preserve-min 10|--method malmen --from-base|--method finetune|--method memit}"
+for args in "${RUNLIST[@]}"; do
   i=$((i + 1))
   ( timeout $(left $END) $LIFE $args > $W/logs/life-$i.log 2>&1
     echo "[$(el) s] run $i ($args) ended: rc $?" ) &

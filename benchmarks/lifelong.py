@@ -87,6 +87,9 @@ def main() -> None:
     p.add_argument("--from-fold", action="store_true",
                    help="config hypernet_from_consolidation: every night one edit of all edits since the newest "
                         "consolidated snapshot, on its weights")
+    p.add_argument("--finetune-swap", type=float, default=None,
+                   help="config finetune_swap_weight: the subject-swap locality term of fine-tunes (folds, finetune); "
+                        "default: the config's (runs from before it existed: 0)")
     p.add_argument("--preserve-min", type=float, default=None, help="config preserve_min (default: the config's)")
     p.add_argument("--device", default="cpu", help="config device (cpu, cuda:0)")
     p.add_argument("--eval-batch-size", type=int, default=32, help="prompts per batch of the checkpoints' measures")
@@ -110,15 +113,19 @@ def main() -> None:
     from horse.data import load_requests
     from horse.metrics import next_token_ids, perplexity
     from horse.zoo import load_model
-    from ledger.config import load_settings
+    from ledger.config import Settings, load_settings
     from ledger.store import Store
     from ledger.validate import EditSpec
 
+    swap = Settings().finetune_swap_weight if args.finetune_swap is None else args.finetune_swap
+    uses_finetune = args.method == "finetune" or args.consolidate_engine == "finetune"
+    swap = swap if uses_finetune else 0.0
     run = (f"{args.method}{'-consolidate' + str(args.consolidate_every) if args.consolidate_every else ''}"
            f"{'-running' if args.running_normaliser else ''}"
            f"{f'-protect{args.protect_earlier:g}' if args.protect_earlier else ''}"
            f"{'-fold' + args.consolidate_engine if args.consolidate_engine else ''}"
-           f"{'-frombase' if args.from_base else ''}{'-fromfold' if args.from_fold else ''}")  # other settings: --out (run.json refuses a mix)
+           f"{'-frombase' if args.from_base else ''}{'-fromfold' if args.from_fold else ''}"
+           f"{f'-swap{swap:g}' if swap else ''}")  # other settings: --out (run.json refuses a mix)
     out = args.out / run
     out.mkdir(parents=True, exist_ok=True)
     db = f"sqlite:///{out / 'ledger.db'}"  # Store upgrades the schema on open
@@ -133,6 +140,7 @@ def main() -> None:
                              consolidate_engine=args.consolidate_engine,
                              running_normaliser=args.running_normaliser, protect_earlier=args.protect_earlier,
                              hypernet_from_base=args.from_base, hypernet_from_consolidation=args.from_fold,
+                             finetune_swap_weight=swap,
                              device=args.device,
                              **({"preserve_min": args.preserve_min} if args.preserve_min is not None else {}))
     store = Store(db)
@@ -142,6 +150,7 @@ def main() -> None:
             **({"protect_earlier": args.protect_earlier} if args.protect_earlier else {}),
             **({"from_base": True} if args.from_base else {}),
             **({"from_fold": True} if args.from_fold else {}),
+            **({"finetune_swap_weight": swap} if swap else {}),
             **({"consolidate_engine": args.consolidate_engine} if args.consolidate_engine else {}),
             **({"preserve_min": settings.preserve_min} if engine == "hypernet" else {}),
             "hypernet": hypernet.name if engine == "hypernet" else None,

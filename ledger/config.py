@@ -56,7 +56,7 @@ class Settings:
     finetune_lr: float = _opt(3e-3, "Adam lr", "engine = finetune: learning rate of the target modules")
     finetune_locality_weight: float = _opt(1.0, "≥ 0", "engine = finetune: weight of the KL to the base model's "
                                            "next-token distribution on unrelated local prompts")
-    finetune_swap_weight: float = _opt(0.0, "≥ 0", "engine = finetune (and fine-tune folds): weight of the KL to "
+    finetune_swap_weight: float = _opt(1.0, "≥ 0", "engine = finetune (and fine-tune folds): weight of the KL to "
                                        "the base model on each edit's prompt asked of another edit's subject (the "
                                        "same relation of a subject the edit must leave alone); 0 = off. See "
                                        "benchmarks/finetune_locality.py")
