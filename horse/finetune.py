@@ -94,7 +94,8 @@ def kl_from_base_B(base_logp_BV: torch.Tensor, logits_BV: torch.Tensor) -> torch
 
 def topk_kl_from_base_B(base_ids_BK: torch.Tensor, base_logp_BK: torch.Tensor, logits_BV: torch.Tensor) -> torch.Tensor:
     """KL(p_base ‖ p_θ) over the base model's K most likely next tokens (their ids and log-probabilities), per
-    row: Σₖ p_base(k)·(log p_base(k) − log p_θ(k)). B float; ≥ −log Σₖ p_base(k) (0 when K covers the mass)."""
+    row: Σₖ p_base(k)·(log p_base(k) − log p_θ(k)). B float; ≥ m·log m for the kept mass m = Σₖ p_base(k), so
+    ≥ 0 when K covers the vocabulary (then it is the KL)."""
     logp_BK = torch.log_softmax(logits_BV.float(), dim=-1).gather(-1, base_ids_BK)
     return (base_logp_BK.exp() * (base_logp_BK - logp_BK)).sum(dim=-1)
 

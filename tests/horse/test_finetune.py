@@ -45,6 +45,9 @@ def test_topk_kl_is_the_kl_when_k_covers_the_vocabulary_and_a_lower_bound_part_o
     p_now = torch.log_softmax(now_BV, -1).gather(-1, top3.indices)
     want = (top3.values.exp() * (top3.values - p_now)).sum(-1)
     assert torch.allclose(topk_kl_from_base_B(top3.indices, top3.values, now_BV), want, atol=1e-6)
+    mass = top3.values.exp().sum(-1)
+    for logits in (now_BV, base_BV, 5 * torch.randn(4, 9)):
+        assert (topk_kl_from_base_B(top3.indices, top3.values, logits) >= mass * mass.log() - 1e-6).all()
 
 
 def test_subject_swaps_ask_each_edits_relation_of_another_edits_subject():
