@@ -412,7 +412,7 @@ class _Batch:
         self.carried: list[EditRecord] = [e for e in retained if e.id not in at_start] if self.from_start else []
         self.m: Materialised = materialise(self.settings, self.chain, track=self.editor.module_names,
                                            model_and_tokenizer=(model, tokenizer),
-                                           keep_after=self.start_len if self.start_len else None)
+                                           keep_after=self.start_len or None)
         self.model, self.tokenizer = model, tokenizer
         self._start_normaliser()
         t = self._timed("materialise", t)

@@ -114,18 +114,10 @@ class Materialised:
                     raise AssertionError(f"{name} must be tracked before the first delta is added")
                 self.base_weights[name] = get_module(self.model, name).weight.detach().float().cpu().clone()
 
-    def reset_to_base(self) -> None:
-        """Put the base weights back into every tracked module (exact: they are copies of them)."""
-        from horse.arch import get_module
-
-        with torch.no_grad():
-            for name, weight in self.base_weights.items():
-                module = get_module(self.model, name)
-                module.weight.copy_(weight.to(module.weight.device, module.weight.dtype))
-
     def reset_to_start(self) -> None:
-        """Put the weights kept by `keep_after` back into every tracked module (the base's where none were kept:
-        a module first touched after those links was at its base value there). Exact."""
+        """Put the weights kept by `keep_after` back into every tracked module, the base's where none were kept
+        (without `keep_after`: the base model; a module first touched after those links was at its base value
+        there). Exact: they are copies."""
         from horse.arch import get_module
 
         with torch.no_grad():
