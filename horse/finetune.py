@@ -41,7 +41,9 @@ from transformers import PreTrainedTokenizerBase
 from horse.arch import default_target_modules, get_module, model_device, module_weight_KV
 from horse.deltas import Deltas, LayerDelta, fingerprint_modules
 from horse.errors import EngineError
-from horse.tokens import IGNORE_INDEX, chunked, tokenize_prompts, tokenize_requests
+from horse.metrics import logits_at
+from horse.replay import BlockInput, capture_block_input, first_block, head_logits, replay_hidden_BTH, replayable
+from horse.tokens import PromptBatch, TokenizedBatch, chunked, tokenize_prompts, tokenize_requests
 from horse.types import EditRequest
 
 
@@ -71,19 +73,19 @@ class FinetuneConfig:
                 raise EngineError(f"{name} = {getattr(self, name)} is negative; give a value ≥ 0")
 
 
-def answer_nll_B(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood of each row's labelled (answer) tokens. B float."""
-    mask_BT = labels_BT != IGNORE_INDEX
-    logp_BTV = torch.log_softmax(logits_BTV.float(), dim=-1)
-    nll_BT = -logp_BTV.gather(-1, labels_BT.clamp_min(0)[..., None])[..., 0] * mask_BT
-    return nll_BT.sum(dim=1) / mask_BT.sum(dim=1).clamp_min(1)
+def answer_nll_B(logits_NW: torch.Tensor, targets_N: torch.Tensor, rows_N: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Mean negative log-likelihood of each row's answer tokens, from the logits at the N answer positions
+    (row of each in `rows_N`). B float (B = n_rows; a row without answer tokens gets 0)."""
+    nll_N = -torch.log_softmax(logits_NW.float(), dim=-1).gather(-1, targets_N[:, None])[:, 0]
+    sum_B = torch.zeros(n_rows, dtype=nll_N.dtype, device=nll_N.device).index_add(0, rows_N, nll_N)
+    count_B = torch.bincount(rows_N, minlength=n_rows).clamp_min(1)
+    return sum_B / count_B
 
 
-def answer_hits_B(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    """True where every labelled token of the row is the top-1 prediction. B bool."""
-    mask_BT = labels_BT != IGNORE_INDEX
-    right_BT = (logits_BTV.argmax(dim=-1) == labels_BT) | ~mask_BT
-    return right_BT.all(dim=1)
+def answer_hits_B(logits_NW: torch.Tensor, targets_N: torch.Tensor, rows_N: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """True where every answer token of the row is the top-1 prediction. B bool."""
+    wrong_N = (logits_NW.argmax(dim=-1) != targets_N).long()
+    return torch.zeros(n_rows, dtype=torch.long, device=wrong_N.device).index_add(0, rows_N, wrong_N) == 0
 
 
 def kl_from_base_B(base_logp_BV: torch.Tensor, logits_BV: torch.Tensor) -> torch.Tensor:
@@ -134,6 +136,65 @@ def locality_prompts(n: int, seed: int) -> list[str]:
     return random.Random(seed).sample(texts, min(n, len(texts)))
 
 
+@dataclass
+class _Pass:
+    """One fixed forward of the training: its token ids, the positions it scores (N), and the input of the
+    first trained block captured once (None: every step runs the whole model)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    rows_N: torch.Tensor
+    cols_N: torch.Tensor
+    targets_N: torch.Tensor | None = None   # answer tokens (edit passes); None for next-token prompts
+    cached: BlockInput | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def _edit_pass(batch: TokenizedBatch) -> _Pass:
+    rows_N, cols_N = batch.answer_positions()
+    return _Pass(batch.input_ids, batch.attention_mask, rows_N, cols_N, batch.labels[rows_N, cols_N])
+
+
+def _prompt_pass(batch: PromptBatch) -> _Pass:
+    rows_N = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+    return _Pass(batch.input_ids, batch.attention_mask, rows_N, batch.last_index_B)
+
+
+def _pass_logits_NW(model: nn.Module, start: tuple[str, int] | None, p: _Pass) -> torch.Tensor:
+    """Logits at the pass's scored positions, N×W fp32, from the cached block input when there is one."""
+    if p.cached is None:
+        return logits_at(model, p.input_ids, p.attention_mask, p.rows_N, p.cols_N)
+    return head_logits(model, replay_hidden_BTH(model, start, p.cached)[p.rows_N, p.cols_N])
+
+
+def _cache_prefix(model: nn.Module, start: tuple[str, int] | None, passes: Sequence[_Pass]) -> tuple[str, int] | None:
+    """Capture the first trained block's input of every pass (the blocks below it are frozen, so it never
+    changes). The replay is checked against a full forward on the first pass; on a mismatch (an architecture
+    whose blocks take more than the replay passes on) nothing is cached and None is returned."""
+    if start is None or not passes:
+        return None
+    with torch.no_grad():
+        for p in passes:
+            p.cached = capture_block_input(model, start, p.input_ids, p.attention_mask)
+        full = logits_at(model, passes[0].input_ids, passes[0].attention_mask, passes[0].rows_N, passes[0].cols_N)
+        replayed = _pass_logits_NW(model, start, passes[0])
+    if not torch.allclose(replayed, full, rtol=1e-3, atol=1e-3 * float(full.abs().max().clamp_min(1))):
+        for p in passes:
+            p.cached = None
+        return None
+    return start
+
+
+def _top_k(model: nn.Module, start: tuple[str, int] | None, p: _Pass, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's k most likely next tokens at the pass's scored positions: (ids N×k, log-probs N×k)."""
+    logp_NW = torch.log_softmax(_pass_logits_NW(model, start, p), dim=-1)
+    top = logp_NW.topk(min(k, logp_NW.shape[-1]), dim=-1)
+    return top.indices, top.values
+
+
 class FineTuner:
     """Fine-tuning of the target modules on a set of edits, behind the editor interface (`compute_deltas`)."""
 
@@ -163,9 +224,14 @@ class FineTuner:
                        ) -> tuple[Deltas, dict[str, float]]:
         """Fine-tune a copy of the target weights on `requests`; return their change (the model is restored).
 
+        The edits are cut once into seeded random mini-batches of `batch_size`; each epoch visits every
+        mini-batch once, in a new order. Every forward of the training (edit mini-batches, their swapped
+        prompts, the locality prompts) is fixed, so the input of the first trained block is captured once and
+        each step runs only the trained blocks and the LM head at the scored positions (`horse.replay`).
+
         Returns:
-            (dense fp32 K×V delta per target module; timings in seconds: locality, train, total). The
-            epochs run and steps taken are in `last_run`.
+            (dense fp32 K×V delta per target module; timings in seconds: prepare (base targets and the cached
+            block inputs), train, total). The epochs run and steps taken are in `last_run`.
         Raises:
             EngineError: no requests, or a module that cannot be trained (no weight).
         """
@@ -184,50 +250,52 @@ class FineTuner:
             model.eval()  # dropout off; gradients still flow
             for p in model.parameters():
                 p.requires_grad_(False)
-            loc_batches = []
-            base_logps = []
+            rng = random.Random(cfg.seed)
+            order = list(range(len(requests)))
+            rng.shuffle(order)
+            parts = [list(chunk) for chunk in chunked(order, cfg.batch_size)]
+            edits = [_edit_pass(tokenize_requests(tokenizer, [requests[i] for i in part]).to(device)) for part in parts]
+            swaps = self._swap_passes(tokenizer, requests, parts, device)
+            locs = []
             if cfg.locality_weight > 0 and cfg.n_locality > 0:
-                with torch.no_grad():
-                    for chunk in chunked(locality_prompts(cfg.n_locality, cfg.seed), cfg.locality_batch):
-                        pb = tokenize_prompts(tokenizer, list(chunk)).to(device)
-                        loc_batches.append(pb)
-                        base_logps.append(torch.log_softmax(last_logits_BV(model, pb).float(), dim=-1))
-            swaps = self._swap_targets(model, tokenizer, requests, device)
-            timings["locality"] = time.perf_counter() - t0
+                locs = [_prompt_pass(tokenize_prompts(tokenizer, list(chunk)).to(device))
+                        for chunk in chunked(locality_prompts(cfg.n_locality, cfg.seed), cfg.locality_batch)]
+            start = first_block(self.module_names) if replayable(model) else None
+            start = _cache_prefix(model, start, [*edits, *(p for p in swaps if p is not None), *locs])
+            with torch.no_grad():  # the base model's targets (the model is at the base weights here)
+                loc_logps = [torch.log_softmax(_pass_logits_NW(model, start, p), dim=-1) for p in locs]
+                swap_targets = [None if p is None else _top_k(model, start, p, cfg.swap_top_k) for p in swaps]
+            timings["prepare"] = time.perf_counter() - t0
             params = [m.weight for m in modules]
             for p in params:
                 p.requires_grad_(True)
             opt = torch.optim.Adam(params, lr=cfg.lr)
-            order = list(range(len(requests)))
-            rng = random.Random(cfg.seed)
+            visit = list(range(len(parts)))
             steps, epochs, hits = 0, 0, 0
             for _ in range(cfg.epochs):
-                rng.shuffle(order)
+                rng.shuffle(visit)
                 epochs += 1
                 hits = 0
-                for chunk in chunked(order, cfg.batch_size):
-                    batch = tokenize_requests(tokenizer, [requests[i] for i in chunk]).to(device)
-                    logits = model(**batch.model_inputs()).logits
-                    loss = answer_nll_B(logits, batch.labels).mean()
-                    hits += int(answer_hits_B(logits.detach(), batch.labels).sum())
-                    if loc_batches:
-                        j = steps % len(loc_batches)
+                for j in visit:
+                    e = edits[j]
+                    logits_NW = _pass_logits_NW(model, start, e)
+                    loss = answer_nll_B(logits_NW, e.targets_N, e.rows_N, e.n_rows).mean()
+                    hits += int(answer_hits_B(logits_NW.detach(), e.targets_N, e.rows_N, e.n_rows).sum())
+                    if locs:
+                        k = steps % len(locs)
                         loss = loss + cfg.locality_weight * kl_from_base_B(
-                            base_logps[j], last_logits_BV(model, loc_batches[j])).mean()
-                    swapped = [i for i in chunk if i in swaps]
-                    if swapped:
-                        pb = tokenize_prompts(tokenizer, [swaps[i][0] for i in swapped]).to(device)
-                        ids_BK = torch.stack([swaps[i][1] for i in swapped]).to(device)
-                        logp_BK = torch.stack([swaps[i][2] for i in swapped]).to(device)
+                            loc_logps[k], _pass_logits_NW(model, start, locs[k])).mean()
+                    if swaps[j] is not None:
+                        ids_BK, logp_BK = swap_targets[j]  # type: ignore[misc]
                         loss = loss + cfg.swap_weight * topk_kl_from_base_B(
-                            ids_BK, logp_BK, last_logits_BV(model, pb)).mean()
+                            ids_BK, logp_BK, _pass_logits_NW(model, start, swaps[j])).mean()
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     steps += 1
                 if hits == len(requests):
                     break
-            timings["train"] = time.perf_counter() - t0 - timings["locality"]
+            timings["train"] = time.perf_counter() - t0 - timings["prepare"]
             deltas = {}
             with torch.no_grad():
                 for name, module, original in zip(self.module_names, modules, originals):
@@ -243,24 +311,17 @@ class FineTuner:
             model.train(was_training)
             torch.set_grad_enabled(grad_was)
         timings["total"] = time.perf_counter() - t0
-        self.last_run = {"epochs": epochs, "steps": steps, "train_hit": hits / len(requests), "swaps": len(swaps)}
+        self.last_run = {"epochs": epochs, "steps": steps, "train_hit": hits / len(requests),
+                         "swaps": sum(p.n_rows for p in swaps if p is not None), "replayed": start is not None}
         return deltas, timings
 
-    def _swap_targets(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
-                      device) -> dict[int, tuple[str, torch.Tensor, torch.Tensor]]:
-        """Edit index → (subject-swapped prompt, the base model's top-K next-token ids (K,), their log-probs
-        (K,)); empty when `swap_weight` is 0. The model must be at the base weights."""
-        cfg = self.config
-        if cfg.swap_weight <= 0:
-            return {}
-        prompts = subject_swaps(requests, cfg.seed)
-        index = [i for i, p in enumerate(prompts) if p is not None]
-        out = {}
-        with torch.no_grad():
-            for chunk in chunked(index, cfg.batch_size):
-                pb = tokenize_prompts(tokenizer, [prompts[i] for i in chunk]).to(device)
-                logp_BV = torch.log_softmax(last_logits_BV(model, pb).float(), dim=-1)
-                top_BK = logp_BV.topk(min(cfg.swap_top_k, logp_BV.shape[-1]), dim=-1)
-                for row, i in enumerate(chunk):
-                    out[i] = (prompts[i], top_BK.indices[row].cpu(), top_BK.values[row].cpu())
-        return out
+    def _swap_passes(self, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
+                     parts: Sequence[Sequence[int]], device) -> list[_Pass | None]:
+        """Per mini-batch, the pass over its edits' subject-swapped prompts (None when `swap_weight` is 0 or
+        none of them has one)."""
+        prompts = subject_swaps(requests, self.config.seed) if self.config.swap_weight > 0 else [None] * len(requests)
+        passes: list[_Pass | None] = []
+        for part in parts:
+            mine = [prompts[i] for i in part if prompts[i] is not None]
+            passes.append(_prompt_pass(tokenize_prompts(tokenizer, mine).to(device)) if mine else None)
+        return passes

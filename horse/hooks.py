@@ -28,10 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from horse.arch import get_module
+from horse.replay import HEAD_EXTRAS
 from horse.solve import math_dtype
-
-# configs whose head does more than a linear map of the final hidden state
-_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
 
 @dataclass
@@ -100,7 +98,7 @@ def record_keys(
 
 def _head_is_linear(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
-    return not any(getattr(config, attr, None) not in (None, 1, 1.0) for attr in _HEAD_EXTRAS)
+    return not any(getattr(config, attr, None) not in (None, 1, 1.0) for attr in HEAD_EXTRAS)
 
 
 def answer_logits(

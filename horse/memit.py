@@ -55,6 +55,7 @@ from horse.covariance import layer_second_moments, shrink_KK
 from horse.deltas import Deltas, LayerDelta, apply_deltas, fingerprint_modules
 from horse.errors import EngineError, NonFiniteDelta
 from horse.hooks import frozen_parameters
+from horse.replay import block_path, final_norm, first, head_logits, replayable
 from horse.tokens import encode_pair
 from horse.types import EditRequest
 
@@ -72,9 +73,6 @@ DEFAULT_CONTEXT_TEMPLATES: tuple[str, ...] = (
 SMOLLM2_135M_LAYERS: tuple[str, ...] = tuple(f"model.layers.{i}.mlp.down_proj" for i in range(3, 9))
 
 # config heads that do more than a linear map of the final hidden state (then full logits are used)
-_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
-
-
 class MissingSubject(EngineError):
     """MEMIT needs the subject of every request (its keys sit at the subject's last token); give one."""
 
@@ -302,20 +300,6 @@ class _StopForward(Exception):
     """Raised by a hook once everything needed from a forward pass is recorded."""
 
 
-def _block_path(layer: str) -> tuple[str, int]:
-    """("model.layers", 26) for "model.layers.26.mlp.down_proj": the block list and the block index."""
-    parts = layer.split(".")
-    for j in range(len(parts) - 1, -1, -1):
-        if parts[j].isdigit():
-            return ".".join(parts[:j]), int(parts[j])
-    raise EngineError(f"cannot find the block index in layer path {layer!r}; give HF paths like "
-                      "'model.layers.5.mlp.down_proj'")
-
-
-def _first(out: object) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out  # type: ignore[return-value]
-
-
 @contextmanager
 def _hooks(pairs: Sequence[tuple[nn.Module, str, object]]) -> Iterator[None]:
     """Register (module, kind, fn) hooks, kind in {"pre", "pre_kw", "fwd"}; all removed on exit."""
@@ -332,18 +316,6 @@ def _hooks(pairs: Sequence[tuple[nn.Module, str, object]]) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
-
-
-def _final_norm(base: nn.Module) -> nn.Module | None:
-    for name in ("norm", "ln_f", "final_layer_norm", "final_layernorm"):
-        mod = getattr(base, name, None)
-        if isinstance(mod, nn.Module):
-            return mod
-    return None
-
-
-def _head_logits(model: nn.Module, hidden_NH: torch.Tensor) -> torch.Tensor:
-    return model.get_output_embeddings()(hidden_NH).float()
 
 
 # --------------------------------------------------------------------------- step 1: z vectors
@@ -388,7 +360,7 @@ def _z_forward(model: nn.Module, batch: _Batch, *, blocks: nn.ModuleList, z_inde
         batch.block_input = (args[0] if args else kwargs["hidden_states"]).detach()
 
     def grab_output(module, args, out):
-        got.append(_first(out).detach()[seq_idx, rows.lookup_S].float())
+        got.append(first(out).detach()[seq_idx, rows.lookup_S].float())
 
     hooks: list[tuple[nn.Module, str, object]] = [(mlp_out, "fwd", add_delta)]
     if capture:
@@ -398,15 +370,15 @@ def _z_forward(model: nn.Module, batch: _Batch, *, blocks: nn.ModuleList, z_inde
         if replay:  # blocks below L do not depend on δ: start from the cached block-L input
             hidden = batch.block_input
             for block in blocks[z_index:]:
-                hidden = _first(block(hidden, *batch.block_args, **batch.block_kwargs))
-            hidden = _final_norm(base)(hidden)  # type: ignore[misc]
+                hidden = first(block(hidden, *batch.block_args, **batch.block_kwargs))
+            hidden = final_norm(base)(hidden)  # type: ignore[misc]
         else:
             hidden = base(input_ids=rows.input_ids, attention_mask=rows.attention_mask,
                           use_cache=False).last_hidden_state
     h_L = got[0] if got else torch.zeros(0)
     if batch.template < 0:
-        return torch.log_softmax(_head_logits(model, hidden[seq_idx, rows.lookup_S]), dim=-1), h_L
-    logits = _head_logits(model, hidden[rows.ans_row_N, rows.ans_pos_N])
+        return torch.log_softmax(head_logits(model, hidden[seq_idx, rows.lookup_S]), dim=-1), h_L
+    logits = head_logits(model, hidden[rows.ans_row_N, rows.ans_pos_N])
     return torch.log_softmax(logits, dim=-1).gather(1, rows.ans_id_N[:, None])[:, 0], h_L
 
 
@@ -443,14 +415,13 @@ def compute_z_BV(model: nn.Module, tok, requests: Sequence[EditRequest], config:
     device = next(model.parameters()).device
     z_layer = config.layers[-1]
     mlp_out = get_module(model, z_layer)
-    blocks_path, z_index = _block_path(z_layer)
+    blocks_path, z_index = block_path(z_layer)
     blocks = get_module(model, blocks_path)
     templates = config.context_templates
     n_t = len(templates)
     B = len(requests)
     width = module_shape_KV(mlp_out)[1]
-    can_replay = (_final_norm(model.base_model) is not None
-                  and not any(getattr(model.config, k, None) for k in _HEAD_EXTRAS))
+    can_replay = replayable(model)
 
     order = sorted(range(B), key=lambda b: len(tok(requests[b].prompt)["input_ids"]))
     batches: list[_Batch] = []
@@ -545,7 +516,7 @@ def keys_and_current_z(model: nn.Module, tok, requests: Sequence[EditRequest], l
     """
     device = next(model.parameters()).device
     module = get_module(model, layer)
-    blocks_path, z_index = _block_path(z_layer)
+    blocks_path, z_index = block_path(z_layer)
     z_block = get_module(model, blocks_path)[z_index]
     templates = config.context_templates
     per_group = max(1, config.lm_batch_size // len(templates))
@@ -560,7 +531,7 @@ def keys_and_current_z(model: nn.Module, tok, requests: Sequence[EditRequest], l
             got["k"] = args[0][seq_idx, rows.lookup_S].float()
 
         def grab_z(mod, args, out):
-            got["z"] = _first(out)[seq_idx, rows.lookup_S].float()
+            got["z"] = first(out)[seq_idx, rows.lookup_S].float()
             raise _StopForward
 
         with _hooks([(module, "pre", grab_key), (z_block, "fwd", grab_z)]):

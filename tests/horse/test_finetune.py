@@ -13,18 +13,18 @@ from horse.finetune import (FinetuneConfig, FineTuner, answer_hits_B, answer_nll
                             subject_swaps, topk_kl_from_base_B)
 from horse.tokens import tokenize_prompts
 from horse.metrics import answer_token_accuracy
-from horse.tokens import IGNORE_INDEX
 from horse.types import EditRequest
 
 
 def test_answer_nll_averages_only_the_labelled_tokens():
-    logits_BTV = torch.zeros(2, 3, 4)
-    logits_BTV[0, 1, 2] = 10.0  # row 0 predicts token 2 at position 1 with near certainty
-    labels_BT = torch.tensor([[IGNORE_INDEX, 2, IGNORE_INDEX], [1, 1, IGNORE_INDEX]])
-    nll_B = answer_nll_B(logits_BTV, labels_BT)
+    logits_NW = torch.zeros(3, 4)   # three answer tokens: one of row 0, two of row 1; row 2 has none
+    logits_NW[0, 2] = 10.0          # row 0 predicts its token 2 with near certainty
+    targets_N, rows_N = torch.tensor([2, 1, 1]), torch.tensor([0, 1, 1])
+    nll_B = answer_nll_B(logits_NW, targets_N, rows_N, 3)
     assert nll_B[0] < 1e-3
     assert math.isclose(float(nll_B[1]), math.log(4), rel_tol=1e-5)  # uniform over 4, two labels averaged
-    assert answer_hits_B(logits_BTV, labels_BT).tolist() == [True, False]
+    assert float(nll_B[2]) == 0.0
+    assert answer_hits_B(logits_NW, targets_N, rows_N, 3).tolist() == [True, False, True]
 
 
 def test_kl_from_base_is_zero_at_the_base_and_positive_elsewhere():
@@ -123,3 +123,41 @@ def test_bad_settings_and_empty_batches_are_refused(tiny_llama):
         FinetuneConfig(swap_weight=-1)
     with pytest.raises(EngineError, match="no edits"):
         FineTuner.new(model).compute_deltas(model, tok, [])
+
+
+def _deltas_with(monkeypatch, model, tok, requests, cfg, **patches):
+    with monkeypatch.context() as m:
+        for name, value in patches.items():
+            m.setattr(f"horse.finetune.{name}", value)
+        tuner = FineTuner.new(model, cfg)
+        deltas, _ = tuner.compute_deltas(model, tok, requests)
+    return deltas, tuner.last_run
+
+
+def test_replaying_the_trained_blocks_gives_the_full_forward_training(tiny_model, monkeypatch):
+    """The cached input of the first trained block (horse/replay.py) is an optimisation only: the deltas equal
+    those of full forward passes; a replay that does not reproduce the model is detected and not used."""
+    model, tok = tiny_model
+    requests = [EditRequest(prompt=t.format(s), target=c, subject=s)
+                for t, s, c in (("The color of {} is", "Zorblat", "red"), ("{} lives in the", "Quenvik", "blue"),
+                                ("The boss of {} is", "Mardoon", "gold"))]
+    cfg = FinetuneConfig(epochs=8, lr=1e-2, batch_size=2, locality_weight=0.5, n_locality=8, locality_batch=4,
+                         swap_weight=1.0)
+    replayed, run = _deltas_with(monkeypatch, model, tok, requests, cfg)
+    assert run["replayed"] and run["swaps"] == 3
+    full, run_full = _deltas_with(monkeypatch, model, tok, requests, cfg, replayable=lambda model: False)
+    assert not run_full["replayed"] and run_full["steps"] == run["steps"]
+    for name in full:
+        scale = float(full[name].dense_KV.abs().max())
+        assert scale > 0 and torch.allclose(replayed[name].dense_KV, full[name].dense_KV, atol=1e-3 * scale)
+
+    from horse import replay
+
+    def corrupted(*args, **kwargs):
+        got = replay.capture_block_input(*args, **kwargs)
+        return replay.BlockInput(got.hidden_BTH + torch.randn_like(got.hidden_BTH), got.args, got.kwargs)
+
+    fallback, run_bad = _deltas_with(monkeypatch, model, tok, requests, cfg, capture_block_input=corrupted)
+    assert not run_bad["replayed"]
+    for name in full:
+        assert torch.allclose(fallback[name].dense_KV, full[name].dense_KV, atol=1e-6)
