@@ -278,6 +278,7 @@ class _Batch:
         self._base_deltas: dict[int, Any] = {}  # re-deriving nights: id(relative deltas) → start-relative deltas
         self._carried_sums: Any = None  # the carried edits' statistics (horse.sums), at the start weights
         self.sums_source: str | None = None  # where they came from: "cache" or "captured"
+        self.protect_source: str | None = None  # the protected fold's key moments: "cache" or "captured"
         self._last_sums: tuple[frozenset[int], Any] | None = None  # the newest candidate: (its set, carried + its
         # statistics); one only, each is K×K + 2·K×V per layer (198 MB for SmolLM2)
         self._verdict_cache: dict[frozenset[int], gate.Verdict] = {}
@@ -357,8 +358,9 @@ class _Batch:
             published = list(s.execute(select(Snapshot.id).where(Snapshot.base_model == self.base_model,
                                                                  Snapshot.status == "published")).scalars())
         snapshots.prune_weights_cache(self.settings.snapshot_dir, self.base_model, valid_ids=published)
-        snapshots.prune_weights_cache(self.settings.snapshot_dir, self.base_model, valid_ids=published,
-                                      folder=snapshots.SUMS_DIR, keep=2)
+        for folder in (snapshots.SUMS_DIR, snapshots.PROTECT_DIR):
+            snapshots.prune_weights_cache(self.settings.snapshot_dir, self.base_model, valid_ids=published,
+                                          folder=folder, keep=2)
         if removed:
             log.warning("removed %d orphan snapshot files", len(removed), extra={"files": [str(p) for p in removed]})
         swept = self.store.sweep_stale(self.settings.claim_stale_after_s, actor=self.actor)
@@ -509,22 +511,63 @@ class _Batch:
 
     def _protect_earlier(self, retained: Sequence[EditRecord]) -> int:
         """`protect_earlier` = ν > 0: the night's solve keeps the edited layers' outputs on the keys of the edits
-        the model it edits already carries (ν·KₑᵀKₑ, `Editor.set_protected_keys`): the head's, or with
-        `hypernet_from_consolidation` the consolidated snapshot's, captured on those weights for the gate's
-        retention sample of them (so the cost stays bounded). Returns how many edits were protected."""
+        the model it edits already carries (ν·KₑᵀKₑ, `Editor.set_protected_keys`). On a chain of nights: the
+        head's, captured on its weights for the gate's retention sample of them (so the cost stays bounded). With
+        `hypernet_from_consolidation` after a fold: every edit the fold carries, captured once on its weights
+        and kept beside it (`_fold_moments`). Returns how many edits were protected."""
         nu = self.settings.protect_earlier
         if not nu or self.from_base or not retained or not hasattr(self.editor, "set_protected_keys"):
             return 0
-        sampled = {f.key for f in self.probe.retained}
         redone = {e.id for e in self.carried}  # re-derived with the night's edits, not kept
-        requests = [to_request(e) for e in retained if e.id in sampled and e.id not in redone]
-        if not requests:
+        if self.start_id is not None:
+            earlier = [e for e in retained if e.id not in redone]
+            moments = self._fold_moments(earlier) if earlier else None
+        else:
+            sampled = {f.key for f in self.probe.retained}
+            earlier = [e for e in retained if e.id in sampled and e.id not in redone]
+            moments = self.editor.requests_second_moments(self.model, self.tokenizer, [to_request(e) for e in earlier],
+                                                          chunk_edits=PROTECT_CHUNK) if earlier else None
+        if moments is None:
             return 0
-        with self._at_start():
-            moments = self.editor.requests_second_moments(self.model, self.tokenizer, requests,
-                                                          chunk_edits=PROTECT_CHUNK)
         self.editor.set_protected_keys(moments, nu)
-        return len(requests)
+        return len(earlier)
+
+    def _fold_moments(self, earlier: Sequence[EditRecord]) -> dict:
+        """KₑᵀKₑ per module of the fold's edits that are still applied (`earlier`), on the fold's weights: read
+        from beside the fold when kept there for these modules, base and dtype (minus the moments of its edits
+        superseded since, captured now), else captured for all of them and kept. `self.protect_source` says
+        which."""
+        import torch
+
+        meta = {"base_fingerprint": self.editor.fingerprint, "dtype": self.settings.dtype,
+                "start": f"snapshot {self.start_id}", "modules": ",".join(self.editor.module_names)}
+        ids = {e.id for e in earlier}
+        cached = snapshots.read_derived_cache(self.settings.snapshot_dir, self.base_model, self.start_id,
+                                              folder=snapshots.PROTECT_DIR)
+        if cached is not None and all(cached[1].get(k) == v for k, v in meta.items()):
+            tensors = cached[0]
+            kept = set(tensors.pop("edit_ids").tolist())
+            if ids <= kept:
+                gone = sorted(kept - ids)
+                if gone:
+                    with self._at_start():
+                        minus = self.editor.requests_second_moments(
+                            self.model, self.tokenizer, [to_request(e) for e in self.store.get_edits(gone)],
+                            chunk_edits=PROTECT_CHUNK)
+                    tensors = {n: tensors[n] - minus[n].to(tensors[n]) for n in tensors}
+                self.protect_source = "cache"
+                return tensors
+        with self._at_start():
+            moments = self.editor.requests_second_moments(self.model, self.tokenizer,
+                                                          [to_request(e) for e in earlier], chunk_edits=PROTECT_CHUNK)
+        self.protect_source = "captured"
+        try:  # derived data: without it the next night captures them again
+            snapshots.write_derived_cache(self.settings.snapshot_dir, self.base_model, self.start_id,
+                                          {**moments, "edit_ids": torch.tensor(sorted(ids), dtype=torch.int64)},
+                                          meta, folder=snapshots.PROTECT_DIR)
+        except OSError:
+            log.warning("could not keep the protected key moments of snapshot %d", self.start_id, exc_info=True)
+        return moments
 
     @contextlib.contextmanager
     def _at_start(self) -> Iterator[None]:
@@ -581,7 +624,7 @@ class _Batch:
         if self._carried_sums is not None or not self.carried:
             return self._carried_sums
         ids = [e.id for e in self.carried]
-        cached = snapshots.read_sums_cache(self.settings.snapshot_dir, self.base_model, self.parent_id) \
+        cached = snapshots.read_derived_cache(self.settings.snapshot_dir, self.base_model, self.parent_id) \
             if self.parent_id is not None else None
         if cached is not None and all(cached[1].get(k) == v for k, v in self._sums_metadata(ids).items()):
             self._carried_sums, self.sums_source = EditSums.from_tensors(cached[0]), "cache"
@@ -841,6 +884,7 @@ class _Batch:
             "weights_sha256": digest, "weights_modules": touched,
             "base_fingerprint": self.editor.fingerprint, "hypernet_fingerprint": self.hypernet_fingerprint,
             "engine": self.settings.engine, "chain_length": chain_length, "protected_edits": self.protected,
+            "protected_source": self.protect_source,
             "nights_since_consolidation": 0 if kind == "consolidated" else self.nights_before + 1,
         }
         if self.running_normaliser:
@@ -886,8 +930,8 @@ class _Batch:
                                           {n: get_module(self.model, n).weight for n in touched})
             if final_sums is not None:
                 t = time.perf_counter()
-                snapshots.write_sums_cache(self.settings.snapshot_dir, self.base_model, snapshot_id,
-                                           final_sums.to_tensors(), self._sums_metadata(carried))
+                snapshots.write_derived_cache(self.settings.snapshot_dir, self.base_model, snapshot_id,
+                                              final_sums.to_tensors(), self._sums_metadata(carried))
                 self._timed("write_sums", t)
         except OSError:
             log.warning("could not write the weights or sums cache of snapshot %d", snapshot_id, exc_info=True)

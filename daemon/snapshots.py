@@ -274,36 +274,57 @@ def prune_weights_cache(snapshot_dir: str | os.PathLike[str], base_model: str, *
     return removed
 
 
-# ------------------------------------------------------------------ the edit sums (derived, deletable)
+# ------------------------------------------------ derived statistics beside a snapshot (deletable)
 
 SUMS_DIR = "sums"
 SUMS_FORMAT = "horse-ledger/edit-sums/1"
+PROTECT_DIR = "protect"
+PROTECT_FORMAT = "horse-ledger/protect-moments/1"
+# folder → (file suffix, format tag): the edit sums of a re-deriving night (`horse.sums`), and the key moments
+# of a consolidated snapshot's edits that the nights after it protect (`protect_earlier`)
+_DERIVED = {SUMS_DIR: (".sums.safetensors", SUMS_FORMAT), PROTECT_DIR: (".protect.safetensors", PROTECT_FORMAT)}
+
+
+def derived_cache_path(snapshot_dir: str | os.PathLike[str], base_model: str, snapshot_id: int,
+                       folder: str = SUMS_DIR) -> Path:
+    return model_dir(snapshot_dir, base_model) / folder / f"s{snapshot_id:08d}{_DERIVED[folder][0]}"
 
 
 def sums_cache_path(snapshot_dir: str | os.PathLike[str], base_model: str, snapshot_id: int) -> Path:
-    return model_dir(snapshot_dir, base_model) / SUMS_DIR / f"s{snapshot_id:08d}.sums.safetensors"
+    return derived_cache_path(snapshot_dir, base_model, snapshot_id, SUMS_DIR)
 
 
-def write_sums_cache(snapshot_dir: str | os.PathLike[str], base_model: str, snapshot_id: int,
-                     tensors: Mapping, metadata: Mapping[str, str], *, keep: int = 2) -> Path:
-    """Keep the additive edit statistics (`horse.sums`) of a `hypernet_from_base` snapshot, so that the next
-    night adds its own edits' instead of re-capturing every edit the snapshot carries; prune all but `keep`."""
+def write_derived_cache(snapshot_dir: str | os.PathLike[str], base_model: str, snapshot_id: int,
+                        tensors: Mapping, metadata: Mapping[str, str], *, folder: str = SUMS_DIR,
+                        keep: int = 2) -> Path:
+    """Keep statistics derived from a snapshot beside it (in `folder`: SUMS_DIR, the additive edit statistics
+    of a re-deriving snapshot, so that the next night adds its own edits' instead of re-capturing every edit it
+    carries; PROTECT_DIR, the protected key moments of a consolidated snapshot's edits); prune all but `keep`."""
     from safetensors.torch import save as st_save
 
-    path = sums_cache_path(snapshot_dir, base_model, snapshot_id)
+    path = derived_cache_path(snapshot_dir, base_model, snapshot_id, folder)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _replace_with(path, st_save(dict(tensors), metadata={"format": SUMS_FORMAT, **metadata}))
-    prune_weights_cache(snapshot_dir, base_model, keep=keep, folder=SUMS_DIR)
+    _replace_with(path, st_save(dict(tensors), metadata={"format": _DERIVED[folder][1], **metadata}))
+    prune_weights_cache(snapshot_dir, base_model, keep=keep, folder=folder)
     return path
 
 
-def read_sums_cache(snapshot_dir: str | os.PathLike[str], base_model: str, snapshot_id: int):
-    """(tensors, metadata) of a snapshot's edit statistics, or None when there are none or they are unreadable;
+def read_derived_cache(snapshot_dir: str | os.PathLike[str], base_model: str, snapshot_id: int, *,
+                       folder: str = SUMS_DIR):
+    """(tensors, metadata) kept by `write_derived_cache`, or None when there are none or they are unreadable;
     the caller checks the metadata (hypernet, base, the edits) before using them."""
     from safetensors import safe_open
 
-    path = sums_cache_path(snapshot_dir, base_model, snapshot_id)
+    path = derived_cache_path(snapshot_dir, base_model, snapshot_id, folder)
     if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            if metadata.get("format") != _DERIVED[folder][1]:
+                return None
+            return {k: fh.get_tensor(k) for k in fh.keys()}, metadata
+    except Exception:  # noqa: BLE001 - a damaged cache is simply not used
         return None
     try:
         with safe_open(str(path), framework="pt") as fh:

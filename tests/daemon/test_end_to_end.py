@@ -263,19 +263,31 @@ def test_hybrid_nights_derived_from_the_newest_fold(db_url, daemon_settings, cli
     assert (s3.kind, s3.parent_id, s3.metrics["chain_length"], s3.metrics["nights_since_consolidation"]) == \
         ("incremental", c.id, 2, 1)
     assert edits_of(s3.id) == [4] and s3.metrics["protected_edits"] == 3  # the fold's edits, at its weights
+    assert s3.metrics["protected_source"] == "captured"
     assert snapshots.sums_cache_path(settings.snapshot_dir, "tiny-llama", s3.id).is_file()
+    kept = snapshots.read_derived_cache(settings.snapshot_dir, "tiny-llama", c.id, folder=snapshots.PROTECT_DIR)
+    assert kept is not None and kept[0]["edit_ids"].tolist() == [1, 2, 3]  # beside the fold, for every later night
     _add(cli_runner, cfg, tmp_path, "night4", [fact(4)])
     fourth = _apply(cli_runner, cfg)
     s4 = store.get_snapshot(fourth["snapshot_id"])
     assert (s4.parent_id, s4.metrics["chain_length"], s4.metrics["n_carried"]) == (c.id, 2, 2)  # replaces night 3
     assert edits_of(s4.id) == [4, 5] and s4.metrics["carried_sums"] == "cache"
+    assert (s4.metrics["protected_edits"], s4.metrics["protected_source"]) == (3, "cache")
     assert "2 nights since the last consolidation" in fourth["consolidation"]["reason"], fourth
     assert fourth["consolidation"]["n_edits"] == 5
     assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
+    _add(cli_runner, cfg, tmp_path, "night5", [fact(5)])
+    s5 = store.get_snapshot(_apply(cli_runner, cfg)["snapshot_id"])
+    assert (s5.metrics["protected_edits"], s5.metrics["protected_source"]) == (5, "captured")  # the new fold's
+    _add(cli_runner, cfg, tmp_path, "night6", [fact(0, color=COLORS[5])])  # edit 7 rewrites the fold's edit 1
+    sixth = _apply(cli_runner, cfg)
+    assert sixth["applied"] == [7] and store.get_edits([1])[0].status == "superseded", sixth
+    s6 = store.get_snapshot(sixth["snapshot_id"])
+    assert (s6.metrics["protected_edits"], s6.metrics["protected_source"]) == (4, "cache")  # kept minus edit 1
 
     weights_s3 = _weights(settings, store, s3.id)
     rb = json.loads(cli_runner(cfg, "rollback", str(s3.id), "--json").stdout)
-    assert rb["rolled_back_edits"] == [5], rb
+    assert rb["rolled_back_edits"] == [5, 6, 7], rb
     after = _weights(settings, store, s3.id)
     assert all(torch.equal(after[k], weights_s3[k]) for k in weights_s3)
     assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
