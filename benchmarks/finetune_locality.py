@@ -31,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 VAL = ROOT / "data" / "counterfact" / "counterfact-val.json"
 CACHE = Path.home() / ".cache" / "horse-ledger" / "variants"
 OUT = ROOT / "benchmarks" / "results" / "edit_quality" / "tuning" / "finetune_locality.json"
+# in the cache names: 2 = fixed mini-batches replayed from the first trained block (2026-11-27); "" before
+ENGINE_REVISION = "2"
 
 
 def parse_grid(text: str) -> list[tuple[float, float]]:
@@ -88,7 +90,7 @@ def main() -> None:
         config = FinetuneConfig(epochs=settings.finetune_epochs, lr=settings.finetune_lr, locality_weight=loc,
                                 swap_weight=swap)
         tuner = FineTuner.new(model, config)
-        cached = CACHE / (f"val-finetune-{args.edits}-e{config.epochs}-lr{config.lr:g}-loc{loc:g}-swap{swap:g}"
+        cached = CACHE / (f"val-finetune{ENGINE_REVISION}-{args.edits}-e{config.epochs}-lr{config.lr:g}-loc{loc:g}-swap{swap:g}"
                           f"-{tuner.fingerprint[:12]}.safetensors")
         t = time.perf_counter()
         if cached.exists():

@@ -73,8 +73,9 @@ class Settings:
                                "nights (N in the thousands) from wrecking unrelated text")
     protect_earlier: float = _opt(0.0, "ν ≥ 0", "hypernet engines: weight ν of the prior ν·KₑᵀKₑ in each night's "
                                   "ridge solve on the keys of the edits the head already carries (the gate's retention "
-                                  "sample of them, captured at the head), so that a night overwrites less of the "
-                                  "earlier ones; 0 = off. See benchmarks/edit_quality.py --protect")
+                                  "sample of them, captured at the head; with hypernet_from_consolidation every edit "
+                                  "of the newest fold, captured once at its weights and kept beside it), so that a "
+                                  "night overwrites less of the earlier ones; 0 = off. See benchmarks/edit_quality.py --protect")
     hypernet_from_base: bool = _opt(True, "true|false", "hypernet engines: derive every night's snapshot from "
                                     "the base model by one edit of every applied edit plus the new ones (a "
                                     "consolidation each night, kind `consolidated`), solved from additive statistics "
