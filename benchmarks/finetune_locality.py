@@ -11,7 +11,10 @@ asked of another edit's subject. On CounterFact **val** (tuning only), the base 
 `--edits` edits with the config's epochs and lr, for each `locality:swap` pair of `--grid`: token ES of the edits,
 paraphrase and neighbourhood token accuracy (`token_gs`, `token_ls`), NS (P(true) > P(new) on the
 neighbourhood prompts), canary agreement with the base (first 100 canary prompts), perplexity ratio on the canary
-texts, and the fine-tune's seconds. One JSON line per setting, and all of them in
+texts, and the fine-tune's seconds. `--swap-partners neighbours` (an experiment, not the engine's behaviour) asks
+each edit's prompt of a CounterFact **train** subject whose true answer is the edit's old answer (the subjects
+CounterFact's neighbourhood prompts are made of; the canary's own records left out), falling back to another edit's
+subject. One JSON line per setting, and all of them in
 benchmarks/results/edit_quality/tuning/finetune_locality.json. Fine-tunes are cached in
 ~/.cache/horse-ledger/variants/.
 """
@@ -49,11 +52,44 @@ def parse_grid(text: str) -> list[tuple[float, float]]:
     return pairs
 
 
+def neighbour_swaps(train_path: Path, canary_path: Path):
+    """A `subject_swaps` replacement: per edit, its prompt asked of a train subject with the same true answer."""
+    import collections
+    import random
+
+    from horse.finetune import subject_swaps
+
+    canary = {json.loads(line)["source"] for line in canary_path.read_text().splitlines() if line.strip()}
+    bank: dict[str, set[str]] = collections.defaultdict(set)
+    for i, rec in enumerate(json.loads(train_path.read_text())):
+        if {f"counterfact-train:{i}", f"counterfact-train:{rec['case_id']}"} & canary:
+            continue
+        bank[rec["ground_truth"]].add(rec["subject"])
+
+    def swaps(requests, seed):
+        edited, rng = {r.prompt for r in requests}, random.Random(seed)
+        out = subject_swaps(requests, seed)  # the fallback
+        for i, r in enumerate(requests):
+            others = sorted(bank.get(r.target_true or "", set()) - {r.subject})
+            if not (r.subject and r.subject in r.prompt and others):
+                continue
+            for other in rng.sample(others, min(4, len(others))):
+                prompt = r.prompt.replace(r.subject, other, 1)
+                if prompt not in edited:
+                    out[i] = prompt
+                    break
+        return out
+
+    return swaps
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--edits", type=int, default=500, help="val edits fine-tuned in")
     p.add_argument("--grid", default="1:0,1:1,1:3,3:0", help="locality:swap weight pairs, comma-separated")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--swap-partners", choices=("ledger", "neighbours"), default="ledger",
+                   help="whose subjects the swapped prompts ask about (see above)")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     grid = parse_grid(args.grid)
@@ -67,10 +103,14 @@ def main() -> None:
     from daemon.materialise import load_base
     from horse.data import load_requests
     from horse.deltas import LayerDelta, apply_deltas
+    import horse.finetune
     from horse.finetune import FinetuneConfig, FineTuner
     from horse.metrics import request_scores, summarise_scores
     from ledger.config import load_settings
 
+    if args.swap_partners == "neighbours":
+        horse.finetune.subject_swaps = neighbour_swaps(ROOT / "data" / "counterfact" / "counterfact-train.json",
+                                                       ROOT / "daemon" / "assets" / "canary.jsonl")
     settings = load_settings(environ={})
     model, tok = load_base(settings)
     requests = load_requests(VAL)[:args.edits]
@@ -90,8 +130,9 @@ def main() -> None:
         config = FinetuneConfig(epochs=settings.finetune_epochs, lr=settings.finetune_lr, locality_weight=loc,
                                 swap_weight=swap)
         tuner = FineTuner.new(model, config)
-        cached = CACHE / (f"val-finetune{ENGINE_REVISION}-{args.edits}-e{config.epochs}-lr{config.lr:g}-loc{loc:g}-swap{swap:g}"
-                          f"-{tuner.fingerprint[:12]}.safetensors")
+        partners = "-neighbours" if args.swap_partners == "neighbours" else ""
+        cached = CACHE / (f"val-finetune{ENGINE_REVISION}{partners}-{args.edits}-e{config.epochs}-lr{config.lr:g}"
+                          f"-loc{loc:g}-swap{swap:g}-{tuner.fingerprint[:12]}.safetensors")
         t = time.perf_counter()
         if cached.exists():
             deltas = {k: LayerDelta(dense_KV=v) for k, v in load_file(str(cached)).items()}
@@ -102,13 +143,15 @@ def main() -> None:
             save_file({k: v.to_dense().contiguous() for k, v in deltas.items()}, str(cached))
             cached.with_suffix(".json").write_text(json.dumps({"seconds": seconds, **tuner.last_run}))
         with apply_deltas(model, deltas):
-            row = {"setting": f"locality {loc:g}, swap {swap:g}", "locality_weight": loc, "swap_weight": swap,
+            row = {"setting": f"locality {loc:g}, swap {swap:g}" + (", neighbour subjects" if partners else ""),
+                   "locality_weight": loc, "swap_weight": swap,
                    "finetune_s": seconds, **measure()}
         rows.append(row)
         print(json.dumps(row), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"edits": args.edits, "data": "counterfact-val", "epochs": settings.finetune_epochs,
-                                    "lr": settings.finetune_lr, "threads": args.threads, "host": platform.node(),
+                                    "lr": settings.finetune_lr, "threads": args.threads,
+                                    "swap_partners": args.swap_partners, "host": platform.node(),
                                     "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
 
 

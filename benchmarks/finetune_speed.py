@@ -73,7 +73,8 @@ def main() -> None:
               "finetune": {"epochs": config.epochs, "lr": config.lr, "locality_weight": config.locality_weight,
                            "swap_weight": config.swap_weight},
               "seconds": {m: [round(x, 2) for x in s] for m, s in seconds.items()},
-              "median_s": {m: round(v, 2) for m, v in med.items()}, "full_over_replay": round(med["full"] / med["replay"], 2),
+              "median_s": {m: round(v, 2) for m, v in med.items()},
+              "full_over_replay": round(med["full"] / med["replay"], 2),
               "max_rel_delta_difference": rel, "host": platform.node(), "machine": platform.machine(),
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
