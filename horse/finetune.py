@@ -1,10 +1,13 @@
 """Fine-tune-the-ledger (issue 6): the slow, strong baseline a nightly hypernet editor has to beat.
 
 Every night, from the unedited base model, fine-tune the editor's target modules (the MLP output linears
-of the last six blocks) on ALL applied edits: breadth-first (each epoch visits every edit once, in a
-shuffled order, in mini-batches), a few epochs of Adam, with a locality term that keeps the next-token
-distribution on fixed unrelated prompts close to the base model's. The unrelated prompts come from the
-local corpus (`horse.covariance.corpus_texts`: training-split prompts), never from the gate's canary set.
+of the last six blocks) on ALL applied edits: breadth-first (the edits are cut once into seeded random
+mini-batches; each epoch visits every mini-batch once, in a new order), a few epochs of Adam, with a locality
+term that keeps the next-token distribution on fixed unrelated prompts close to the base model's. The unrelated
+prompts come from the local corpus (`horse.covariance.corpus_texts`: training-split prompts), never from the
+gate's canary set. Because every forward of the training is fixed, the input of the first trained block is
+captured once and each step runs only the trained blocks and the LM head at the scored positions
+(`horse/replay.py`; 2× faster than full passes on SmolLM2, `benchmarks/finetune_speed.py`).
 
     tuner = FineTuner.new(model, FinetuneConfig(epochs=5))
     deltas, timings = tuner.compute_deltas(model, tok, requests)   # dense K×V deltas; the model is unchanged
