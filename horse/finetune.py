@@ -125,12 +125,6 @@ def subject_swaps(requests: Sequence[EditRequest], seed: int) -> list[str | None
     return out
 
 
-def last_logits_BV(model: nn.Module, batch) -> torch.Tensor:
-    """Next-token logits after each prompt's last real token (a PromptBatch). B×V."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return out[torch.arange(out.shape[0], device=out.device), batch.last_index_B]
-
-
 def locality_prompts(n: int, seed: int) -> list[str]:
     """`n` fixed unrelated prompts from the local corpus (the same text the covariance statistics use)."""
     from horse.covariance import corpus_texts

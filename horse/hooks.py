@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from horse.arch import get_module
-from horse.replay import HEAD_EXTRAS
+from horse.replay import head_is_linear
 from horse.solve import math_dtype
 
 
@@ -96,11 +96,6 @@ def record_keys(
             h.remove()
 
 
-def _head_is_linear(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    return not any(getattr(config, attr, None) not in (None, 1, 1.0) for attr in HEAD_EXTRAS)
-
-
 def answer_logits(
     model: nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, answer_mask_BT: torch.Tensor
 ) -> torch.Tensor:
@@ -112,7 +107,7 @@ def answer_logits(
     """
     base = getattr(model, "base_model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if base is not None and base is not model and head is not None and _head_is_linear(model):
+    if base is not None and base is not model and head is not None and head_is_linear(model):
         hidden_BTH = base(input_ids=input_ids_BT, attention_mask=attention_mask_BT).last_hidden_state
         return head(hidden_BTH[answer_mask_BT])
     logits_BTX = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT).logits

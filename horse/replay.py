@@ -66,12 +66,17 @@ def final_norm(base: nn.Module) -> nn.Module | None:
     return None
 
 
+def head_is_linear(model: nn.Module) -> bool:
+    """True unless the model's config scales or soft-caps its logits (`HEAD_EXTRAS`)."""
+    config = getattr(model, "config", None)
+    return not any(getattr(config, k, None) not in (None, 1, 1.0) for k in HEAD_EXTRAS)
+
+
 def replayable(model: nn.Module) -> bool:
     """True when logits = lm_head(final_norm(last block's output)): the replay reproduces the model."""
     base = getattr(model, "base_model", None)
     return (base is not None and base is not model and final_norm(base) is not None
-            and model.get_output_embeddings() is not None
-            and not any(getattr(model.config, k, None) not in (None, 1, 1.0) for k in HEAD_EXTRAS))
+            and model.get_output_embeddings() is not None and head_is_linear(model))
 
 
 def head_logits(model: nn.Module, hidden_NH: torch.Tensor) -> torch.Tensor:

@@ -9,11 +9,16 @@ import torch
 
 from horse.deltas import apply_deltas
 from horse.errors import EngineError
-from horse.finetune import (FinetuneConfig, FineTuner, answer_hits_B, answer_nll_B, kl_from_base_B, last_logits_BV,
+from horse.finetune import (FinetuneConfig, FineTuner, answer_hits_B, answer_nll_B, kl_from_base_B,
                             subject_swaps, topk_kl_from_base_B)
 from horse.tokens import tokenize_prompts
-from horse.metrics import answer_token_accuracy
+from horse.metrics import answer_token_accuracy, logits_at
 from horse.types import EditRequest
+
+
+def last_logits_BV(model, pb):
+    """Next-token logits after each prompt's last real token. B×V."""
+    return logits_at(model, pb.input_ids, pb.attention_mask, torch.arange(pb.input_ids.shape[0]), pb.last_index_B)
 
 
 def test_answer_nll_averages_only_the_labelled_tokens():
