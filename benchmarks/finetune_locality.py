@@ -83,6 +83,22 @@ def neighbour_swaps(train_path: Path, canary_path: Path):
     return swaps
 
 
+def layer_modules(model, layers: str) -> tuple[str, ...]:
+    """"3-8" → the MLP output linears of blocks 3..8; "" → () (the engine's default, the last six)."""
+    if not layers:
+        return ()
+    from horse.arch import default_target_modules
+
+    try:
+        first, last = (int(x) for x in layers.split("-"))
+    except ValueError:
+        sys.exit(f"--layers {layers!r}: give FIRST-LAST block numbers, e.g. 3-8")
+    every = default_target_modules(model, 10_000)
+    if not 0 <= first <= last < len(every):
+        sys.exit(f"--layers {layers!r}: blocks run from 0 to {len(every) - 1}")
+    return tuple(every[first:last + 1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--edits", type=int, default=500, help="val edits fine-tuned in")
@@ -90,6 +106,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--swap-partners", choices=("ledger", "neighbours"), default="ledger",
                    help="whose subjects the swapped prompts ask about (see above)")
+    p.add_argument("--layers", default="",
+                   help="trained blocks as FIRST-LAST, e.g. 3-8 (an experiment; default: the last six, the engine's)")
+    p.add_argument("--lr", type=float, default=None, help="Adam lr (default: the config's finetune_lr)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the config's finetune_epochs)")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     grid = parse_grid(args.grid)
@@ -126,12 +146,15 @@ def main() -> None:
     rows = [{"setting": "unedited", **measure()}]
     print(json.dumps(rows[0]), flush=True)
     CACHE.mkdir(parents=True, exist_ok=True)
+    modules = layer_modules(model, args.layers)
+    epochs = args.epochs or settings.finetune_epochs
+    lr = args.lr or settings.finetune_lr
     for loc, swap in grid:
-        config = FinetuneConfig(epochs=settings.finetune_epochs, lr=settings.finetune_lr, locality_weight=loc,
-                                swap_weight=swap)
+        config = FinetuneConfig(module_names=modules, epochs=epochs, lr=lr, locality_weight=loc, swap_weight=swap)
         tuner = FineTuner.new(model, config)
         partners = "-neighbours" if args.swap_partners == "neighbours" else ""
-        cached = CACHE / (f"val-finetune{ENGINE_REVISION}{partners}-{args.edits}-e{config.epochs}-lr{config.lr:g}"
+        where = f"-L{args.layers}" if args.layers else ""
+        cached = CACHE / (f"val-finetune{ENGINE_REVISION}{partners}{where}-{args.edits}-e{config.epochs}-lr{config.lr:g}"
                           f"-loc{loc:g}-swap{swap:g}-{tuner.fingerprint[:12]}.safetensors")
         t = time.perf_counter()
         if cached.exists():
@@ -143,14 +166,16 @@ def main() -> None:
             save_file({k: v.to_dense().contiguous() for k, v in deltas.items()}, str(cached))
             cached.with_suffix(".json").write_text(json.dumps({"seconds": seconds, **tuner.last_run}))
         with apply_deltas(model, deltas):
-            row = {"setting": f"locality {loc:g}, swap {swap:g}" + (", neighbour subjects" if partners else ""),
-                   "locality_weight": loc, "swap_weight": swap,
+            row = {"setting": f"locality {loc:g}, swap {swap:g}" + (", neighbour subjects" if partners else "")
+                   + (f", blocks {args.layers}" if args.layers else ""),
+                   "locality_weight": loc, "swap_weight": swap, "layers": args.layers or "last 6",
+                   "lr": lr, "epochs": epochs,
                    "finetune_s": seconds, **measure()}
         rows.append(row)
         print(json.dumps(row), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"edits": args.edits, "data": "counterfact-val", "epochs": settings.finetune_epochs,
-                                    "lr": settings.finetune_lr, "threads": args.threads,
+    args.out.write_text(json.dumps({"edits": args.edits, "data": "counterfact-val", "epochs": epochs,
+                                    "lr": lr, "threads": args.threads,
                                     "swap_partners": args.swap_partners, "host": platform.node(),
                                     "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
 

@@ -33,7 +33,8 @@ from typing import Any
 from sqlalchemy import insert, select
 
 from daemon import gate, snapshots
-from daemon.cycle import ACTOR, load_engine, nights_since_consolidation, probe_for, to_fact, to_request
+from daemon.cycle import (ACTOR, keep_measurements, kept_measurements, load_engine, nights_since_consolidation,
+                          probe_for, to_fact, to_request)
 from daemon.errors import BatchRefused, DaemonError
 from daemon.locks import applier_lock
 from daemon.materialise import chain, head_id, links, load_base, materialise, weights_digest
@@ -129,8 +130,9 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
 
         # the head as it is served, measured once
         head_m = materialise(settings, chain_links)
-        probe = probe_for(settings, store, [to_fact(e) for e in edits], seed=head, sample=False)
-        head_measure = gate.measure(head_m.model, head_m.tokenizer, probe)
+        probe = probe_for(settings, store, [to_fact(e) for e in edits], sample=False)
+        head_measure = gate.measure(head_m.model, head_m.tokenizer, probe,
+                                    known=kept_measurements(settings, base_model, head, chain_links[-1].sha256))
         del head_m
         timed("measure_head")
 
@@ -200,6 +202,7 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
                                                  "path": file.rel_path, "sha256": file.sha256, "bytes": file.bytes})
             result.snapshot_id = snap.id
         timed("commit")
+        keep_measurements(settings, base_model, result.snapshot_id, file.sha256, gate.Known().add(probe, cand))
         result.status, result.bytes = "published", file.bytes
         timings["total"] = round(time.perf_counter() - t0, 4)
         result.timings_s = timings

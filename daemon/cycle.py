@@ -119,15 +119,47 @@ def hypernet_path(settings: Settings) -> Path:
                      f"`hypernet = \"FILE\"` in the config")
 
 
-def probe_for(settings: Settings, store: Store, retained: Sequence[gate.Fact], *, seed: int | None,
-              sample: bool = True) -> gate.Probe:
+def probe_for(settings: Settings, store: Store, retained: Sequence[gate.Fact], *, sample: bool = True) -> gate.Probe:
     """The gate's prompts: the canary set, every protected fact, and the retained edits (sampled, or all)."""
     return gate.Probe(
         canary_prompts=gate.load_canary(settings.gate_canary_file or None),
         protected=tuple(gate.Fact(key=p.id, prompt=p.rendered_prompt, answer=p.target) for p in store.list_protected()),
-        retained=(gate.sample_retained(retained, seed=seed or 0, limit=settings.gate_retention_sample) if sample
+        retained=(gate.sample_retained(retained, limit=settings.gate_retention_sample) if sample
                   else tuple(retained)),
         generation_sample=settings.gate_generation_sample)
+
+
+def _measured_meta(settings: Settings, snapshot_sha256: str) -> dict[str, str]:
+    """What a kept gate measurement depends on besides the snapshot: the model, its dtype and device."""
+    from daemon.materialise import resolve_device
+
+    return {"snapshot_sha256": snapshot_sha256, "model": settings.model, "dtype": settings.dtype,
+            "device": str(resolve_device(settings.device)).split(":")[0]}
+
+
+def keep_measurements(settings: Settings, base_model: str, snapshot_id: int, snapshot_sha256: str,
+                      known: gate.Known) -> None:
+    """Keep what the gate measured on a snapshot's weights beside it: the next night's head is that snapshot,
+    and measures only what the kept values lack (derived data: losing it costs the next night a measurement)."""
+    try:
+        snapshots.write_derived_cache(settings.snapshot_dir, base_model, snapshot_id, known.to_tensors(),
+                                      _measured_meta(settings, snapshot_sha256), folder=snapshots.MEASURED_DIR)
+    except OSError:
+        log.warning("could not keep the gate measurements of snapshot %d", snapshot_id, exc_info=True)
+
+
+def kept_measurements(settings: Settings, base_model: str, snapshot_id: int | None,
+                      snapshot_sha256: str) -> gate.Known | None:
+    """The measurements `keep_measurements` kept for this snapshot, model, dtype and device, or None."""
+    if snapshot_id is None:
+        return None
+    kept = snapshots.read_derived_cache(settings.snapshot_dir, base_model, snapshot_id, folder=snapshots.MEASURED_DIR)
+    if kept is None or any(kept[1].get(k) != v for k, v in _measured_meta(settings, snapshot_sha256).items()):
+        return None
+    try:
+        return gate.Known.from_tensors(kept[0])
+    except (KeyError, ValueError, RuntimeError):
+        return None
 
 
 def load_editor(settings: Settings, path: Path, model, tokenizer):
@@ -282,6 +314,7 @@ class _Batch:
         self._last_sums: tuple[frozenset[int], Any] | None = None  # the newest candidate: (its set, carried + its
         # statistics); one only, each is K×K + 2·K×V per layer (198 MB for SmolLM2)
         self._verdict_cache: dict[frozenset[int], gate.Verdict] = {}
+        self._measure_cache: dict[frozenset[int], gate.Measurement] = {}
 
     # ------------------------------------------------------------------ plumbing
     def _stage(self, name: str) -> None:
@@ -358,7 +391,7 @@ class _Batch:
             published = list(s.execute(select(Snapshot.id).where(Snapshot.base_model == self.base_model,
                                                                  Snapshot.status == "published")).scalars())
         snapshots.prune_weights_cache(self.settings.snapshot_dir, self.base_model, valid_ids=published)
-        for folder in (snapshots.SUMS_DIR, snapshots.PROTECT_DIR):
+        for folder in (snapshots.SUMS_DIR, snapshots.PROTECT_DIR, snapshots.MEASURED_DIR):
             snapshots.prune_weights_cache(self.settings.snapshot_dir, self.base_model, valid_ids=published,
                                           folder=folder, keep=2)
         if removed:
@@ -420,8 +453,10 @@ class _Batch:
         t = self._timed("materialise", t)
         self._stage("materialised")
 
-        self.probe = probe_for(self.settings, self.store, [to_fact(e) for e in retained], seed=self.parent_id)
-        self.head_measure = gate.measure(model, tokenizer, self.probe)
+        self.probe = probe_for(self.settings, self.store, [to_fact(e) for e in retained])
+        known = kept_measurements(self.settings, self.base_model, self.parent_id,
+                                  self.chain[-1].sha256) if self.chain else None
+        self.head_measure = gate.measure(model, tokenizer, self.probe, known=known)
         t = self._timed("measure_head", t)
         self.protected = self._protect_earlier(retained)
         if self.protected:
@@ -733,7 +768,7 @@ class _Batch:
                 norms = self.m.layer_norms()
             verdict = gate.judge(self.head_measure, cand, self.probe, self.settings, layer_norms=norms)
             verdict.metrics["layer_norms"] = norms
-            self._verdict_cache[key] = verdict
+            self._verdict_cache[key], self._measure_cache[key] = verdict, cand
         return self._verdict_cache[key]
 
     @staticmethod
@@ -928,6 +963,11 @@ class _Batch:
             from horse.arch import get_module
             snapshots.write_weights_cache(self.settings.snapshot_dir, self.base_model, snapshot_id,
                                           {n: get_module(self.model, n).weight for n in touched})
+            measured = self._measure_cache.get(frozenset(final))
+            if measured is not None:  # the weights the gate measured are the published ones (up to rounding)
+                keep_measurements(self.settings, self.base_model, snapshot_id, file.sha256,
+                                  gate.Known().add(self.probe, measured).add_efficacy(
+                                      [to_fact(self.edits[i]) for i in final], self.efficacy))
             if final_sums is not None:
                 t = time.perf_counter()
                 snapshots.write_derived_cache(self.settings.snapshot_dir, self.base_model, snapshot_id,

@@ -29,9 +29,9 @@ Measurements are plain JSON-able dicts: they are stored on the batch and the sna
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +84,7 @@ class Measurement:
     protected_logprob: torch.Tensor          # [P] mean answer log-prob
     retained_acc: torch.Tensor               # [R] answer-token accuracy on the edit's own prompt
     retained_gen: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))  # [G] generated
+    reused: int = 0                          # values taken from earlier measurements of the same state (Known)
 
 
 @dataclass
@@ -119,12 +120,73 @@ def load_canary(path: str | Path | None = None, *, limit: int = CANARY_SAMPLE_MA
     return tuple(prompts[:limit])
 
 
-def sample_retained(facts: Sequence[Fact], *, seed: int = 0, limit: int = RETENTION_SAMPLE_MAX) -> tuple[Fact, ...]:
-    """All applied edits, or a fixed random sample of `limit` of them (sorted by key)."""
+def sample_retained(facts: Sequence[Fact], *, limit: int = RETENTION_SAMPLE_MAX) -> tuple[Fact, ...]:
+    """All applied edits, or a fixed random sample of `limit` of them (sorted by key).
+
+    The sample is the `limit` facts whose keys hash lowest: random over the edits, and stable from night to
+    night (a new edit enters only by displacing one), so that most of the head's measurements can be those
+    its own gate made the night before (`Known`)."""
     if len(facts) <= limit:
         return tuple(facts)
-    picked = random.Random(seed).sample(list(facts), limit)
+    picked = sorted(facts, key=lambda f: hashlib.sha256(f"retained:{f.key}".encode()).digest())[:limit]
     return tuple(sorted(picked, key=lambda f: f.key))
+
+
+def _text_id(*parts: str) -> int:
+    """A signed 63-bit id of what is measured (a prompt, or a prompt and its answer)."""
+    return int.from_bytes(hashlib.sha256("\x00".join(parts).encode()).digest()[:8], "big") >> 1
+
+
+@dataclass
+class Known:
+    """Measurements of one model state kept for reuse, by what was measured: answer-token accuracy, answer
+    log-probability and generation of (prompt, answer) pairs, greedy next token of canary prompts. Each maps the
+    `_text_id` of the measured text to its value. The state it belongs to is the caller's to check (see
+    daemon/snapshots.py, MEASURED_DIR)."""
+
+    acc: dict[int, float] = field(default_factory=dict)
+    logprob: dict[int, float] = field(default_factory=dict)
+    generated: dict[int, bool] = field(default_factory=dict)
+    canary: dict[int, int] = field(default_factory=dict)
+
+    def add(self, probe: Probe, m: Measurement) -> Known:
+        """Record every measurement of `m` (a measurement of this state on `probe`)."""
+        for facts, acc in ((probe.protected, m.protected_acc), (probe.retained, m.retained_acc)):
+            self.acc.update((_text_id(f.prompt, f.answer), float(a)) for f, a in zip(facts, acc.tolist()))
+        self.logprob.update((_text_id(f.prompt, f.answer), float(v))
+                            for f, v in zip(probe.protected, m.protected_logprob.tolist()))
+        self.generated.update((_text_id(f.prompt, f.answer), bool(g))
+                              for f, g in zip(probe.generated, m.retained_gen.tolist()))
+        self.canary.update((_text_id(p), int(i)) for p, i in zip(probe.canary_prompts, m.canary_next_ids.tolist()))
+        return self
+
+    def add_efficacy(self, facts: Sequence[Fact], eff: Mapping[int, Mapping[str, float]]) -> Known:
+        """Record the new edits' own-prompt accuracy and generation (`efficacy`'s "prompt_acc", "generated")."""
+        for f in facts:
+            if f.key in eff:
+                key = _text_id(f.prompt, f.answer)
+                self.acc[key] = float(eff[f.key]["prompt_acc"])
+                self.generated[key] = bool(eff[f.key]["generated"])
+        return self
+
+    def __len__(self) -> int:
+        return len(self.acc) + len(self.logprob) + len(self.generated) + len(self.canary)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, table, dtype in (("acc", self.acc, torch.float32), ("logprob", self.logprob, torch.float32),
+                                   ("generated", self.generated, torch.uint8), ("canary", self.canary, torch.int64)):
+            out[f"{name}.keys"] = torch.tensor(list(table), dtype=torch.int64)
+            out[f"{name}.values"] = torch.tensor([float(v) for v in table.values()]).to(dtype)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> Known:
+        def table(name: str, cast):
+            return {int(k): cast(v) for k, v in zip(tensors[f"{name}.keys"].tolist(), tensors[f"{name}.values"].tolist())}
+
+        return cls(acc=table("acc", float), logprob=table("logprob", float), generated=table("generated", bool),
+                   canary=table("canary", int))
 
 
 def _empty() -> torch.Tensor:
@@ -132,27 +194,52 @@ def _empty() -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure(model, tokenizer, probe: Probe, *, batch_size: int = 32) -> Measurement:
-    """Measure one model state on the probe (forward passes only)."""
+def measure(model, tokenizer, probe: Probe, *, batch_size: int = 32, known: Known | None = None) -> Measurement:
+    """Measure one model state on the probe (forward passes only). With `known` (earlier measurements of this
+    same state), only what it lacks is measured; `Measurement.reused` counts what it supplied."""
     from horse import metrics
 
-    def acc(facts: Sequence[Fact]) -> torch.Tensor:
-        if not facts:
-            return _empty()
-        return metrics.answer_token_accuracy(model, tokenizer, [f.prompt for f in facts],
-                                             [f.answer for f in facts], batch_size=batch_size).float().cpu()
+    known = known or Known()
+    reused = 0
 
-    canary = (metrics.next_token_ids(model, tokenizer, list(probe.canary_prompts)).cpu()
-              if probe.canary_prompts else torch.zeros(0, dtype=torch.long))
-    protected_lp = (metrics.answer_logprobs(model, tokenizer, [f.prompt for f in probe.protected],
-                                            [f.answer for f in probe.protected], batch_size=batch_size).float().cpu()
-                    if probe.protected else _empty())
-    gen = probe.generated
-    retained_gen = (metrics.generated_matches(model, tokenizer, [f.prompt for f in gen], [f.answer for f in gen],
-                                              batch_size=batch_size).cpu()
-                    if gen else torch.zeros(0, dtype=torch.bool))
-    return Measurement(canary_next_ids=canary, protected_acc=acc(probe.protected),
-                       protected_logprob=protected_lp, retained_acc=acc(probe.retained), retained_gen=retained_gen)
+    def fill(items: Sequence, table: dict[int, Any], ids: Sequence[int], run, dtype) -> torch.Tensor:
+        """Values for `items` (text ids `ids`): from `table`, the rest by `run(missing items)` in one pass."""
+        nonlocal reused
+        missing = [i for i, key in enumerate(ids) if key not in table]
+        fresh = run([items[i] for i in missing]).cpu().tolist() if missing else []
+        values = [table.get(key) for key in ids]
+        for i, v in zip(missing, fresh):
+            values[i] = v
+        reused += len(items) - len(missing)
+        return torch.tensor(values, dtype=dtype) if values else torch.zeros(0, dtype=dtype)
+
+    def fact_ids(facts: Sequence[Fact]) -> list[int]:
+        return [_text_id(f.prompt, f.answer) for f in facts]
+
+    def acc(facts: Sequence[Fact]) -> torch.Tensor:
+        return metrics.answer_token_accuracy(model, tokenizer, [f.prompt for f in facts], [f.answer for f in facts],
+                                             batch_size=batch_size).float()
+
+    def logprob(facts: Sequence[Fact]) -> torch.Tensor:
+        return metrics.answer_logprobs(model, tokenizer, [f.prompt for f in facts], [f.answer for f in facts],
+                                       batch_size=batch_size).float()
+
+    def generated(facts: Sequence[Fact]) -> torch.Tensor:
+        return metrics.generated_matches(model, tokenizer, [f.prompt for f in facts], [f.answer for f in facts],
+                                         batch_size=batch_size)
+
+    def canary(prompts: Sequence[str]) -> torch.Tensor:
+        return metrics.next_token_ids(model, tokenizer, list(prompts))
+
+    m = Measurement(
+        canary_next_ids=fill(probe.canary_prompts, known.canary, [_text_id(p) for p in probe.canary_prompts],
+                             canary, torch.long),
+        protected_acc=fill(probe.protected, known.acc, fact_ids(probe.protected), acc, torch.float32),
+        protected_logprob=fill(probe.protected, known.logprob, fact_ids(probe.protected), logprob, torch.float32),
+        retained_acc=fill(probe.retained, known.acc, fact_ids(probe.retained), acc, torch.float32),
+        retained_gen=fill(probe.generated, known.generated, fact_ids(probe.generated), generated, torch.bool))
+    m.reused = reused
+    return m
 
 
 @torch.no_grad()
@@ -269,4 +356,5 @@ def baseline_metrics(head: Measurement, probe: Probe, settings: Settings) -> dic
             "retention_abs": float(held.float().mean()) if probe.retained else None,
             "retention_acc_mean": float(head.retained_acc.mean()) if probe.retained else None,
             "retention_generated_n": len(probe.generated),
-            "retention_generated_abs": float(head.retained_gen.float().mean()) if probe.generated else None}
+            "retention_generated_abs": float(head.retained_gen.float().mean()) if probe.generated else None,
+            "reused": head.reused}

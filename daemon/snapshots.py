@@ -280,9 +280,12 @@ SUMS_DIR = "sums"
 SUMS_FORMAT = "horse-ledger/edit-sums/1"
 PROTECT_DIR = "protect"
 PROTECT_FORMAT = "horse-ledger/protect-moments/1"
+MEASURED_DIR = "measured"
+MEASURED_FORMAT = "horse-ledger/gate-measurements/1"
 # folder → (file suffix, format tag): the edit sums of a re-deriving night (`horse.sums`), and the key moments
 # of a consolidated snapshot's edits that the nights after it protect (`protect_earlier`)
-_DERIVED = {SUMS_DIR: (".sums.safetensors", SUMS_FORMAT), PROTECT_DIR: (".protect.safetensors", PROTECT_FORMAT)}
+_DERIVED = {SUMS_DIR: (".sums.safetensors", SUMS_FORMAT), PROTECT_DIR: (".protect.safetensors", PROTECT_FORMAT),
+            MEASURED_DIR: (".measured.safetensors", MEASURED_FORMAT)}
 
 
 def derived_cache_path(snapshot_dir: str | os.PathLike[str], base_model: str, snapshot_id: int,
@@ -299,7 +302,8 @@ def write_derived_cache(snapshot_dir: str | os.PathLike[str], base_model: str, s
                         keep: int = 2) -> Path:
     """Keep statistics derived from a snapshot beside it (in `folder`: SUMS_DIR, the additive edit statistics
     of a re-deriving snapshot, so that the next night adds its own edits' instead of re-capturing every edit it
-    carries; PROTECT_DIR, the protected key moments of a consolidated snapshot's edits); prune all but `keep`."""
+    carries; PROTECT_DIR, the protected key moments of a consolidated snapshot's edits; MEASURED_DIR, what the gate
+    measured on the published weights, so that the next night's head measurement reuses it); prune all but `keep`."""
     from safetensors.torch import save as st_save
 
     path = derived_cache_path(snapshot_dir, base_model, snapshot_id, folder)
@@ -322,14 +326,6 @@ def read_derived_cache(snapshot_dir: str | os.PathLike[str], base_model: str, sn
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata() or {}
             if metadata.get("format") != _DERIVED[folder][1]:
-                return None
-            return {k: fh.get_tensor(k) for k in fh.keys()}, metadata
-    except Exception:  # noqa: BLE001 - a damaged cache is simply not used
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-            if metadata.get("format") != SUMS_FORMAT:
                 return None
             return {k: fh.get_tensor(k) for k in fh.keys()}, metadata
     except Exception:  # noqa: BLE001 - a damaged cache is simply not used

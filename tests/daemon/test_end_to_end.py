@@ -151,7 +151,11 @@ def test_consolidation_folds_the_chain_and_rollback_still_works(db_url, daemon_s
     _add(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
     s1 = _apply(cli_runner, cfg)["snapshot_id"]
     _add(cli_runner, cfg, tmp_path, "night2", [fact(2), fact(3)])
-    s2 = _apply(cli_runner, cfg)["snapshot_id"]
+    second = _apply(cli_runner, cfg)
+    s2 = second["snapshot_id"]
+    # the head (night 1's snapshot) was measured by night 1's gate: its canary and both edits are not measured again
+    head = store.get_batch(second["batch_id"]).metrics["head"]
+    assert head["retention_n"] == 2 and head["reused"] >= head["canary_n"] + 2, head
     weights_s2 = _weights(settings, store, s2)
     applied = sorted(e.id for e in store.list_edits(status="applied"))
 
@@ -178,6 +182,8 @@ def test_consolidation_folds_the_chain_and_rollback_still_works(db_url, daemon_s
     _add(cli_runner, cfg2, tmp_path, "night3", [fact(4)])
     third = _apply(cli_runner, cfg2)
     assert third["status"] == "published" and third["consolidation"]["status"] == "published", third
+    # rolled back, the head is night 2's snapshot again, and what its gate measured is still kept beside it
+    assert store.get_batch(third["batch_id"]).metrics["head"]["reused"] > 0
     assert "consolidate_max_chain" in third["consolidation"]["reason"]
     assert store.get_snapshot(store.head("tiny-llama").id).kind == "consolidated"
     store.close()
