@@ -91,6 +91,8 @@ def main() -> None:
                    help="config finetune_swap_weight: the subject-swap locality term of fine-tunes (folds, finetune); "
                         "default: the config's (runs from before it existed: 0)")
     p.add_argument("--preserve-min", type=float, default=None, help="config preserve_min (default: the config's)")
+    p.add_argument("--gate-sample", type=int, default=None,
+                   help="config gate_retention_sample (default: the config's); the checkpoints measure every edit")
     p.add_argument("--device", default="cpu", help="config device (cpu, cuda:0)")
     p.add_argument("--eval-batch-size", type=int, default=32, help="prompts per batch of the checkpoints' measures")
     p.add_argument("--deadline-min", type=float, default=0.0,
@@ -142,6 +144,7 @@ def main() -> None:
                              hypernet_from_base=args.from_base, hypernet_from_consolidation=args.from_fold,
                              finetune_swap_weight=swap,
                              device=args.device,
+                             **({"gate_retention_sample": args.gate_sample} if args.gate_sample else {}),
                              **({"preserve_min": args.preserve_min} if args.preserve_min is not None else {}))
     store = Store(db)
     run_info = out / "run.json"  # what the run's nights were made with; a resumed run must not change it
@@ -152,6 +155,7 @@ def main() -> None:
             **({"from_fold": True} if args.from_fold else {}),
             **({"finetune_swap_weight": swap} if swap else {}),
             **({"consolidate_engine": args.consolidate_engine} if args.consolidate_engine else {}),
+            **({"gate_retention_sample": args.gate_sample} if args.gate_sample else {}),
             **({"preserve_min": settings.preserve_min} if engine == "hypernet" else {}),
             "hypernet": hypernet.name if engine == "hypernet" else None,
             "hypernet_sha256": file_sha256(hypernet) if engine == "hypernet" else None}

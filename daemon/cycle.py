@@ -547,7 +547,8 @@ class _Batch:
     def _protect_earlier(self, retained: Sequence[EditRecord]) -> int:
         """`protect_earlier` = ν > 0: the night's solve keeps the edited layers' outputs on the keys of the edits
         the model it edits already carries (ν·KₑᵀKₑ, `Editor.set_protected_keys`). On a chain of nights: the
-        head's, captured on its weights for the gate's retention sample of them (so the cost stays bounded). With
+        head's, captured on its weights for a fixed sample of up to gate.RETENTION_SAMPLE_MAX of them (so the cost
+        stays bounded; not the configured gate sample, so that a cheaper gate never protects less). With
         `hypernet_from_consolidation` after a fold: every edit the fold carries, captured once on its weights
         and kept beside it (`_fold_moments`). Returns how many edits were protected."""
         nu = self.settings.protect_earlier
@@ -558,7 +559,7 @@ class _Batch:
             earlier = [e for e in retained if e.id not in redone]
             moments = self._fold_moments(earlier) if earlier else None
         else:
-            sampled = {f.key for f in self.probe.retained}
+            sampled = {f.key for f in gate.sample_retained([to_fact(e) for e in retained])}
             earlier = [e for e in retained if e.id in sampled and e.id not in redone]
             moments = self.editor.requests_second_moments(self.model, self.tokenizer, [to_request(e) for e in earlier],
                                                           chunk_edits=PROTECT_CHUNK) if earlier else None

@@ -2,7 +2,9 @@
 
 Owns the rules, not the math: every number comes from `horse.metrics` (teacher-forced answer-token
 accuracy, answer log-probabilities, greedy next tokens). For one batch the head (the model before the
-batch) is measured once; each candidate (the head plus the batch's deltas, or a subset of them while
+batch) is measured once, and mostly not at all: what the gate measured on the snapshot that became the head
+is kept beside it (`Known`, daemon/snapshots.py MEASURED_DIR), so only what that lacks (edits new to the
+sample, new protected facts) is measured. Each candidate (the head plus the batch's deltas, or a subset of them while
 bisecting) is measured on the same probe and judged against the head:
 
 - efficacy (step 4, per edit): token accuracy on the edit's own prompt; an edit takes when it reaches
@@ -17,8 +19,8 @@ bisecting) is measured on the same probe and judged against the head:
 - retention: of the edits already applied on the chain that hold on the head (token accuracy ≥
   HOLD_MIN_ACCURACY on their prompt), the share that still hold; at least `gate_min_retention`. The
   absolute share (over all of them) is recorded too, for the consolidation policy.
-- generated retention (what users see): of `gate_generation_sample` retained edits (evenly spaced), those whose
-  greedy decoding from the prompt produces the target on the head (`horse.metrics.generated_matches`:
+- generated retention (what users see): of `gate_generation_sample` retained edits (a stable random sample),
+  those whose greedy decoding from the prompt produces the target on the head (`horse.metrics.generated_matches`:
   case- and space-normalised, cut at the end of the line), the share the candidate still generates; at least
   `gate_min_retention_generated` (0 = measured and recorded only). Each new edit's generated efficacy is
   measured and stored with it, like its token efficacy.
@@ -42,7 +44,7 @@ import torch
 from ledger.config import Settings
 
 SHIPPED_CANARY = Path(__file__).resolve().parent / "assets" / "canary.jsonl"
-# Past this many applied edits the gate measures retention on a fixed sample (the benchmarks measure all).
+# The default sample size of `sample_retained` (and the edits protect_earlier protects on a chain of nights).
 RETENTION_SAMPLE_MAX = 2000
 CANARY_SAMPLE_MAX = 2000
 # A fact "holds" when at least this share of its answer tokens are the model's teacher-forced top choice.
@@ -67,12 +69,11 @@ class Probe:
     canary_prompts: tuple[str, ...]
     protected: tuple[Fact, ...] = ()
     retained: tuple[Fact, ...] = ()
-    generation_sample: int = 0  # this many retained facts (evenly spaced, oldest to newest) are also generated
+    generation_sample: int = 0  # this many retained facts (a stable random sample) are also generated
 
     @property
     def generated(self) -> tuple[Fact, ...]:
-        n, k = len(self.retained), min(self.generation_sample, len(self.retained))
-        return tuple(self.retained[i * n // k] for i in range(k)) if k else ()
+        return sample_retained(self.retained, limit=self.generation_sample, salt="generated")
 
 
 @dataclass
@@ -120,16 +121,17 @@ def load_canary(path: str | Path | None = None, *, limit: int = CANARY_SAMPLE_MA
     return tuple(prompts[:limit])
 
 
-def sample_retained(facts: Sequence[Fact], *, limit: int = RETENTION_SAMPLE_MAX) -> tuple[Fact, ...]:
-    """All applied edits, or a fixed random sample of `limit` of them (sorted by key).
+def sample_retained(facts: Sequence[Fact], *, limit: int = RETENTION_SAMPLE_MAX,
+                    salt: str = "retained") -> tuple[Fact, ...]:
+    """All the facts, or a fixed random sample of `limit` of them (in their order; none when `limit` ≤ 0).
 
-    The sample is the `limit` facts whose keys hash lowest: random over the edits, and stable from night to
-    night (a new edit enters only by displacing one), so that most of the head's measurements can be those
-    its own gate made the night before (`Known`)."""
+    The sample is the `limit` facts whose keys hash lowest (with `salt`): random over the edits, and stable from
+    night to night (a new edit enters only by displacing one), so that most of the head's measurements can be
+    those its own gate made the night before (`Known`)."""
     if len(facts) <= limit:
         return tuple(facts)
-    picked = sorted(facts, key=lambda f: hashlib.sha256(f"retained:{f.key}".encode()).digest())[:limit]
-    return tuple(sorted(picked, key=lambda f: f.key))
+    picked = {f.key for f in sorted(facts, key=lambda f: hashlib.sha256(f"{salt}:{f.key}".encode()).digest())[:limit]}
+    return tuple(f for f in facts if f.key in picked)
 
 
 def _text_id(*parts: str) -> int:

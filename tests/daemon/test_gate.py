@@ -13,9 +13,14 @@ def _measure(acc: list[float], gen: list[bool]) -> Measurement:
                        retained_gen=torch.tensor(gen, dtype=torch.bool))
 
 
-def test_generation_sample_is_evenly_spaced_over_the_retained_edits():
+def test_generation_sample_is_a_stable_sample_of_the_retained_edits():
     facts = tuple(Fact(key=i, prompt=f"p{i}", answer="a") for i in range(10))
-    assert [f.key for f in Probe((), retained=facts, generation_sample=4).generated] == [0, 2, 5, 7]
+    four = Probe((), retained=facts, generation_sample=4).generated
+    assert len(four) == 4 and list(four) == sorted(four, key=lambda f: f.key) and set(four) <= set(facts)
+    assert four == Probe((), retained=facts, generation_sample=4).generated
+    grown = Probe((), retained=facts + tuple(Fact(key=i, prompt=f"p{i}", answer="a") for i in range(10, 20)),
+                  generation_sample=4).generated
+    assert {f.key for f in grown} <= {f.key for f in four} | set(range(10, 20))
     assert len(Probe((), retained=facts, generation_sample=50).generated) == 10
     assert Probe((), retained=facts).generated == ()
 
