@@ -85,18 +85,15 @@ def neighbour_swaps(train_path: Path, canary_path: Path):
 
 def layer_modules(model, layers: str) -> tuple[str, ...]:
     """"3-8" → the MLP output linears of blocks 3..8; "" → () (the engine's default, the last six)."""
-    if not layers:
-        return ()
-    from horse.arch import default_target_modules
+    from horse.arch import block_mlp_out_modules
+    from horse.errors import EngineError
+    from ledger.config import ConfigError, parse_blocks
 
     try:
-        first, last = (int(x) for x in layers.split("-"))
-    except ValueError:
-        sys.exit(f"--layers {layers!r}: give FIRST-LAST block numbers, e.g. 3-8")
-    every = default_target_modules(model, 10_000)
-    if not 0 <= first <= last < len(every):
-        sys.exit(f"--layers {layers!r}: blocks run from 0 to {len(every) - 1}")
-    return tuple(every[first:last + 1])
+        blocks = parse_blocks(layers)
+        return tuple(block_mlp_out_modules(model, *blocks)) if blocks else ()
+    except (ConfigError, EngineError) as exc:
+        sys.exit(f"--layers: {exc}")
 
 
 def main() -> None:

@@ -186,11 +186,15 @@ def load_engine(settings: Settings, model, tokenizer) -> tuple[Any, str]:
     (fine-tune-the-ledger) is given every edit the head carries, on the base weights (see `_Batch`).
     """
     if settings.engine == "finetune":
+        from horse.arch import block_mlp_out_modules
         from horse.finetune import FinetuneConfig, FineTuner
+        from ledger.config import parse_blocks
 
-        editor = FineTuner.new(model, FinetuneConfig(epochs=settings.finetune_epochs, lr=settings.finetune_lr,
-                                                     locality_weight=settings.finetune_locality_weight,
-                                                     swap_weight=settings.finetune_swap_weight))
+        blocks = parse_blocks(settings.finetune_blocks)
+        editor = FineTuner.new(model, FinetuneConfig(
+            module_names=tuple(block_mlp_out_modules(model, *blocks)) if blocks else (),
+            epochs=settings.finetune_epochs, lr=settings.finetune_lr,
+            locality_weight=settings.finetune_locality_weight, swap_weight=settings.finetune_swap_weight))
     elif settings.engine == "memit":
         from horse.memit import MemitEditor
 

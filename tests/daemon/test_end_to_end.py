@@ -191,11 +191,12 @@ def test_consolidation_folds_the_chain_and_rollback_still_works(db_url, daemon_s
 
 def test_hybrid_hypernet_nights_with_finetune_consolidation(db_url, daemon_settings, cli_runner, tmp_path):
     """consolidate_engine = finetune: hypernet nights edit the head; every second night the policy folds the chain
-    by fine-tuning the base on every carried edit (a snapshot of the base listing them all, engine finetune); the
-    next hypernet night edits that head again, and rollback to the folded chain is exact."""
+    by fine-tuning the base on every carried edit (a snapshot of the base listing them all, engine finetune), here
+    in blocks 1-2 only (finetune_blocks); the next hypernet night edits that head again (all six blocks), and
+    rollback to the folded chain is exact."""
     settings = daemon_settings(db_url, gate_min_efficacy=0.0, gate_min_retention=0.0, hypernet_from_base=False,
                                consolidate_engine="finetune", consolidate_every_nights=2, finetune_epochs=40,
-                               finetune_lr=1e-2, finetune_locality_weight=0.1)
+                               finetune_lr=1e-2, finetune_locality_weight=0.1, finetune_blocks="1-2")
     cfg = write_config(tmp_path / "config.toml", settings)
     store = Store(db_url)
     _add(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
@@ -209,6 +210,7 @@ def test_hybrid_hypernet_nights_with_finetune_consolidation(db_url, daemon_setti
     assert fold["engine"] == "finetune" and "consolidate_every_nights" in fold["reason"] and fold["n_edits"] == 3
     c = store.get_snapshot(fold["snapshot_id"])
     assert (c.kind, c.parent_id, c.metrics["engine"]) == ("consolidated", None, "finetune")
+    assert c.metrics["weights_modules"] == ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
     assert c.metrics["hypernet_fingerprint"] != store.get_snapshot(second["snapshot_id"]).metrics["hypernet_fingerprint"]
     assert fold["gate"]["retention_n"] == 3 and fold["gate"]["retention"] >= 2 / 3  # fine-tuned in from the base
     assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")

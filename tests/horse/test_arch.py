@@ -37,6 +37,15 @@ def test_llama_targets_and_layout(tiny_llama):
     assert module_weight_KV(module).data_ptr() == module.weight.data_ptr()
 
 
+def test_block_range_targets(tiny_llama):
+    from horse.arch import block_mlp_out_modules
+
+    model, _ = tiny_llama
+    assert block_mlp_out_modules(model, 1, 2) == ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+    with pytest.raises(EngineError, match="blocks 4-9 are outside this model's blocks 0-5"):
+        block_mlp_out_modules(model, 4, 9)
+
+
 def test_n_last_caps_at_layer_count(tiny_llama):
     model, _ = tiny_llama
     assert num_layers(model) == 6
