@@ -105,6 +105,7 @@ def main() -> None:
                    help="whose subjects the swapped prompts ask about (see above)")
     p.add_argument("--layers", default="",
                    help="trained blocks as FIRST-LAST, e.g. 3-8 (an experiment; default: the last six, the engine's)")
+    p.add_argument("--swap-resample", action="store_true", help="a new swap partner per edit each epoch")
     p.add_argument("--lr", type=float, default=None, help="Adam lr (default: the config's finetune_lr)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the config's finetune_epochs)")
     p.add_argument("--out", type=Path, default=OUT)
@@ -147,10 +148,11 @@ def main() -> None:
     epochs = args.epochs or settings.finetune_epochs
     lr = args.lr or settings.finetune_lr
     for loc, swap in grid:
-        config = FinetuneConfig(module_names=modules, epochs=epochs, lr=lr, locality_weight=loc, swap_weight=swap)
+        config = FinetuneConfig(module_names=modules, epochs=epochs, lr=lr, locality_weight=loc, swap_weight=swap,
+                                swap_resample=args.swap_resample)
         tuner = FineTuner.new(model, config)
         partners = "-neighbours" if args.swap_partners == "neighbours" else ""
-        where = f"-L{args.layers}" if args.layers else ""
+        where = (f"-L{args.layers}" if args.layers else "") + ("-resample" if args.swap_resample else "")
         cached = CACHE / (f"val-finetune{ENGINE_REVISION}{partners}{where}-{args.edits}-e{config.epochs}-lr{config.lr:g}"
                           f"-loc{loc:g}-swap{swap:g}-{tuner.fingerprint[:12]}.safetensors")
         t = time.perf_counter()
@@ -164,7 +166,8 @@ def main() -> None:
             cached.with_suffix(".json").write_text(json.dumps({"seconds": seconds, **tuner.last_run}))
         with apply_deltas(model, deltas):
             row = {"setting": f"locality {loc:g}, swap {swap:g}" + (", neighbour subjects" if partners else "")
-                   + (f", blocks {args.layers}" if args.layers else ""),
+                   + (f", blocks {args.layers}" if args.layers else "")
+                   + (", partners resampled each epoch" if args.swap_resample else ""),
                    "locality_weight": loc, "swap_weight": swap, "layers": args.layers or "last 6",
                    "lr": lr, "epochs": epochs,
                    "finetune_s": seconds, **measure()}

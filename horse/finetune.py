@@ -65,6 +65,7 @@ class FinetuneConfig:
     locality_batch: int = 16    # of them per step, in rotation
     swap_weight: float = 0.0    # subject-swapped prompts of the mini-batch's edits (0 = off)
     swap_top_k: int = 64        # base next-token probabilities kept per swapped prompt
+    swap_resample: bool = False  # a new partner subject per edit each epoch (else one, fixed)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -252,16 +253,19 @@ class FineTuner:
             rng.shuffle(order)
             parts = [list(chunk) for chunk in chunked(order, cfg.batch_size)]
             edits = [_edit_pass(tokenize_requests(tokenizer, [requests[i] for i in part]).to(device)) for part in parts]
-            swaps = self._swap_passes(tokenizer, requests, parts, device)
+            swap_sets = [self._swap_passes(tokenizer, requests, parts, device, seed=cfg.seed + e)
+                         for e in range(cfg.epochs if cfg.swap_resample and cfg.swap_weight > 0 else 1)]
             locs = []
             if cfg.locality_weight > 0 and cfg.n_locality > 0:
                 locs = [_prompt_pass(tokenize_prompts(tokenizer, list(chunk)).to(device))
                         for chunk in chunked(locality_prompts(cfg.n_locality, cfg.seed), cfg.locality_batch)]
             start = first_block(self.module_names) if replayable(model) else None
-            start = _cache_prefix(model, start, [*edits, *(p for p in swaps if p is not None), *locs])
+            swap_passes = [p for sw in swap_sets for p in sw if p is not None]
+            start = _cache_prefix(model, start, [*edits, *swap_passes, *locs])
             with torch.no_grad():  # the base model's targets (the model is at the base weights here)
                 loc_logps = [torch.log_softmax(_pass_logits_NW(model, start, p), dim=-1) for p in locs]
-                swap_targets = [None if p is None else _top_k(model, start, p, cfg.swap_top_k) for p in swaps]
+                target_sets = [[None if p is None else _top_k(model, start, p, cfg.swap_top_k) for p in sw]
+                               for sw in swap_sets]
             timings["prepare"] = time.perf_counter() - t0
             params = [m.weight for m in modules]
             for p in params:
@@ -269,7 +273,8 @@ class FineTuner:
             opt = torch.optim.Adam(params, lr=cfg.lr)
             visit = list(range(len(parts)))
             steps, epochs, hits = 0, 0, 0
-            for _ in range(cfg.epochs):
+            for epoch in range(cfg.epochs):
+                swaps, swap_targets = swap_sets[epoch % len(swap_sets)], target_sets[epoch % len(swap_sets)]
                 rng.shuffle(visit)
                 epochs += 1
                 hits = 0
@@ -309,14 +314,14 @@ class FineTuner:
             torch.set_grad_enabled(grad_was)
         timings["total"] = time.perf_counter() - t0
         self.last_run = {"epochs": epochs, "steps": steps, "train_hit": hits / len(requests),
-                         "swaps": sum(p.n_rows for p in swaps if p is not None), "replayed": start is not None}
+                         "swaps": sum(p.n_rows for p in swap_passes), "replayed": start is not None}
         return deltas, timings
 
     def _swap_passes(self, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
-                     parts: Sequence[Sequence[int]], device) -> list[_Pass | None]:
-        """Per mini-batch, the pass over its edits' subject-swapped prompts (None when `swap_weight` is 0 or
-        none of them has one)."""
-        prompts = subject_swaps(requests, self.config.seed) if self.config.swap_weight > 0 else [None] * len(requests)
+                     parts: Sequence[Sequence[int]], device, seed: int) -> list[_Pass | None]:
+        """Per mini-batch, the pass over its edits' subject-swapped prompts (partners drawn with `seed`; None when
+        `swap_weight` is 0 or none of them has one)."""
+        prompts = subject_swaps(requests, seed) if self.config.swap_weight > 0 else [None] * len(requests)
         passes: list[_Pass | None] = []
         for part in parts:
             mine = [prompts[i] for i in part if prompts[i] is not None]

@@ -95,6 +95,24 @@ def test_subject_swaps_keep_the_edits_relation_off_other_subjects(tiny_llama):
     assert kl[3.0] < 0.5 * kl[0.0], kl
 
 
+def test_swap_partners_can_be_drawn_anew_each_epoch(tiny_llama):
+    """swap_resample: each epoch asks the edits' prompts of other partner subjects (seeded), so the swapped
+    prompts are kept once per epoch; without it one fixed set serves every epoch."""
+    model, tok = tiny_llama
+    subjects = ("Zorblat", "Quenvik", "Mardoon", "Pellaxi", "Trosk", "Vindle")
+    templates = ("The color of {} is", "{} lives in the", "The boss of {} is")
+    requests = [EditRequest(prompt=templates[i % 3].format(s), target="red", subject=s) for i, s in enumerate(subjects)]
+    assert None not in subject_swaps(requests, seed=0)
+    assert subject_swaps(requests, seed=0) != subject_swaps(requests, seed=1)
+    runs = {}
+    for resample in (False, True):
+        tuner = FineTuner.new(model, FinetuneConfig(epochs=3, lr=1e-2, batch_size=3, locality_weight=0.0,
+                                                    swap_weight=1.0, swap_resample=resample))
+        runs[resample] = tuner.compute_deltas(model, tok, requests)[0]
+        assert tuner.last_run["swaps"] == (18 if resample else 6) and tuner.last_run["epochs"] >= 2
+    assert any(not torch.equal(runs[True][n].to_dense(), runs[False][n].to_dense()) for n in runs[True])
+
+
 def test_finetuning_learns_the_edits_and_leaves_the_model_as_it_was(tiny_llama):
     model, tok = tiny_llama
     requests = [EditRequest(prompt=f"The color of {s} is", target=c, subject=s)
