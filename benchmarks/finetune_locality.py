@@ -34,8 +34,9 @@ sys.path.insert(0, str(ROOT))
 VAL = ROOT / "data" / "counterfact" / "counterfact-val.json"
 CACHE = Path.home() / ".cache" / "horse-ledger" / "variants"
 OUT = ROOT / "benchmarks" / "results" / "edit_quality" / "tuning" / "finetune_locality.json"
-# in the cache names: 2 = fixed mini-batches replayed from the first trained block (2026-11-27); "" before
-ENGINE_REVISION = "2"
+# in the cache names: 2 = fixed mini-batches replayed from the first trained block (2026-11-27); "" before;
+# 3 = the canary's prompts never locality prompts (as the daemon does since 2026-11-27)
+ENGINE_REVISION = "3"
 
 
 def parse_grid(text: str) -> list[tuple[float, float]]:
@@ -106,6 +107,9 @@ def main() -> None:
     p.add_argument("--layers", default="",
                    help="trained blocks as FIRST-LAST, e.g. 3-8 (an experiment; default: the last six, the engine's)")
     p.add_argument("--swap-resample", action="store_true", help="a new swap partner per edit each epoch")
+    p.add_argument("--n-locality", type=int, default=None,
+                   help="locality prompts (default: the config's 64)")
+    p.add_argument("--locality-batch", type=int, default=None, help="locality prompts per step (default 16)")
     p.add_argument("--lr", type=float, default=None, help="Adam lr (default: the config's finetune_lr)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the config's finetune_epochs)")
     p.add_argument("--out", type=Path, default=OUT)
@@ -145,14 +149,18 @@ def main() -> None:
     print(json.dumps(rows[0]), flush=True)
     CACHE.mkdir(parents=True, exist_ok=True)
     modules = layer_modules(model, args.layers)
+    pool = {"n_locality": args.n_locality, "locality_batch": args.locality_batch or 16} if args.n_locality else {}
+    canary_prompts = [json.loads(line)["prompt"]
+                      for line in (ROOT / "daemon" / "assets" / "canary.jsonl").read_text().splitlines()]
     epochs = args.epochs or settings.finetune_epochs
     lr = args.lr or settings.finetune_lr
     for loc, swap in grid:
         config = FinetuneConfig(module_names=modules, epochs=epochs, lr=lr, locality_weight=loc, swap_weight=swap,
-                                swap_resample=args.swap_resample)
-        tuner = FineTuner.new(model, config)
+                                swap_resample=args.swap_resample, **pool)
+        tuner = FineTuner.new(model, config, held_out=canary_prompts)  # as the daemon does
         partners = "-neighbours" if args.swap_partners == "neighbours" else ""
-        where = (f"-L{args.layers}" if args.layers else "") + ("-resample" if args.swap_resample else "")
+        where = ((f"-L{args.layers}" if args.layers else "") + ("-resample" if args.swap_resample else "")
+                 + (f"-pool{args.n_locality}x{pool['locality_batch']}" if pool else ""))
         cached = CACHE / (f"val-finetune{ENGINE_REVISION}{partners}{where}-{args.edits}-e{config.epochs}-lr{config.lr:g}"
                           f"-loc{loc:g}-swap{swap:g}-{tuner.fingerprint[:12]}.safetensors")
         t = time.perf_counter()
@@ -167,7 +175,8 @@ def main() -> None:
         with apply_deltas(model, deltas):
             row = {"setting": f"locality {loc:g}, swap {swap:g}" + (", neighbour subjects" if partners else "")
                    + (f", blocks {args.layers}" if args.layers else "")
-                   + (", partners resampled each epoch" if args.swap_resample else ""),
+                   + (", partners resampled each epoch" if args.swap_resample else "")
+                   + (f", {args.n_locality} locality prompts, {pool['locality_batch']} a step" if pool else ""),
                    "locality_weight": loc, "swap_weight": swap, "layers": args.layers or "last 6",
                    "lr": lr, "epochs": epochs,
                    "finetune_s": seconds, **measure()}

@@ -191,10 +191,14 @@ def load_engine(settings: Settings, model, tokenizer) -> tuple[Any, str]:
         from ledger.config import parse_blocks
 
         blocks = parse_blocks(settings.finetune_blocks)
+        n_loc = settings.finetune_locality_prompts
         editor = FineTuner.new(model, FinetuneConfig(
             module_names=tuple(block_mlp_out_modules(model, *blocks)) if blocks else (),
             epochs=settings.finetune_epochs, lr=settings.finetune_lr,
-            locality_weight=settings.finetune_locality_weight, swap_weight=settings.finetune_swap_weight))
+            locality_weight=settings.finetune_locality_weight, n_locality=n_loc,
+            locality_batch=16 if n_loc < 256 else 32,
+            swap_weight=settings.finetune_swap_weight, swap_resample=settings.finetune_swap_resample),
+            held_out=gate.load_canary(settings.gate_canary_file or None))
     elif settings.engine == "memit":
         from horse.memit import MemitEditor
 

@@ -31,6 +31,7 @@ Run the tests with `pytest tests/horse/test_finetune.py`.
 """
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Sequence
@@ -126,11 +127,12 @@ def subject_swaps(requests: Sequence[EditRequest], seed: int) -> list[str | None
     return out
 
 
-def locality_prompts(n: int, seed: int) -> list[str]:
-    """`n` fixed unrelated prompts from the local corpus (the same text the covariance statistics use)."""
+def locality_prompts(n: int, seed: int, held_out: frozenset[str] = frozenset()) -> list[str]:
+    """`n` fixed unrelated prompts from the local corpus (the same text the covariance statistics use), none of
+    them in `held_out` (the gate's canary prompts: what measures locality is never trained on)."""
     from horse.covariance import corpus_texts
 
-    texts = sorted({t.strip() for t in corpus_texts() if t and t.strip()})
+    texts = sorted({t.strip() for t in corpus_texts() if t and t.strip()} - held_out)
     return random.Random(seed).sample(texts, min(n, len(texts)))
 
 
@@ -203,20 +205,26 @@ class FineTuner:
         self.config = config
         self.fingerprint = fingerprint
         self.last_run: dict[str, float] = {}  # epochs, steps, train_hit (share of edits top-1 in the last epoch)
+        self.held_out: frozenset[str] = frozenset()  # never locality prompts (see `new`)
 
     @property
     def module_names(self) -> list[str]:
         return list(self.config.module_names)
 
     @classmethod
-    def new(cls, model: nn.Module, config: FinetuneConfig | None = None) -> FineTuner:
+    def new(cls, model: nn.Module, config: FinetuneConfig | None = None, *,
+            held_out: Sequence[str] = ()) -> FineTuner:
+        """`held_out`: prompts never used as locality prompts (the daemon passes the gate's canary)."""
         config = config or FinetuneConfig()
         names = list(config.module_names) or default_target_modules(model, config.n_last_layers)
         config = replace(config, module_names=tuple(names))
-        return cls(config, fingerprint_modules(model, names))
+        tuner = cls(config, fingerprint_modules(model, names))
+        tuner.held_out = frozenset(p.strip() for p in held_out)
+        return tuner
 
     def card(self) -> dict:
-        return {"method": self.kind, **asdict(self.config)}
+        held = hashlib.sha256("\n".join(sorted(self.held_out)).encode()).hexdigest() if self.held_out else ""
+        return {"method": self.kind, **asdict(self.config), "held_out_sha256": held}
 
     def compute_deltas(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
                        ) -> tuple[Deltas, dict[str, float]]:
@@ -258,7 +266,8 @@ class FineTuner:
             locs = []
             if cfg.locality_weight > 0 and cfg.n_locality > 0:
                 locs = [_prompt_pass(tokenize_prompts(tokenizer, list(chunk)).to(device))
-                        for chunk in chunked(locality_prompts(cfg.n_locality, cfg.seed), cfg.locality_batch)]
+                        for chunk in chunked(locality_prompts(cfg.n_locality, cfg.seed, self.held_out),
+                                             cfg.locality_batch)]
             start = first_block(self.module_names) if replayable(model) else None
             swap_passes = [p for sw in swap_sets for p in sw if p is not None]
             start = _cache_prefix(model, start, [*edits, *swap_passes, *locs])

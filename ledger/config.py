@@ -60,6 +60,12 @@ class Settings:
                                        "the base model on each edit's prompt asked of another edit's subject (the "
                                        "same relation of a subject the edit must leave alone); 0 = off. See "
                                        "benchmarks/finetune_locality.py")
+    finetune_swap_resample: bool = _opt(False, "true|false", "engine = finetune (and fine-tune folds): a new partner "
+                                        "subject per edit each epoch for the swap term (more subjects kept apart: "
+                                        "canary +0.13, ES -1 on 500 val edits)")
+    finetune_locality_prompts: int = _opt(64, "prompts", "engine = finetune (and fine-tune folds): unrelated local "
+                                          "prompts the locality term keeps (never the gate's canary prompts), 16 a "
+                                          "step below 256, 32 from 256")
     finetune_blocks: str = _opt("", "FIRST-LAST", "engine = finetune (and fine-tune folds): the blocks whose MLP "
                                 "output linears are fine-tuned, e.g. 3-8 (the mid blocks, where a fact sits at its "
                                 "subject: far less damage to unrelated text, slower); empty = the last six, the "
@@ -280,6 +286,9 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
     if values.get("finetune_epochs", 1) < 1 or values.get("finetune_lr", 1.0) <= 0:
         raise ConfigError("finetune_epochs must be ≥ 1 and finetune_lr > 0; fix them in the config")
     parse_blocks(values.get("finetune_blocks", ""))
+    if values.get("finetune_locality_prompts", 1) < 1:
+        raise ConfigError(f"finetune_locality_prompts = {values['finetune_locality_prompts']} must be ≥ 1; give a "
+                          "number of prompts (64 by default), or finetune_locality_weight = 0 to drop the term")
     for name in ("preserve_weight", "preserve_exponent", "preserve_min", "protect_earlier", "finetune_locality_weight",
                  "finetune_swap_weight"):
         if values.get(name, 0.0) < 0:

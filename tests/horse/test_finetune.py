@@ -113,6 +113,15 @@ def test_swap_partners_can_be_drawn_anew_each_epoch(tiny_llama):
     assert any(not torch.equal(runs[True][n].to_dense(), runs[False][n].to_dense()) for n in runs[True])
 
 
+def test_locality_prompts_never_include_the_held_out_ones():
+    from horse.finetune import locality_prompts
+
+    some = locality_prompts(50, seed=0)
+    assert len(some) == 50 and some == locality_prompts(50, seed=0)
+    held = frozenset(some[:10])
+    assert not held & set(locality_prompts(5000, seed=0, held_out=held))
+
+
 def test_finetuning_learns_the_edits_and_leaves_the_model_as_it_was(tiny_llama):
     model, tok = tiny_llama
     requests = [EditRequest(prompt=f"The color of {s} is", target=c, subject=s)

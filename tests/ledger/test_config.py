@@ -55,6 +55,7 @@ def test_precedence_toml_env_flags(tmp_path):
     ("gate_retention_sample = 0", "gate_retention_sample = 0 must be ≥ 1"),
     ("finetune_blocks = '8-3'", "finetune_blocks = '8-3': give FIRST-LAST block numbers, FIRST ≤ LAST"),
     ("finetune_blocks = 'mid'", "finetune_blocks = 'mid': give FIRST-LAST"),
+    ("finetune_locality_prompts = 0", "finetune_locality_prompts = 0 must be ≥ 1"),
     ("protect_earlier = 1.0", "Set hypernet_from_base = false, or drop protect_earlier"),
     ("consolidate_engine = 'rome'", "consolidate_engine = 'rome' is not known; give one of hypernet, finetune, "
                                     "memit \\(or leave it empty"),
