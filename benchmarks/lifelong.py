@@ -93,6 +93,9 @@ def main() -> None:
     p.add_argument("--preserve-min", type=float, default=None, help="config preserve_min (default: the config's)")
     p.add_argument("--finetune-blocks", default="",
                    help="config finetune_blocks for fine-tune folds / fine-tune-the-ledger, e.g. 3-8 (default: last six)")
+    p.add_argument("--finetune-resample", action="store_true", help="config finetune_swap_resample = true")
+    p.add_argument("--finetune-locality-prompts", type=int, default=None,
+                   help="config finetune_locality_prompts (default: the config's 64)")
     p.add_argument("--gate-sample", type=int, default=None,
                    help="config gate_retention_sample (default: the config's); the checkpoints measure every edit")
     p.add_argument("--device", default="cpu", help="config device (cpu, cuda:0)")
@@ -130,7 +133,9 @@ def main() -> None:
            f"{'-fold' + args.consolidate_engine if args.consolidate_engine else ''}"
            f"{'-frombase' if args.from_base else ''}{'-fromfold' if args.from_fold else ''}"
            f"{f'-swap{swap:g}' if swap else ''}"
-           f"{f'-blocks{args.finetune_blocks}' if args.finetune_blocks and uses_finetune else ''}")  # other settings: --out (run.json refuses a mix)
+           f"{f'-blocks{args.finetune_blocks}' if args.finetune_blocks and uses_finetune else ''}"
+           f"{'-resample' if args.finetune_resample and uses_finetune else ''}"
+           f"{f'-loc{args.finetune_locality_prompts}' if args.finetune_locality_prompts and uses_finetune else ''}")  # other settings: --out (run.json refuses a mix)
     out = args.out / run
     out.mkdir(parents=True, exist_ok=True)
     db = f"sqlite:///{out / 'ledger.db'}"  # Store upgrades the schema on open
@@ -149,6 +154,9 @@ def main() -> None:
                              device=args.device,
                              **({"gate_retention_sample": args.gate_sample} if args.gate_sample else {}),
                              **({"finetune_blocks": args.finetune_blocks} if args.finetune_blocks else {}),
+                             **({"finetune_swap_resample": True} if args.finetune_resample else {}),
+                             **({"finetune_locality_prompts": args.finetune_locality_prompts}
+                                if args.finetune_locality_prompts else {}),
                              **({"preserve_min": args.preserve_min} if args.preserve_min is not None else {}))
     store = Store(db)
     run_info = out / "run.json"  # what the run's nights were made with; a resumed run must not change it
@@ -161,6 +169,8 @@ def main() -> None:
             **({"consolidate_engine": args.consolidate_engine} if args.consolidate_engine else {}),
             **({"gate_retention_sample": args.gate_sample} if args.gate_sample else {}),
             **({"finetune_blocks": args.finetune_blocks} if args.finetune_blocks else {}),
+            **({"finetune_swap_resample": True} if args.finetune_resample else {}),
+            **({"finetune_locality_prompts": args.finetune_locality_prompts} if args.finetune_locality_prompts else {}),
             **({"preserve_min": settings.preserve_min} if engine == "hypernet" else {}),
             "hypernet": hypernet.name if engine == "hypernet" else None,
             "hypernet_sha256": file_sha256(hypernet) if engine == "hypernet" else None}
