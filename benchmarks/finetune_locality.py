@@ -161,8 +161,8 @@ def main() -> None:
         partners = "-neighbours" if args.swap_partners == "neighbours" else ""
         where = ((f"-L{args.layers}" if args.layers else "") + ("-resample" if args.swap_resample else "")
                  + (f"-pool{args.n_locality}x{pool['locality_batch']}" if pool else ""))
-        cached = CACHE / (f"val-finetune{ENGINE_REVISION}{partners}{where}-{args.edits}-e{config.epochs}-lr{config.lr:g}"
-                          f"-loc{loc:g}-swap{swap:g}-{tuner.fingerprint[:12]}.safetensors")
+        cached = CACHE / (f"val-finetune{ENGINE_REVISION}{partners}{where}-{args.edits}-e{config.epochs}"
+                          f"-lr{config.lr:g}-loc{loc:g}-swap{swap:g}-{tuner.fingerprint[:12]}.safetensors")
         t = time.perf_counter()
         if cached.exists():
             deltas = {k: LayerDelta(dense_KV=v) for k, v in load_file(str(cached)).items()}

@@ -135,7 +135,8 @@ def main() -> None:
            f"{f'-swap{swap:g}' if swap else ''}"
            f"{f'-blocks{args.finetune_blocks}' if args.finetune_blocks and uses_finetune else ''}"
            f"{'-resample' if args.finetune_resample and uses_finetune else ''}"
-           f"{f'-loc{args.finetune_locality_prompts}' if args.finetune_locality_prompts and uses_finetune else ''}")  # other settings: --out (run.json refuses a mix)
+           # other settings: --out (run.json refuses a mix)
+           f"{f'-loc{args.finetune_locality_prompts}' if args.finetune_locality_prompts and uses_finetune else ''}")
     out = args.out / run
     out.mkdir(parents=True, exist_ok=True)
     db = f"sqlite:///{out / 'ledger.db'}"  # Store upgrades the schema on open

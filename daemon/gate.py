@@ -171,9 +171,6 @@ class Known:
                 self.generated[key] = bool(eff[f.key]["generated"])
         return self
 
-    def __len__(self) -> int:
-        return len(self.acc) + len(self.logprob) + len(self.generated) + len(self.canary)
-
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for name, table, dtype in (("acc", self.acc, torch.float32), ("logprob", self.logprob, torch.float32),
@@ -185,14 +182,11 @@ class Known:
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> Known:
         def table(name: str, cast):
-            return {int(k): cast(v) for k, v in zip(tensors[f"{name}.keys"].tolist(), tensors[f"{name}.values"].tolist())}
+            keys, values = tensors[f"{name}.keys"].tolist(), tensors[f"{name}.values"].tolist()
+            return {int(k): cast(v) for k, v in zip(keys, values)}
 
         return cls(acc=table("acc", float), logprob=table("logprob", float), generated=table("generated", bool),
                    canary=table("canary", int))
-
-
-def _empty() -> torch.Tensor:
-    return torch.zeros(0)
 
 
 @torch.no_grad()
