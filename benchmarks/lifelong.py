@@ -96,6 +96,8 @@ def main() -> None:
     p.add_argument("--finetune-resample", action="store_true", help="config finetune_swap_resample = true")
     p.add_argument("--finetune-locality-prompts", type=int, default=None,
                    help="config finetune_locality_prompts (default: the config's 64)")
+    p.add_argument("--gate-generation-sample", type=int, default=None,
+                   help="config gate_generation_sample (default: the config's)")
     p.add_argument("--gate-sample", type=int, default=None,
                    help="config gate_retention_sample (default: the config's); the checkpoints measure every edit")
     p.add_argument("--device", default="cpu", help="config device (cpu, cuda:0)")
@@ -154,6 +156,8 @@ def main() -> None:
                              finetune_swap_weight=swap,
                              device=args.device,
                              **({"gate_retention_sample": args.gate_sample} if args.gate_sample else {}),
+                             **({"gate_generation_sample": args.gate_generation_sample}
+                                if args.gate_generation_sample is not None else {}),
                              **({"finetune_blocks": args.finetune_blocks} if args.finetune_blocks else {}),
                              **({"finetune_swap_resample": True} if args.finetune_resample else {}),
                              **({"finetune_locality_prompts": args.finetune_locality_prompts}
@@ -169,6 +173,8 @@ def main() -> None:
             **({"finetune_swap_weight": swap} if swap else {}),
             **({"consolidate_engine": args.consolidate_engine} if args.consolidate_engine else {}),
             **({"gate_retention_sample": args.gate_sample} if args.gate_sample else {}),
+            **({"gate_generation_sample": args.gate_generation_sample}
+               if args.gate_generation_sample is not None else {}),
             **({"finetune_blocks": args.finetune_blocks} if args.finetune_blocks else {}),
             **({"finetune_swap_resample": True} if args.finetune_resample else {}),
             **({"finetune_locality_prompts": args.finetune_locality_prompts} if args.finetune_locality_prompts else {}),
