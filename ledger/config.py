@@ -121,7 +121,7 @@ class Settings:
                                       "random sample when there are more, stable as the ledger grows: retention "
                                       "within about ±3 points at 95 %): bounds a night's cost as the ledger grows; "
                                       "`consolidate` and the benchmarks' checkpoints measure them all")
-    gate_generation_sample: int = _opt(200, "edits", "retained edits (of the sample) also checked by greedy "
+    gate_generation_sample: int = _opt(100, "edits", "retained edits (of the sample) also checked by greedy "
                                        "generation (what users see; slower than teacher forcing); 0 = off")
     gate_min_retention_generated: float = _opt(0.0, "share 0..1", "of the sampled earlier edits the head generates, "
                                                "the share the candidate must still generate; 0 = record only")
