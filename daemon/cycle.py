@@ -321,8 +321,8 @@ class _Batch:
         self.protect_source: str | None = None  # the protected fold's key moments: "cache" or "captured"
         self._last_sums: tuple[frozenset[int], Any] | None = None  # the newest candidate: (its set, carried + its
         # statistics); one only, each is K×K + 2·K×V per layer (198 MB for SmolLM2)
-        self._verdict_cache: dict[frozenset[int], gate.Verdict] = {}
-        self._measure_cache: dict[frozenset[int], gate.Measurement] = {}
+        # per candidate set: the gate's verdict and the measurement it judged (kept for the published one)
+        self._verdict_cache: dict[frozenset[int], tuple[gate.Verdict, gate.Measurement]] = {}
 
     # ------------------------------------------------------------------ plumbing
     def _stage(self, name: str) -> None:
@@ -777,8 +777,8 @@ class _Batch:
                 norms = self.m.layer_norms()
             verdict = gate.judge(self.head_measure, cand, self.probe, self.settings, layer_norms=norms)
             verdict.metrics["layer_norms"] = norms
-            self._verdict_cache[key], self._measure_cache[key] = verdict, cand
-        return self._verdict_cache[key]
+            self._verdict_cache[key] = verdict, cand
+        return self._verdict_cache[key][0]
 
     @staticmethod
     def _log_entry(ids: Sequence[int], verdict: gate.Verdict, depth: int) -> dict[str, Any]:
@@ -972,7 +972,7 @@ class _Batch:
             from horse.arch import get_module
             snapshots.write_weights_cache(self.settings.snapshot_dir, self.base_model, snapshot_id,
                                           {n: get_module(self.model, n).weight for n in touched})
-            measured = self._measure_cache.get(frozenset(final))
+            measured = self._verdict_cache.get(frozenset(final), (None, None))[1]
             if measured is not None:  # the weights the gate measured are the published ones (up to rounding)
                 keep_measurements(self.settings, self.base_model, snapshot_id, file.sha256,
                                   gate.Known().add(self.probe, measured).add_efficacy(

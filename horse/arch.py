@@ -94,7 +94,6 @@ def default_target_modules(model: nn.Module, n_last: int = 6) -> list[str]:
     )
 
 
-
 def block_mlp_out_modules(model: nn.Module, first: int, last: int) -> list[str]:
     """HF paths of the MLP output linears of blocks first..last (inclusive), ascending: where to fine-tune
     when not the last six (e.g. the mid blocks MEMIT edits, where a fact is written at its subject's tokens).
@@ -107,6 +106,7 @@ def block_mlp_out_modules(model: nn.Module, first: int, last: int) -> list[str]:
         raise EngineError(f"blocks {first}-{last} are outside this model's blocks 0-{len(every) - 1}; "
                           f"give a range inside them (finetune_blocks in the config)")
     return every[first:last + 1]
+
 
 def weight_layout(module: nn.Module) -> Layout:
     """"in_out" when `module.weight` is stored K×V (GPT-2 Conv1D), "out_in" when V×K (nn.Linear)."""

@@ -201,11 +201,11 @@ class FineTuner:
     from_base = True  # the daemon gives it every carried edit on the base weights (see module docstring)
     kind = "finetune"
 
-    def __init__(self, config: FinetuneConfig, fingerprint: str) -> None:
+    def __init__(self, config: FinetuneConfig, fingerprint: str, held_out: frozenset[str] = frozenset()) -> None:
         self.config = config
         self.fingerprint = fingerprint
+        self.held_out = held_out  # never locality prompts (see `new`)
         self.last_run: dict[str, float] = {}  # epochs, steps, train_hit (share of edits top-1 in the last epoch)
-        self.held_out: frozenset[str] = frozenset()  # never locality prompts (see `new`)
 
     @property
     def module_names(self) -> list[str]:
@@ -218,9 +218,7 @@ class FineTuner:
         config = config or FinetuneConfig()
         names = list(config.module_names) or default_target_modules(model, config.n_last_layers)
         config = replace(config, module_names=tuple(names))
-        tuner = cls(config, fingerprint_modules(model, names))
-        tuner.held_out = frozenset(p.strip() for p in held_out)
-        return tuner
+        return cls(config, fingerprint_modules(model, names), frozenset(p.strip() for p in held_out))
 
     def card(self) -> dict:
         held = hashlib.sha256("\n".join(sorted(self.held_out)).encode()).hexdigest() if self.held_out else ""
