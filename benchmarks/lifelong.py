@@ -94,6 +94,9 @@ def main() -> None:
     p.add_argument("--finetune-blocks", default="",
                    help="config finetune_blocks for fine-tune folds / fine-tune-the-ledger, e.g. 3-8 (default: last six)")
     p.add_argument("--finetune-resample", action="store_true", help="config finetune_swap_resample = true")
+    p.add_argument("--fold-warm", action="store_true",
+                   help="config finetune_warm_start = true: each fine-tune fold starts from the newest fold and trains "
+                        "what it does not recall, plus a rehearsal")
     p.add_argument("--finetune-locality-prompts", type=int, default=None,
                    help="config finetune_locality_prompts (default: the config's 64)")
     p.add_argument("--gate-generation-sample", type=int, default=None,
@@ -137,6 +140,7 @@ def main() -> None:
            f"{f'-swap{swap:g}' if swap else ''}"
            f"{f'-blocks{args.finetune_blocks}' if args.finetune_blocks and uses_finetune else ''}"
            f"{'-resample' if args.finetune_resample and uses_finetune else ''}"
+           f"{'-warm' if args.fold_warm and uses_finetune else ''}"
            # other settings: --out (run.json refuses a mix)
            f"{f'-loc{args.finetune_locality_prompts}' if args.finetune_locality_prompts and uses_finetune else ''}")
     out = args.out / run
@@ -160,6 +164,7 @@ def main() -> None:
                                 if args.gate_generation_sample is not None else {}),
                              **({"finetune_blocks": args.finetune_blocks} if args.finetune_blocks else {}),
                              **({"finetune_swap_resample": True} if args.finetune_resample else {}),
+                             **({"finetune_warm_start": True} if args.fold_warm else {}),
                              **({"finetune_locality_prompts": args.finetune_locality_prompts}
                                 if args.finetune_locality_prompts else {}),
                              **({"preserve_min": args.preserve_min} if args.preserve_min is not None else {}))
@@ -177,6 +182,7 @@ def main() -> None:
                if args.gate_generation_sample is not None else {}),
             **({"finetune_blocks": args.finetune_blocks} if args.finetune_blocks else {}),
             **({"finetune_swap_resample": True} if args.finetune_resample else {}),
+            **({"finetune_warm_start": True} if args.fold_warm else {}),
             **({"finetune_locality_prompts": args.finetune_locality_prompts} if args.finetune_locality_prompts else {}),
             **({"preserve_min": settings.preserve_min} if engine == "hypernet" else {}),
             "hypernet": hypernet.name if engine == "hypernet" else None,
@@ -241,7 +247,9 @@ def main() -> None:
         wall = time.perf_counter() - started
         row = {"night": night + 1, "status": result.status, "applied": len(result.applied), "night_s": wall,
                "efficacy": (result.metrics or {}).get("efficacy_mean"),  # the night's edits on the new head
-               "consolidation_s": (result.consolidation or {}).get("timings_s", {}).get("total")}
+               "consolidation_s": (result.consolidation or {}).get("timings_s", {}).get("total"),
+               **({"fold_trained": result.consolidation["trained"]}
+                  if (result.consolidation or {}).get("trained") is not None else {})}
         if (night + 1) % args.checkpoint_every == 0 or night + 1 == args.nights:
             checkpoint(row)
             bar.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))

@@ -11,6 +11,10 @@ moves to it. The edits stay `applied`; the snapshots it folded stay on disk, so 
 still materialises base + their own chain, bit for bit. If the gate fails nothing changes and the
 measurements are recorded on a `consolidation.rejected` event.
 
+With `finetune_warm_start` a fine-tune fold starts from the newest fine-tune fold on the chain (when it is the
+chain's first snapshot, of the same modules, and all its edits are still applied) and trains only what those
+weights do not recall, plus a rehearsal of what they do (`horse.finetune`); the gate is the same.
+
 Which engine (config): `consolidate_engine` when set, else `engine`. `finetune` makes the hybrid: HORSE nights
 (`hypernet_from_base = false`; on the head, or with `hypernet_from_consolidation` each one edit of every edit
 since the newest fold, on the fold's weights), and every fold a fine-tune of the whole ledger from the base.
@@ -61,6 +65,8 @@ class ConsolidationResult:
     gate: dict[str, Any] = field(default_factory=dict)
     gate_reasons: list[str] = field(default_factory=list)
     bytes: int | None = None
+    warm_from: int | None = None     # the fold a `finetune_warm_start` fold started from
+    trained: int | None = None       # edits it trained on (not recalled there, and the rehearsal)
     timings_s: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,6 +96,46 @@ def consolidation_settings(settings: Settings) -> Settings:
     if settings.consolidate_engine in ("", settings.engine):
         return settings
     return replace(settings, engine=settings.consolidate_engine)
+
+
+@dataclass(frozen=True)
+class _FirstLink:
+    """What a warm start needs to know of the chain's first snapshot (read inside the session)."""
+
+    id: int
+    path: str
+    sha256: str
+    fold_engine: str | None       # the engine of a consolidated snapshot, None for a night's
+    base_fingerprint: str | None
+    modules: tuple[str, ...]
+    gone: int | None              # an edit it carries that is neither applied nor superseded
+
+    @classmethod
+    def of(cls, s, snap: Snapshot) -> _FirstLink:
+        metrics = snap.metrics or {}
+        gone = s.execute(select(Edit.id).join(SnapshotEdit, SnapshotEdit.edit_id == Edit.id).where(
+            SnapshotEdit.snapshot_id == snap.id,
+            Edit.status.not_in([EditStatus.APPLIED.value, EditStatus.SUPERSEDED.value])).limit(1)).scalar()
+        return cls(snap.id, snap.path, snap.sha256, metrics.get("engine") if snap.kind == "consolidated" else None,
+                   metrics.get("base_fingerprint"), tuple(sorted(metrics.get("weights_modules") or ())), gone)
+
+
+def warm_start(settings: Settings, first: _FirstLink | None, editor) -> tuple[Any, int | None]:
+    """The deltas a `finetune_warm_start` fold starts from, and that fold's id: the chain's first snapshot when it
+    is a fine-tune fold of the same modules of the same base and every edit it carries is still applied (or
+    superseded by a newer one, which the fold then trains). (None, None) otherwise: the fold starts from the base."""
+    why = None
+    if first is None or first.fold_engine != "finetune":
+        why = "the chain does not start at a fine-tune fold"
+    elif first.base_fingerprint != editor.fingerprint or first.modules != tuple(sorted(editor.module_names)):
+        why = f"the newest fold (snapshot {first.id}) changed other modules or another base"
+    elif first.gone is not None:
+        why = f"edit {first.gone} of the newest fold (snapshot {first.id}) is no longer applied"
+    if why:
+        log.info("fold from the base: %s", why)
+        return None, None
+    deltas, _ = snapshots.read_snapshot(settings.snapshot_dir, first.path, sha256=first.sha256)
+    return deltas, first.id
 
 
 def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason: str = "by hand") -> ConsolidationResult:
@@ -122,6 +168,7 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
             edits = [EditRecord.from_row(r) for r in edit_rows]
             n_chain = len(snaps)
             already = n_chain == 1 and snaps[0].kind == "consolidated"
+            first = _FirstLink.of(s, snaps[0]) if snaps else None
         result = ConsolidationResult("nothing", reason=reason, from_snapshot=head, n_edits=len(edits),
                                      chain_length=n_chain)
         if head is None or not edits or already:
@@ -146,7 +193,15 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
             normaliser = snapshots.read_normaliser(settings.snapshot_dir, chain_links[-1].path)
             if normaliser is not None:
                 editor.load_normaliser_state(normaliser)
-        deltas, _ = editor.compute_deltas(model, tokenizer, [to_request(e) for e in edits])
+        init, warm_from = None, None
+        if settings.finetune_warm_start and fold.engine == "finetune":
+            init, warm_from = warm_start(settings, first, editor)
+        requests = [to_request(e) for e in edits]
+        deltas, _ = (editor.compute_deltas(model, tokenizer, requests, init=init) if init is not None
+                     else editor.compute_deltas(model, tokenizer, requests))
+        if init is not None:
+            result.warm_from = warm_from
+            result.trained = int(editor.last_run.get("trained", len(edits)))
         try:
             check_finite(deltas)
         except Exception as exc:
@@ -186,6 +241,7 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
             "batch_delta_norms": norms, "weights_sha256": weights_digest(model, touched), "weights_modules": touched,
             "base_fingerprint": editor.fingerprint, "hypernet_fingerprint": engine_fingerprint,
             "chain_length": 1, "consolidated_from": head, "consolidation_reason": reason, "engine": fold.engine,
+            **({"warm_from": result.warm_from, "trained": result.trained} if result.warm_from is not None else {}),
         }
         with store.session() as s:
             if head_id(s, base_model) != head:

@@ -197,7 +197,8 @@ def load_engine(settings: Settings, model, tokenizer) -> tuple[Any, str]:
             epochs=settings.finetune_epochs, lr=settings.finetune_lr,
             locality_weight=settings.finetune_locality_weight, n_locality=n_loc,
             locality_batch=16 if n_loc < 256 else 32,
-            swap_weight=settings.finetune_swap_weight, swap_resample=settings.finetune_swap_resample),
+            swap_weight=settings.finetune_swap_weight, swap_resample=settings.finetune_swap_resample,
+            rehearsal=settings.finetune_rehearsal),
             held_out=gate.load_canary(settings.gate_canary_file or None))
     elif settings.engine == "memit":
         from horse.memit import MemitEditor

@@ -23,7 +23,14 @@ the edits being trained, never from evaluation data), and KLₖ the KL over the 
 likely next tokens (stored per edit, so memory stays small with thousands of edits).
 
 An epoch in which every answer token of every edit was already the model's top choice (before the step that
-saw it) ends training early. The daemon uses a FineTuner like a hypernet Editor (`compute_deltas`), but
+saw it) ends training early.
+
+Warm start (`init`, what a fold does with `finetune_warm_start`): the training starts from given deltas (the
+newest fold's) instead of the base weights and visits only the edits they do not recall (some answer token not
+top-1) plus `rehearsal` recalled ones per such edit; the locality and swap terms still compare with the base
+model. A forward over every edit then finds what that training made the weights forget; the next round trains
+everything found missing so far (with a new rehearsal), for at most `warm_rounds` rounds. The cost follows the edits added since that fold (and
+what they disturb), not the whole ledger. The daemon uses a FineTuner like a hypernet Editor (`compute_deltas`), but
 because `from_base` is set it hands it every edit the head carries plus the night's, on the base weights,
 and publishes the result as a snapshot whose parent is the base (see daemon/cycle.py).
 
@@ -34,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -43,7 +50,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from horse.arch import default_target_modules, get_module, model_device, module_weight_KV
-from horse.deltas import Deltas, LayerDelta, fingerprint_modules
+from horse.deltas import Deltas, LayerDelta, add_deltas_, apply_deltas, fingerprint_modules
 from horse.errors import EngineError
 from horse.metrics import logits_at
 from horse.replay import BlockInput, capture_block_input, first_block, head_logits, replay_hidden_BTH, replayable
@@ -67,13 +74,16 @@ class FinetuneConfig:
     swap_weight: float = 0.0    # subject-swapped prompts of the mini-batch's edits (0 = off)
     swap_top_k: int = 64        # base next-token probabilities kept per swapped prompt
     swap_resample: bool = False  # a new partner subject per edit each epoch (else one, fixed)
+    rehearsal: float = 1.0      # warm start (`init`): recalled edits trained again per edit not recalled
+    warm_rounds: int = 3        # warm start: scan-and-train rounds at most (each ends when all are recalled)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise EngineError(f"fine-tune settings need epochs ≥ 1, batch_size ≥ 1 and lr > 0; got epochs "
-                              f"{self.epochs}, batch_size {self.batch_size}, lr {self.lr}")
-        for name in ("locality_weight", "swap_weight"):
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.warm_rounds < 1:
+            raise EngineError(f"fine-tune settings need epochs ≥ 1, batch_size ≥ 1, lr > 0 and warm_rounds ≥ 1; got "
+                              f"epochs {self.epochs}, batch_size {self.batch_size}, lr {self.lr}, warm_rounds "
+                              f"{self.warm_rounds}")
+        for name in ("locality_weight", "swap_weight", "rehearsal"):
             if getattr(self, name) < 0:
                 raise EngineError(f"{name} = {getattr(self, name)} is negative; give a value ≥ 0")
 
@@ -125,6 +135,19 @@ def subject_swaps(requests: Sequence[EditRequest], seed: int) -> list[str | None
                     break
         out.append(swapped)
     return out
+
+
+def rehearsal_subset(recalled_N: Sequence[bool], rehearsal: float, seed: int, keep: Iterable[int] = ()) -> list[int]:
+    """What a warm start trains on, as indices into the N edits: every edit not recalled and every index in
+    `keep` (those an earlier round found forgotten), and round(rehearsal × their number) other recalled ones drawn
+    at random (all of them when there are fewer), in index order. Empty when every edit is recalled.
+    Deterministic for a given seed."""
+    if all(recalled_N):
+        return []
+    fragile = {i for i, ok in enumerate(recalled_N) if not ok} | set(keep)
+    others = [i for i, ok in enumerate(recalled_N) if ok and i not in fragile]
+    n_rehearse = min(len(others), round(rehearsal * len(fragile)))
+    return sorted(fragile | set(random.Random(seed).sample(others, n_rehearse)))
 
 
 def locality_prompts(n: int, seed: int, held_out: frozenset[str] = frozenset()) -> list[str]:
@@ -225,13 +248,18 @@ class FineTuner:
         return {"method": self.kind, **asdict(self.config), "held_out_sha256": held}
 
     def compute_deltas(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
-                       ) -> tuple[Deltas, dict[str, float]]:
+                       *, init: Mapping[str, LayerDelta] | None = None) -> tuple[Deltas, dict[str, float]]:
         """Fine-tune a copy of the target weights on `requests`; return their change (the model is restored).
 
         The edits are cut once into seeded random mini-batches of `batch_size`; each epoch visits every
         mini-batch once, in a new order. Every forward of the training (edit mini-batches, their swapped
         prompts, the locality prompts) is fixed, so the input of the first trained block is captured once and
         each step runs only the trained blocks and the LM head at the scored positions (`horse.replay`).
+
+        `init`: deltas of exactly the target modules to start from (a warm start, see the module docstring): up to
+        `warm_rounds` rounds, each a scan of every edit on the current weights and a training on those not recalled
+        plus the rehearsal; it stops when a scan finds every edit recalled. The result includes `init` (it is the
+        change from the weights the model has now).
 
         Returns:
             (dense fp32 K×V delta per target module; timings in seconds: prepare (base targets and the cached
@@ -241,6 +269,44 @@ class FineTuner:
         """
         if not requests:
             raise EngineError("no edits to fine-tune on; give at least one")
+        if init is not None and set(init) != set(self.module_names):
+            raise EngineError(f"a warm start needs deltas of exactly the fine-tuned modules {self.module_names}; got "
+                              f"{sorted(init)}")
+        t0 = time.perf_counter()
+        if init is None:
+            deltas, timings, self.last_run = self._train(model, tokenizer, requests, list(range(len(requests))))
+            timings["total"] = time.perf_counter() - t0
+            return deltas, timings
+        deltas, timings = dict(init), {"prepare": 0.0, "train": 0.0, "scan": 0.0}
+        run: dict[str, float] = {"epochs": 0, "steps": 0, "trained": 0, "rounds": 0}
+        fragile: set[int] = set()
+        for _ in range(self.config.warm_rounds + 1):
+            t = time.perf_counter()
+            recalled = self._recalled(model, tokenizer, requests, deltas)
+            timings["scan"] += time.perf_counter() - t
+            run.setdefault("recalled", sum(recalled) / len(recalled))  # what the starting weights recall
+            run["recalled_after"] = sum(recalled) / len(recalled)
+            fragile |= {i for i, ok in enumerate(recalled) if not ok}  # trained in every later round
+            order = rehearsal_subset(recalled, self.config.rehearsal, self.config.seed + int(run["rounds"]), fragile)
+            if not order or run["rounds"] == self.config.warm_rounds:
+                break
+            deltas, round_timings, last = self._train(model, tokenizer, requests, order, init=deltas)
+            for key in ("prepare", "train"):
+                timings[key] += round_timings[key]
+            run["rounds"] += 1
+            for key in ("epochs", "steps", "trained"):
+                run[key] += last[key]
+            run.update(train_hit=last["train_hit"], swaps=last["swaps"], replayed=last["replayed"])
+        timings["total"] = time.perf_counter() - t0
+        self.last_run = run
+        return deltas, timings
+
+    def _train(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
+               order: list[int], init: Mapping[str, LayerDelta] | None = None,
+               ) -> tuple[Deltas, dict[str, float], dict[str, float]]:
+        """One training on the edits `order` indexes (every forward fixed and replayed, see `compute_deltas`),
+        from the model's weights plus `init`; the locality and swap targets are the model's own (the base's).
+        Returns (change of the target weights, timings prepare / train, run statistics); the model is restored."""
         cfg = self.config
         t0 = time.perf_counter()
         device = model_device(model)
@@ -255,7 +321,7 @@ class FineTuner:
             for p in model.parameters():
                 p.requires_grad_(False)
             rng = random.Random(cfg.seed)
-            order = list(range(len(requests)))
+            order = list(order)
             rng.shuffle(order)
             parts = [list(chunk) for chunk in chunked(order, cfg.batch_size)]
             edits = [_edit_pass(tokenize_requests(tokenizer, [requests[i] for i in part]).to(device)) for part in parts]
@@ -273,6 +339,8 @@ class FineTuner:
                 loc_logps = [torch.log_softmax(_pass_logits_NW(model, start, p), dim=-1) for p in locs]
                 target_sets = [[None if p is None else _top_k(model, start, p, cfg.swap_top_k) for p in sw]
                                for sw in swap_sets]
+            if init is not None:  # training starts from `init`; the references above stay the base model's
+                add_deltas_(model, init)
             timings["prepare"] = time.perf_counter() - t0
             params = [m.weight for m in modules]
             for p in params:
@@ -280,7 +348,7 @@ class FineTuner:
             opt = torch.optim.Adam(params, lr=cfg.lr)
             visit = list(range(len(parts)))
             steps, epochs, hits = 0, 0, 0
-            for epoch in range(cfg.epochs):
+            for epoch in range(cfg.epochs if order else 0):
                 swaps, swap_targets = swap_sets[epoch % len(swap_sets)], target_sets[epoch % len(swap_sets)]
                 rng.shuffle(visit)
                 epochs += 1
@@ -302,7 +370,7 @@ class FineTuner:
                     loss.backward()
                     opt.step()
                     steps += 1
-                if hits == len(requests):
+                if hits == len(order):
                     break
             timings["train"] = time.perf_counter() - t0 - timings["prepare"]
             deltas = {}
@@ -319,10 +387,21 @@ class FineTuner:
                 p.requires_grad_(flag)
             model.train(was_training)
             torch.set_grad_enabled(grad_was)
-        timings["total"] = time.perf_counter() - t0
-        self.last_run = {"epochs": epochs, "steps": steps, "train_hit": hits / len(requests),
-                         "swaps": sum(p.n_rows for p in swap_passes), "replayed": start is not None}
-        return deltas, timings
+        run = {"epochs": epochs, "steps": steps, "train_hit": hits / len(order) if order else 1.0,
+               "trained": len(order), "swaps": sum(p.n_rows for p in swap_passes), "replayed": start is not None}
+        return deltas, timings, run
+
+    def _recalled(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
+                  deltas: Mapping[str, LayerDelta]) -> list[bool]:
+        """Per edit, whether the model with `deltas` added gives every answer token top-1 (teacher-forced)."""
+        recalled: list[bool] = []
+        device = model_device(model)
+        with torch.no_grad(), apply_deltas(model, deltas):
+            for chunk in chunked(list(range(len(requests))), 4 * self.config.batch_size):
+                e = _edit_pass(tokenize_requests(tokenizer, [requests[i] for i in chunk]).to(device))
+                logits_NW = logits_at(model, e.input_ids, e.attention_mask, e.rows_N, e.cols_N)
+                recalled += answer_hits_B(logits_NW, e.targets_N, e.rows_N, e.n_rows).tolist()
+        return recalled
 
     def _swap_passes(self, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
                      parts: Sequence[Sequence[int]], device, seed: int) -> list[_Pass | None]:

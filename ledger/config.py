@@ -70,6 +70,13 @@ class Settings:
                                 "output linears are fine-tuned, e.g. 3-8 (the mid blocks, where a fact sits at its "
                                 "subject: far less damage to unrelated text, slower); empty = the last six, the "
                                 "modules HORSE edits")
+    finetune_warm_start: bool = _opt(False, "true|false", "fine-tune folds: start from the newest fine-tune fold's "
+                                     "weights and train only the carried edits they do not recall, plus "
+                                     "`finetune_rehearsal` recalled ones per such edit (the locality terms still "
+                                     "compare with the base): a fold's cost follows the edits since the last fold, "
+                                     "not the whole ledger")
+    finetune_rehearsal: float = _opt(1.0, "≥ 0", "finetune_warm_start: recalled edits trained again per edit not "
+                                     "recalled")
     device: str = _opt("cpu", "cpu|cuda:N|auto", "where the model runs; auto = cuda:0, or every GPU through "
                        "accelerate's device_map when there are several (models larger than one GPU), else cpu")
     dtype: str = _opt("float32", "float32|bfloat16", "weight dtype of the served model")
@@ -290,7 +297,7 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
         raise ConfigError(f"finetune_locality_prompts = {values['finetune_locality_prompts']} must be ≥ 1; give a "
                           "number of prompts (64 by default), or finetune_locality_weight = 0 to drop the term")
     for name in ("preserve_weight", "preserve_exponent", "preserve_min", "protect_earlier", "finetune_locality_weight",
-                 "finetune_swap_weight"):
+                 "finetune_swap_weight", "finetune_rehearsal"):
         if values.get(name, 0.0) < 0:
             raise ConfigError(f"{name} = {values[name]} is negative; give a value ≥ 0")
     settings = dataclasses.replace(Settings(), **values)

@@ -302,6 +302,42 @@ def test_hybrid_nights_derived_from_the_newest_fold(db_url, daemon_settings, cli
     store.close()
 
 
+def test_warm_start_folds_start_from_the_newest_fold(db_url, daemon_settings, cli_runner, tmp_path):
+    """finetune_warm_start: the first fold (the chain starts at a night) fine-tunes from the base; the next starts
+    from it, trains what it does not recall, and still carries every applied edit (a rewritten one at its new
+    target); rollback across it is exact."""
+    settings = daemon_settings(db_url, gate_min_efficacy=0.0, gate_min_retention=0.0, hypernet_from_base=False,
+                               hypernet_from_consolidation=True, consolidate_engine="finetune",
+                               consolidate_every_nights=2, finetune_epochs=40, finetune_lr=1e-2,
+                               finetune_locality_weight=0.1, finetune_warm_start=True, finetune_rehearsal=1.0)
+    cfg = write_config(tmp_path / "config.toml", settings)
+    store = Store(db_url)
+    _add(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
+    _apply(cli_runner, cfg)
+    _add(cli_runner, cfg, tmp_path, "night2", [fact(2)])
+    second = _apply(cli_runner, cfg)
+    fold1 = second["consolidation"]
+    assert fold1["status"] == "published" and fold1["warm_from"] is None and fold1["trained"] is None, fold1
+    assert "warm_from" not in store.get_snapshot(fold1["snapshot_id"]).metrics
+    _add(cli_runner, cfg, tmp_path, "night3", [fact(3)])
+    third = _apply(cli_runner, cfg)
+    _add(cli_runner, cfg, tmp_path, "night4", [fact(0, color=COLORS[5])])  # edit 5 rewrites the fold's edit 1
+    fourth = _apply(cli_runner, cfg)
+    fold2 = fourth["consolidation"]
+    assert fourth["applied"] == [5] and store.get_edits([1])[0].status == "superseded", fourth
+    assert fold2["status"] == "published" and fold2["warm_from"] == fold1["snapshot_id"], fold2
+    assert fold2["n_edits"] == 4 and fold2["trained"] >= 2, fold2  # edits 2-5: at least the two since the fold
+    c2 = store.get_snapshot(fold2["snapshot_id"])
+    assert (c2.kind, c2.parent_id, c2.metrics["warm_from"]) == ("consolidated", None, fold1["snapshot_id"])
+    assert fold2["gate"]["retention_n"] == 4 and fold2["gate"]["retention"] >= 3 / 4, fold2
+    assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
+    weights_s3 = _weights(settings, store, third["snapshot_id"])
+    json.loads(cli_runner(cfg, "rollback", str(third["snapshot_id"]), "--json").stdout)
+    after = _weights(settings, store, third["snapshot_id"])
+    assert all(torch.equal(after[k], weights_s3[k]) for k in weights_s3)
+    store.close()
+
+
 def test_finetune_engine_rederives_every_night_from_the_base(db_url, daemon_settings, cli_runner, tmp_path):
     """engine = finetune (fine-tune-the-ledger): each night fine-tunes the base on every applied edit plus the
     night's, and publishes a snapshot of the base (parent none) that lists all of them; the gate still

@@ -10,7 +10,7 @@ import torch
 from horse.deltas import apply_deltas
 from horse.errors import EngineError
 from horse.finetune import (FinetuneConfig, FineTuner, answer_hits_B, answer_nll_B, kl_from_base_B,
-                            subject_swaps, topk_kl_from_base_B)
+                            rehearsal_subset, subject_swaps, topk_kl_from_base_B)
 from horse.tokens import tokenize_prompts
 from horse.metrics import answer_token_accuracy, logits_at
 from horse.types import EditRequest
@@ -145,6 +145,49 @@ def test_finetuning_learns_the_edits_and_leaves_the_model_as_it_was(tiny_llama):
     assert base_acc < 0.5 and acc >= 0.9, (base_acc, acc)
 
 
+def test_a_warm_start_trains_what_is_not_recalled_and_a_rehearsal_of_the_rest():
+    recalled = [True, False, True, True, False, True, True]
+    subset = rehearsal_subset(recalled, rehearsal=1.0, seed=0)
+    assert {1, 4} <= set(subset) and len(subset) == 4 and subset == sorted(subset)
+    assert subset == rehearsal_subset(recalled, rehearsal=1.0, seed=0)
+    assert rehearsal_subset(recalled, rehearsal=0.0, seed=0) == [1, 4]
+    assert rehearsal_subset(recalled, rehearsal=10.0, seed=0) == list(range(7))  # every recalled one, no more
+    assert rehearsal_subset([True] * 5, rehearsal=1.0, seed=0) == []
+    assert rehearsal_subset([False] * 3, rehearsal=1.0, seed=0) == [0, 1, 2]
+    kept = rehearsal_subset(recalled, rehearsal=0.0, seed=0, keep={0, 2})  # found forgotten in an earlier round
+    assert kept == [0, 1, 2, 4] and len(rehearsal_subset(recalled, rehearsal=0.5, seed=0, keep={0, 2})) == 6
+
+
+def test_warm_start_from_earlier_deltas_learns_the_new_edits_and_keeps_the_old(tiny_llama):
+    model, tok = tiny_llama
+    names = ("Zorblat", "Quenvik", "Mardoon", "Pelgrin", "Traxil", "Vombur")
+    colors = ("red", "blue", "gold", "green", "black", "white")
+    requests = [EditRequest(prompt=f"The color of {s} is", target=c, subject=s) for s, c in zip(names, colors)]
+    old, new = requests[:4], requests[4:]
+    cfg = FinetuneConfig(epochs=60, lr=1e-2, batch_size=2, locality_weight=0.1, n_locality=8, locality_batch=4)
+    tuner = FineTuner.new(model, cfg)
+    first, _ = tuner.compute_deltas(model, tok, old)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    same, _ = tuner.compute_deltas(model, tok, old, init=first)  # everything recalled: nothing to train
+    assert tuner.last_run["trained"] == 0 and tuner.last_run["steps"] == 0 and tuner.last_run["recalled"] == 1.0
+    for name in first:
+        assert torch.allclose(same[name].dense_KV, first[name].dense_KV, atol=1e-6)
+
+    warm, _ = tuner.compute_deltas(model, tok, requests, init=first)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is restored
+    run = tuner.last_run  # round 1 trains the 2 new edits and 2 old ones; later rounds what it made forget
+    assert run["recalled"] == pytest.approx(4 / 6) and run["rounds"] >= 1 and run["trained"] >= 4, run
+    prompts, targets = [r.prompt for r in requests], [r.target for r in requests]
+    with apply_deltas(model, warm):
+        acc = answer_token_accuracy(model, tok, prompts, targets).float()
+    assert run["recalled_after"] == pytest.approx(float((acc == 1).float().mean())), (run, acc)  # as it reports
+    assert run["recalled_after"] >= 5 / 6 > run["recalled"], run
+    assert bool((acc[4:] == 1).all()), acc  # the new edits are learned
+    with pytest.raises(EngineError, match="exactly the fine-tuned modules"):
+        tuner.compute_deltas(model, tok, requests, init={n: d for n, d in list(first.items())[:2]})
+
+
 def test_bad_settings_and_empty_batches_are_refused(tiny_llama):
     model, tok = tiny_llama
     with pytest.raises(EngineError, match="epochs"):
@@ -153,6 +196,8 @@ def test_bad_settings_and_empty_batches_are_refused(tiny_llama):
         FinetuneConfig(locality_weight=-1)
     with pytest.raises(EngineError, match="swap_weight"):
         FinetuneConfig(swap_weight=-1)
+    with pytest.raises(EngineError, match="rehearsal"):
+        FinetuneConfig(rehearsal=-0.5)
     with pytest.raises(EngineError, match="no edits"):
         FineTuner.new(model).compute_deltas(model, tok, [])
 
