@@ -6,6 +6,8 @@
     python benchmarks/lifelong.py --nights 20 --protect-earlier 1    # HORSE, earlier edits' keys protected
     python benchmarks/lifelong.py --nights 20 --consolidate-every 3 --consolidate-engine finetune --protect-earlier 1 \
         --from-fold                                                  # the hybrid, each night from the newest fold
+    python benchmarks/lifelong.py --nights 80 --consolidate-every 3 --consolidate-engine finetune --protect-earlier 1 \
+        --from-fold --fold-warm                  # ... each fold from the previous one: trains what it does not recall
     python benchmarks/lifelong.py --nights 80 --from-base             # HORSE, every night one edit from the base
     python benchmarks/lifelong.py --method malmen --nights 20
     python benchmarks/lifelong.py --method finetune --nights 10 --checkpoint-every 5   # fine-tune-the-ledger

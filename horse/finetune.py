@@ -29,8 +29,10 @@ Warm start (`init`, what a fold does with `finetune_warm_start`): the training s
 newest fold's) instead of the base weights and visits only the edits they do not recall (some answer token not
 top-1) plus `rehearsal` recalled ones per such edit; the locality and swap terms still compare with the base
 model. A forward over every edit then finds what that training made the weights forget; the next round trains
-everything found missing so far (with a new rehearsal), for at most `warm_rounds` rounds. The cost follows the edits added since that fold (and
-what they disturb), not the whole ledger. The daemon uses a FineTuner like a hypernet Editor (`compute_deltas`), but
+everything found missing so far (with a new rehearsal), for at most `warm_rounds` rounds. The cost follows the
+edits added since that fold (and what they disturb), not the whole ledger.
+
+The daemon uses a FineTuner like a hypernet Editor (`compute_deltas`), but
 because `from_base` is set it hands it every edit the head carries plus the night's, on the base weights,
 and publishes the result as a snapshot whose parent is the base (see daemon/cycle.py).
 
@@ -218,6 +220,17 @@ def _top_k(model: nn.Module, start: tuple[str, int] | None, p: _Pass, k: int) ->
     return top.indices, top.values
 
 
+def _recalled(model: nn.Module, start: tuple[str, int] | None, passes: Sequence[_Pass],
+              deltas: Mapping[str, LayerDelta]) -> list[bool]:
+    """Per row of the edit passes, in order: whether the model with `deltas` added gives every answer token
+    top-1 (teacher-forced), from the cached block inputs when there are some."""
+    recalled: list[bool] = []
+    with torch.no_grad(), apply_deltas(model, deltas):
+        for p in passes:
+            recalled += answer_hits_B(_pass_logits_NW(model, start, p), p.targets_N, p.rows_N, p.n_rows).tolist()
+    return recalled
+
+
 class FineTuner:
     """Fine-tuning of the target modules on a set of edits, behind the editor interface (`compute_deltas`)."""
 
@@ -280,9 +293,14 @@ class FineTuner:
         deltas, timings = dict(init), {"prepare": 0.0, "train": 0.0, "scan": 0.0}
         run: dict[str, float] = {"epochs": 0, "steps": 0, "trained": 0, "rounds": 0}
         fragile: set[int] = set()
+        device = model_device(model)
+        scans = [_edit_pass(tokenize_requests(tokenizer, [requests[i] for i in chunk]).to(device))
+                 for chunk in chunked(list(range(len(requests))), 4 * self.config.batch_size)]
+        start = _cache_prefix(model, first_block(self.module_names) if replayable(model) else None, scans)
+        timings["scan"] = time.perf_counter() - t0
         for _ in range(self.config.warm_rounds + 1):
             t = time.perf_counter()
-            recalled = self._recalled(model, tokenizer, requests, deltas)
+            recalled = _recalled(model, start, scans, deltas)
             timings["scan"] += time.perf_counter() - t
             run.setdefault("recalled", sum(recalled) / len(recalled))  # what the starting weights recall
             run["recalled_after"] = sum(recalled) / len(recalled)
@@ -390,18 +408,6 @@ class FineTuner:
         run = {"epochs": epochs, "steps": steps, "train_hit": hits / len(order) if order else 1.0,
                "trained": len(order), "swaps": sum(p.n_rows for p in swap_passes), "replayed": start is not None}
         return deltas, timings, run
-
-    def _recalled(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
-                  deltas: Mapping[str, LayerDelta]) -> list[bool]:
-        """Per edit, whether the model with `deltas` added gives every answer token top-1 (teacher-forced)."""
-        recalled: list[bool] = []
-        device = model_device(model)
-        with torch.no_grad(), apply_deltas(model, deltas):
-            for chunk in chunked(list(range(len(requests))), 4 * self.config.batch_size):
-                e = _edit_pass(tokenize_requests(tokenizer, [requests[i] for i in chunk]).to(device))
-                logits_NW = logits_at(model, e.input_ids, e.attention_mask, e.rows_N, e.cols_N)
-                recalled += answer_hits_B(logits_NW, e.targets_N, e.rows_N, e.n_rows).tolist()
-        return recalled
 
     def _swap_passes(self, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
                      parts: Sequence[Sequence[int]], device, seed: int) -> list[_Pass | None]:
