@@ -251,7 +251,9 @@ def main() -> None:
                "efficacy": (result.metrics or {}).get("efficacy_mean"),  # the night's edits on the new head
                "consolidation_s": (result.consolidation or {}).get("timings_s", {}).get("total"),
                **({"fold_trained": result.consolidation["trained"]}
-                  if (result.consolidation or {}).get("trained") is not None else {})}
+                  if (result.consolidation or {}).get("trained") is not None else {}),
+               **({"fold_engine_s": result.consolidation["engine_timings_s"]}
+                  if (result.consolidation or {}).get("engine_timings_s") else {})}
         if (night + 1) % args.checkpoint_every == 0 or night + 1 == args.nights:
             checkpoint(row)
             bar.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))

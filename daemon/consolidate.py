@@ -68,6 +68,7 @@ class ConsolidationResult:
     warm_from: int | None = None     # the fold a `finetune_warm_start` fold started from
     trained: int | None = None       # edits it trained on (not recalled there, and the rehearsal)
     timings_s: dict[str, float] = field(default_factory=dict)
+    engine_timings_s: dict[str, float] = field(default_factory=dict)  # the engine's own (e.g. scan, train)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -197,8 +198,9 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
         if settings.finetune_warm_start and fold.engine == "finetune":
             init, warm_from = warm_start(settings, first, editor)
         requests = [to_request(e) for e in edits]
-        deltas, _ = (editor.compute_deltas(model, tokenizer, requests, init=init) if init is not None
-                     else editor.compute_deltas(model, tokenizer, requests))
+        deltas, engine_timings = (editor.compute_deltas(model, tokenizer, requests, init=init) if init is not None
+                                  else editor.compute_deltas(model, tokenizer, requests))
+        result.engine_timings_s = {k: round(v, 4) for k, v in engine_timings.items()}
         if init is not None:
             result.warm_from = warm_from
             result.trained = int(editor.last_run.get("trained", len(edits)))
