@@ -198,7 +198,7 @@ def load_engine(settings: Settings, model, tokenizer) -> tuple[Any, str]:
             locality_weight=settings.finetune_locality_weight, n_locality=n_loc,
             locality_batch=16 if n_loc < 256 else 32,
             swap_weight=settings.finetune_swap_weight, swap_resample=settings.finetune_swap_resample,
-            rehearsal=settings.finetune_rehearsal),
+            rehearsal=settings.finetune_rehearsal, warm_lr=settings.finetune_warm_lr),
             held_out=gate.load_canary(settings.gate_canary_file or None))
     elif settings.engine == "memit":
         from horse.memit import MemitEditor

@@ -27,10 +27,10 @@ saw it) ends training early.
 
 Warm start (`init`, what a fold does with `finetune_warm_start`): the training starts from given deltas (the
 newest fold's) instead of the base weights and visits only the edits they do not recall (some answer token not
-top-1) plus `rehearsal` recalled ones per such edit; the locality and swap terms still compare with the base
-model. A forward over every edit then finds what that training made the weights forget; the next round trains
-everything found missing so far (with a new rehearsal), for at most `warm_rounds` rounds. The cost follows the
-edits added since that fold (and what they disturb), not the whole ledger.
+top-1) plus `rehearsal` recalled ones per such edit, at `warm_lr`; the locality and swap terms still compare
+with the base model. A forward over every edit then finds what that training made the weights forget; the next
+round trains everything found missing so far (with a new rehearsal), for at most `warm_rounds` rounds. The cost
+follows the edits added since that fold (and what they disturb), not the whole ledger.
 
 The daemon uses a FineTuner like a hypernet Editor (`compute_deltas`), but
 because `from_base` is set it hands it every edit the head carries plus the night's, on the base weights,
@@ -77,14 +77,16 @@ class FinetuneConfig:
     swap_top_k: int = 64        # base next-token probabilities kept per swapped prompt
     swap_resample: bool = False  # a new partner subject per edit each epoch (else one, fixed)
     rehearsal: float = 1.0      # warm start (`init`): recalled edits trained again per edit not recalled
+    warm_lr: float = 1e-3       # warm start: Adam's learning rate (a fresh Adam's first steps move every weight
+                                # by about lr: the recalled edits the round does not train drift less)
     warm_rounds: int = 3        # warm start: scan-and-train rounds at most (each ends when all are recalled)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.warm_rounds < 1:
-            raise EngineError(f"fine-tune settings need epochs ≥ 1, batch_size ≥ 1, lr > 0 and warm_rounds ≥ 1; got "
-                              f"epochs {self.epochs}, batch_size {self.batch_size}, lr {self.lr}, warm_rounds "
-                              f"{self.warm_rounds}")
+        if self.epochs < 1 or self.batch_size < 1 or min(self.lr, self.warm_lr) <= 0 or self.warm_rounds < 1:
+            raise EngineError(f"fine-tune settings need epochs ≥ 1, batch_size ≥ 1, lr and warm_lr > 0 and "
+                              f"warm_rounds ≥ 1; got epochs {self.epochs}, batch_size {self.batch_size}, lr {self.lr}, "
+                              f"warm_lr {self.warm_lr}, warm_rounds {self.warm_rounds}")
         for name in ("locality_weight", "swap_weight", "rehearsal"):
             if getattr(self, name) < 0:
                 raise EngineError(f"{name} = {getattr(self, name)} is negative; give a value ≥ 0")
@@ -363,7 +365,7 @@ class FineTuner:
             params = [m.weight for m in modules]
             for p in params:
                 p.requires_grad_(True)
-            opt = torch.optim.Adam(params, lr=cfg.lr)
+            opt = torch.optim.Adam(params, lr=cfg.lr if init is None else cfg.warm_lr)
             visit = list(range(len(parts)))
             steps, epochs, hits = 0, 0, 0
             for epoch in range(cfg.epochs if order else 0):

@@ -77,6 +77,8 @@ class Settings:
                                      "not the whole ledger")
     finetune_rehearsal: float = _opt(1.0, "≥ 0", "finetune_warm_start: recalled edits trained again per edit not "
                                      "recalled")
+    finetune_warm_lr: float = _opt(1e-3, "Adam lr", "finetune_warm_start: learning rate of a fold that starts from "
+                                   "the previous one (lower than finetune_lr: what it does not train drifts less)")
     device: str = _opt("cpu", "cpu|cuda:N|auto", "where the model runs; auto = cuda:0, or every GPU through "
                        "accelerate's device_map when there are several (models larger than one GPU), else cpu")
     dtype: str = _opt("float32", "float32|bfloat16", "weight dtype of the served model")
@@ -290,8 +292,9 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
                               + (" (or leave it empty: the same as engine)" if empty_ok else ""))
     if values.get("gate_retention_sample", 1) < 1:
         raise ConfigError(f"gate_retention_sample = {values['gate_retention_sample']} must be ≥ 1 (edits measured)")
-    if values.get("finetune_epochs", 1) < 1 or values.get("finetune_lr", 1.0) <= 0:
-        raise ConfigError("finetune_epochs must be ≥ 1 and finetune_lr > 0; fix them in the config")
+    lrs = (values.get("finetune_lr", 1.0), values.get("finetune_warm_lr", 1.0))
+    if values.get("finetune_epochs", 1) < 1 or min(lrs) <= 0:
+        raise ConfigError("finetune_epochs must be ≥ 1 and finetune_lr, finetune_warm_lr > 0; fix them in the config")
     parse_blocks(values.get("finetune_blocks", ""))
     if values.get("finetune_locality_prompts", 1) < 1:
         raise ConfigError(f"finetune_locality_prompts = {values['finetune_locality_prompts']} must be ≥ 1; give a "

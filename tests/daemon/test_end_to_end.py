@@ -309,7 +309,8 @@ def test_warm_start_folds_start_from_the_newest_fold(db_url, daemon_settings, cl
     settings = daemon_settings(db_url, gate_min_efficacy=0.0, gate_min_retention=0.0, hypernet_from_base=False,
                                hypernet_from_consolidation=True, consolidate_engine="finetune",
                                consolidate_every_nights=2, finetune_epochs=40, finetune_lr=1e-2,
-                               finetune_locality_weight=0.1, finetune_warm_start=True, finetune_rehearsal=1.0)
+                               finetune_locality_weight=0.1, finetune_warm_start=True, finetune_rehearsal=1.0,
+                               finetune_warm_lr=1e-2)
     cfg = write_config(tmp_path / "config.toml", settings)
     store = Store(db_url)
     _add(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])

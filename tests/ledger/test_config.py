@@ -50,6 +50,7 @@ def test_precedence_toml_env_flags(tmp_path):
     ("preserve_exponent = -2.0", "preserve_exponent = -2.0 is negative"),
     ("engine = 'rome'", "engine = 'rome' is not known; give one of hypernet, finetune, memit"),
     ("finetune_epochs = 0", "finetune_epochs must be ≥ 1"),
+    ("finetune_warm_lr = 0.0", "finetune_lr, finetune_warm_lr > 0"),
     ("finetune_locality_weight = -1.0", "finetune_locality_weight = -1.0 is negative"),
     ("finetune_rehearsal = -0.5", "finetune_rehearsal = -0.5 is negative"),
     ("running_normaliser = true", "running_normaliser acts on nights that edit the head"),
