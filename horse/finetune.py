@@ -79,7 +79,7 @@ class FinetuneConfig:
     rehearsal: float = 1.0      # warm start (`init`): recalled edits trained again per edit not recalled
     warm_lr: float = 1e-3       # warm start: Adam's learning rate (a fresh Adam's first steps move every weight
                                 # by about lr: the recalled edits the round does not train drift less)
-    warm_rounds: int = 3        # warm start: scan-and-train rounds at most (each ends when all are recalled)
+    warm_rounds: int = 1        # warm start: scan-and-train rounds at most (stops early when all are recalled)
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -165,7 +165,7 @@ def test_warm_start_from_earlier_deltas_learns_the_new_edits_and_keeps_the_old(t
     requests = [EditRequest(prompt=f"The color of {s} is", target=c, subject=s) for s, c in zip(names, colors)]
     old, new = requests[:4], requests[4:]
     cfg = FinetuneConfig(epochs=60, lr=1e-2, batch_size=2, locality_weight=0.1, n_locality=8, locality_batch=4,
-                         warm_lr=1e-2)
+                         warm_lr=1e-2, warm_rounds=3)
     tuner = FineTuner.new(model, cfg)
     first, _ = tuner.compute_deltas(model, tok, old)
     before = {k: v.clone() for k, v in model.state_dict().items()}
