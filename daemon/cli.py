@@ -376,7 +376,9 @@ def consolidate(app: AppContext, as_json: bool) -> None:
         click.echo(f"consolidation rejected by the gate ({'; '.join(result.gate_reasons)}); the head stays "
                    f"snapshot {result.from_snapshot}\n  {measured}")
         raise SystemExit(1)
+    warm = (f"\n  started from fold {result.warm_from}: trained {result.trained} of the edits (those it did not "
+            "recall, and a rehearsal)") if result.warm_from is not None else ""
     click.echo(f"consolidated snapshot {result.from_snapshot} (chain of {result.chain_length}) into snapshot "
-               f"{result.snapshot_id} (parent base, {result.n_edits} edits, {result.bytes:,} bytes)\n  {measured}\n"
+               f"{result.snapshot_id} (parent base, {result.n_edits} edits, {result.bytes:,} bytes){warm}\n  {measured}\n"
                f"  time {result.timings_s.get('total', 0):.2f} s "
                f"({', '.join(f'{k} {v:.2f}' for k, v in result.timings_s.items() if k != 'total')})")

@@ -332,6 +332,10 @@ def test_warm_start_folds_start_from_the_newest_fold(db_url, daemon_settings, cl
     assert (c2.kind, c2.parent_id, c2.metrics["warm_from"]) == ("consolidated", None, fold1["snapshot_id"])
     assert fold2["gate"]["retention_n"] == 4 and fold2["gate"]["retention"] >= 3 / 4, fold2
     assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
+    _add(cli_runner, cfg, tmp_path, "night5", [fact(4)])
+    assert _apply(cli_runner, cfg)["consolidation"] is None  # one night since the fold
+    by_hand = cli_runner(cfg, "consolidate").stdout
+    assert f"started from fold {fold2['snapshot_id']}: trained" in by_hand, by_hand
     weights_s3 = _weights(settings, store, third["snapshot_id"])
     json.loads(cli_runner(cfg, "rollback", str(third["snapshot_id"]), "--json").stdout)
     after = _weights(settings, store, third["snapshot_id"])
