@@ -11,6 +11,10 @@ moves to it. The edits stay `applied`; the snapshots it folded stay on disk, so 
 still materialises base + their own chain, bit for bit. If the gate fails nothing changes and the
 measurements are recorded on a `consolidation.rejected` event.
 
+When the nights derive from the newest fold and protect its edits (`hypernet_from_consolidation` with
+`protect_earlier`), the fold captures its edits' keys on its own weights once it is published and keeps them
+beside it, so that cost is the fold's, not the next night's.
+
 With `finetune_warm_start` a fine-tune fold starts from the newest fine-tune fold on the chain (when it is the
 chain's first snapshot, of the same modules, and all its edits are still applied) and trains only what those
 weights do not recall, plus a rehearsal of what they do (`horse.finetune`); the gate is the same.
@@ -37,8 +41,8 @@ from typing import Any
 from sqlalchemy import insert, select
 
 from daemon import gate, snapshots
-from daemon.cycle import (ACTOR, keep_measurements, kept_measurements, load_engine, nights_since_consolidation,
-                          probe_for, to_fact, to_request)
+from daemon.cycle import (ACTOR, keep_fold_moments, keep_measurements, kept_measurements, load_engine,
+                          nights_since_consolidation, probe_for, to_fact, to_request)
 from daemon.errors import BatchRefused, DaemonError
 from daemon.locks import applier_lock
 from daemon.materialise import chain, head_id, links, load_base, materialise, weights_digest
@@ -189,6 +193,10 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
         fold = consolidation_settings(settings)
         result.engine = fold.engine
         editor, engine_fingerprint = load_engine(fold, model, tokenizer)
+        # the nights after this fold protect its edits' keys on its weights: captured here, once, and kept beside it
+        night_editor = None
+        if settings.protect_earlier and settings.hypernet_from_consolidation and settings.engine == "hypernet":
+            night_editor = editor if fold.engine == settings.engine else load_engine(settings, model, tokenizer)[0]
         normaliser = None
         if settings.running_normaliser and hasattr(editor, "normaliser_state"):  # the head's statistics, carried on
             normaliser = snapshots.read_normaliser(settings.snapshot_dir, chain_links[-1].path)
@@ -260,6 +268,12 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
                                                  "path": file.rel_path, "sha256": file.sha256, "bytes": file.bytes})
             result.snapshot_id = snap.id
         timed("commit")
+        if night_editor is not None:
+            try:
+                keep_fold_moments(settings, night_editor, model, tokenizer, result.snapshot_id, edits)
+            except Exception:  # noqa: BLE001 - derived data: the next night captures them itself
+                log.warning("could not capture the fold's protected keys", exc_info=True)
+            timed("protect_keys")
         keep_measurements(settings, base_model, result.snapshot_id, file.sha256, gate.Known().add(probe, cand))
         result.status, result.bytes = "published", file.bytes
         timings["total"] = round(time.perf_counter() - t0, 4)

@@ -211,6 +211,28 @@ def load_engine(settings: Settings, model, tokenizer) -> tuple[Any, str]:
     return editor, hashlib.sha256(card).hexdigest()
 
 
+def fold_moments_meta(settings: Settings, editor, fold_id: int) -> dict[str, str]:
+    """What the protected-key moments kept beside a fold were captured for (checked before they are used)."""
+    return {"base_fingerprint": editor.fingerprint, "dtype": settings.dtype, "start": f"snapshot {fold_id}",
+            "modules": ",".join(editor.module_names)}
+
+
+def keep_fold_moments(settings: Settings, editor, model, tokenizer, fold_id: int, edits: Sequence[EditRecord]) -> dict:
+    """KₑᵀKₑ per edited module of `edits`, captured on `model` as it is (the fold's weights), and kept beside the
+    fold for the nights that derive from it (`protect_earlier` with `hypernet_from_consolidation`). Returns them."""
+    import torch
+
+    moments = editor.requests_second_moments(model, tokenizer, [to_request(e) for e in edits], chunk_edits=PROTECT_CHUNK)
+    try:  # derived data: without it the next night captures them again
+        snapshots.write_derived_cache(settings.snapshot_dir, settings.model, fold_id,
+                                      {**moments, "edit_ids": torch.tensor(sorted(e.id for e in edits),
+                                                                           dtype=torch.int64)},
+                                      fold_moments_meta(settings, editor, fold_id), folder=snapshots.PROTECT_DIR)
+    except OSError:
+        log.warning("could not keep the protected key moments of snapshot %d", fold_id, exc_info=True)
+    return moments
+
+
 _FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
@@ -582,10 +604,7 @@ class _Batch:
         from beside the fold when kept there for these modules, base and dtype (minus the moments of its edits
         superseded since, captured now), else captured for all of them and kept. `self.protect_source` says
         which."""
-        import torch
-
-        meta = {"base_fingerprint": self.editor.fingerprint, "dtype": self.settings.dtype,
-                "start": f"snapshot {self.start_id}", "modules": ",".join(self.editor.module_names)}
+        meta = fold_moments_meta(self.settings, self.editor, self.start_id)
         ids = {e.id for e in earlier}
         cached = snapshots.read_derived_cache(self.settings.snapshot_dir, self.base_model, self.start_id,
                                               folder=snapshots.PROTECT_DIR)
@@ -603,15 +622,8 @@ class _Batch:
                 self.protect_source = "cache"
                 return tensors
         with self._at_start():
-            moments = self.editor.requests_second_moments(self.model, self.tokenizer,
-                                                          [to_request(e) for e in earlier], chunk_edits=PROTECT_CHUNK)
+            moments = keep_fold_moments(self.settings, self.editor, self.model, self.tokenizer, self.start_id, earlier)
         self.protect_source = "captured"
-        try:  # derived data: without it the next night captures them again
-            snapshots.write_derived_cache(self.settings.snapshot_dir, self.base_model, self.start_id,
-                                          {**moments, "edit_ids": torch.tensor(sorted(ids), dtype=torch.int64)},
-                                          meta, folder=snapshots.PROTECT_DIR)
-        except OSError:
-            log.warning("could not keep the protected key moments of snapshot %d", self.start_id, exc_info=True)
         return moments
 
     @contextlib.contextmanager

@@ -270,11 +270,20 @@ def test_hybrid_nights_derived_from_the_newest_fold(db_url, daemon_settings, cli
     assert third["consolidation"] is None, third
     assert (s3.kind, s3.parent_id, s3.metrics["chain_length"], s3.metrics["nights_since_consolidation"]) == \
         ("incremental", c.id, 2, 1)
-    assert edits_of(s3.id) == [4] and s3.metrics["protected_edits"] == 3  # the fold's edits, at its weights
-    assert s3.metrics["protected_source"] == "captured"
+    assert edits_of(s3.id) == [4] and s3.metrics["protected_edits"] == 3  # the fold's edits, at its weights,
+    assert s3.metrics["protected_source"] == "cache"  # captured by the fold itself
     assert snapshots.sums_cache_path(settings.snapshot_dir, "tiny-llama", s3.id).is_file()
     kept = snapshots.read_derived_cache(settings.snapshot_dir, "tiny-llama", c.id, folder=snapshots.PROTECT_DIR)
     assert kept is not None and kept[0]["edit_ids"].tolist() == [1, 2, 3]  # beside the fold, for every later night
+    from daemon.cycle import PROTECT_CHUNK, load_engine, to_request
+    from daemon.materialise import load_base
+    editor, _ = load_engine(settings, *load_base(settings))  # the nights' editor is built on the base
+    with store.session(write=False) as s:
+        at_fold = materialise(settings, links(s, c.id))
+    direct = editor.requests_second_moments(at_fold.model, at_fold.tokenizer,
+                                            [to_request(e) for e in store.get_edits([1, 2, 3])], chunk_edits=PROTECT_CHUNK)
+    for name, moment in direct.items():  # what a night would capture on the fold's weights
+        assert torch.allclose(kept[0][name], moment.to(kept[0][name]), rtol=1e-4, atol=1e-6), name
     _add(cli_runner, cfg, tmp_path, "night4", [fact(4)])
     fourth = _apply(cli_runner, cfg)
     s4 = store.get_snapshot(fourth["snapshot_id"])
@@ -286,7 +295,7 @@ def test_hybrid_nights_derived_from_the_newest_fold(db_url, daemon_settings, cli
     assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
     _add(cli_runner, cfg, tmp_path, "night5", [fact(5)])
     s5 = store.get_snapshot(_apply(cli_runner, cfg)["snapshot_id"])
-    assert (s5.metrics["protected_edits"], s5.metrics["protected_source"]) == (5, "captured")  # the new fold's
+    assert (s5.metrics["protected_edits"], s5.metrics["protected_source"]) == (5, "cache")  # the new fold's
     _add(cli_runner, cfg, tmp_path, "night6", [fact(0, color=COLORS[5])])  # edit 7 rewrites the fold's edit 1
     sixth = _apply(cli_runner, cfg)
     assert sixth["applied"] == [7] and store.get_edits([1])[0].status == "superseded", sixth
