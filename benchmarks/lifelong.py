@@ -254,12 +254,12 @@ def main() -> None:
                   if (result.consolidation or {}).get("trained") is not None else {}),
                **({"fold_engine_s": result.consolidation["engine_timings_s"]}
                   if (result.consolidation or {}).get("engine_timings_s") else {})}
-        if (night + 1) % args.checkpoint_every == 0 or night + 1 == args.nights:
-            checkpoint(row)
-            bar.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
         rows.append(row)
-        with rows_path.open("a") as f:
+        with rows_path.open("a") as f:  # the night is done: a run stopped while measuring it resumes after it
             f.write(json.dumps(row) + "\n")
+        if (night + 1) % args.checkpoint_every == 0 or night + 1 == args.nights:
+            measure_last()  # (`--measure-now` measures such a night later)
+            bar.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
     (out / "rows.json").write_text(json.dumps({"run": run, "base": base_row, "rows": rows}, indent=2))
     report(args.out)
 
