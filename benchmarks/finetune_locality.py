@@ -110,6 +110,8 @@ def main() -> None:
     p.add_argument("--n-locality", type=int, default=None,
                    help="locality prompts (default: the config's 64)")
     p.add_argument("--locality-batch", type=int, default=None, help="locality prompts per step (default 16)")
+    p.add_argument("--divergence", choices=("forward", "reverse", "symmetric"), default="forward",
+                   help="of the locality term (FinetuneConfig.divergence)")
     p.add_argument("--lr", type=float, default=None, help="Adam lr (default: the config's finetune_lr)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the config's finetune_epochs)")
     p.add_argument("--out", type=Path, default=OUT)
@@ -156,11 +158,12 @@ def main() -> None:
     lr = args.lr or settings.finetune_lr
     for loc, swap in grid:
         config = FinetuneConfig(module_names=modules, epochs=epochs, lr=lr, locality_weight=loc, swap_weight=swap,
-                                swap_resample=args.swap_resample, **pool)
+                                swap_resample=args.swap_resample, divergence=args.divergence, **pool)
         tuner = FineTuner.new(model, config, held_out=canary_prompts)  # as the daemon does
         partners = "-neighbours" if args.swap_partners == "neighbours" else ""
         where = ((f"-L{args.layers}" if args.layers else "") + ("-resample" if args.swap_resample else "")
-                 + (f"-pool{args.n_locality}x{pool['locality_batch']}" if pool else ""))
+                 + (f"-pool{args.n_locality}x{pool['locality_batch']}" if pool else "")
+                 + (f"-{args.divergence}" if args.divergence != "forward" else ""))
         cached = CACHE / (f"val-finetune{ENGINE_REVISION}{partners}{where}-{args.edits}-e{config.epochs}"
                           f"-lr{config.lr:g}-loc{loc:g}-swap{swap:g}-{tuner.fingerprint[:12]}.safetensors")
         t = time.perf_counter()
@@ -176,7 +179,8 @@ def main() -> None:
             row = {"setting": f"locality {loc:g}, swap {swap:g}" + (", neighbour subjects" if partners else "")
                    + (f", blocks {args.layers}" if args.layers else "")
                    + (", partners resampled each epoch" if args.swap_resample else "")
-                   + (f", {args.n_locality} locality prompts, {pool['locality_batch']} a step" if pool else ""),
+                   + (f", {args.n_locality} locality prompts, {pool['locality_batch']} a step" if pool else "")
+                   + (f", {args.divergence} KL on the locality prompts" if args.divergence != "forward" else ""),
                    "locality_weight": loc, "swap_weight": swap, "layers": args.layers or "last 6",
                    "lr": lr, "epochs": epochs,
                    "finetune_s": seconds, **measure()}

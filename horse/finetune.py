@@ -20,7 +20,10 @@ Loss of one step, B edits in the mini-batch and L locality prompts:
 where s_b is edit b's prompt asked of another edit's subject ("The mother tongue of <other subject> is"): the
 same relation, a subject the edit must leave alone (what CounterFact's neighbourhood score measures, built from
 the edits being trained, never from evaluation data), and KLₖ the KL over the base model's `swap_top_k` most
-likely next tokens (stored per edit, so memory stays small with thousands of edits).
+likely next tokens (stored per edit, so memory stays small with thousands of edits). `divergence` makes the
+locality term the reverse KL(p_θ ‖ p_base) or the mean of both: the reverse one penalises what the forward one
+barely sees, mass moved onto tokens the base model thinks unlikely, such as an edit's target surfacing on
+unrelated prompts.
 
 An epoch in which every answer token of every edit was already the model's top choice (before the step that
 saw it) ends training early.
@@ -76,6 +79,7 @@ class FinetuneConfig:
     swap_weight: float = 0.0    # subject-swapped prompts of the mini-batch's edits (0 = off)
     swap_top_k: int = 64        # base next-token probabilities kept per swapped prompt
     swap_resample: bool = False  # a new partner subject per edit each epoch (else one, fixed)
+    divergence: str = "forward"  # of the locality term: forward / reverse / symmetric KL to the base model
     rehearsal: float = 1.0      # warm start (`init`): recalled edits trained again per edit not recalled
     warm_lr: float = 1e-3       # warm start: Adam's learning rate (a fresh Adam's first steps move every weight
                                 # by about lr: the recalled edits the round does not train drift less)
@@ -87,6 +91,8 @@ class FinetuneConfig:
             raise EngineError(f"fine-tune settings need epochs ≥ 1, batch_size ≥ 1, lr and warm_lr > 0 and "
                               f"warm_rounds ≥ 1; got epochs {self.epochs}, batch_size {self.batch_size}, lr {self.lr}, "
                               f"warm_lr {self.warm_lr}, warm_rounds {self.warm_rounds}")
+        if self.divergence not in DIVERGENCES:
+            raise EngineError(f"divergence = {self.divergence!r}; give one of {', '.join(DIVERGENCES)}")
         for name in ("locality_weight", "swap_weight", "rehearsal"):
             if getattr(self, name) < 0:
                 raise EngineError(f"{name} = {getattr(self, name)} is negative; give a value ≥ 0")
@@ -107,10 +113,24 @@ def answer_hits_B(logits_NW: torch.Tensor, targets_N: torch.Tensor, rows_N: torc
     return torch.zeros(n_rows, dtype=torch.long, device=wrong_N.device).index_add(0, rows_N, wrong_N) == 0
 
 
-def kl_from_base_B(base_logp_BV: torch.Tensor, logits_BV: torch.Tensor) -> torch.Tensor:
-    """KL(p_base ‖ p_θ) of next-token distributions, per row. B float."""
+DIVERGENCES = ("forward", "reverse", "symmetric")
+
+
+def kl_from_base_B(base_logp_BV: torch.Tensor, logits_BV: torch.Tensor, kind: str = "forward") -> torch.Tensor:
+    """Divergence of next-token distributions from the base model's, per row. B float.
+
+    kind: "forward" KL(p_base ‖ p_θ) (penalises losing what the base model predicts; raising a token the base
+    model thinks unlikely costs only the mass it takes from the others), "reverse" KL(p_θ ‖ p_base) (penalises
+    mass on tokens the base model thinks unlikely: an edit's target surfacing on unrelated prompts), or
+    "symmetric", their mean."""
+    if kind not in DIVERGENCES:
+        raise EngineError(f"unknown divergence {kind!r}; give one of {', '.join(DIVERGENCES)}")
     logp_BV = torch.log_softmax(logits_BV.float(), dim=-1)
-    return (base_logp_BV.exp() * (base_logp_BV - logp_BV)).sum(dim=-1)
+    forward_B = (base_logp_BV.exp() * (base_logp_BV - logp_BV)).sum(dim=-1)
+    if kind == "forward":
+        return forward_B
+    reverse_B = (logp_BV.exp() * (logp_BV - base_logp_BV)).sum(dim=-1)
+    return reverse_B if kind == "reverse" else (forward_B + reverse_B) / 2
 
 
 def topk_kl_from_base_B(base_ids_BK: torch.Tensor, base_logp_BK: torch.Tensor, logits_BV: torch.Tensor) -> torch.Tensor:
@@ -381,7 +401,7 @@ class FineTuner:
                     if locs:
                         k = steps % len(locs)
                         loss = loss + cfg.locality_weight * kl_from_base_B(
-                            loc_logps[k], _pass_logits_NW(model, start, locs[k])).mean()
+                            loc_logps[k], _pass_logits_NW(model, start, locs[k]), cfg.divergence).mean()
                     if swaps[j] is not None:
                         ids_BK, logp_BK = swap_targets[j]  # type: ignore[misc]
                         loss = loss + cfg.swap_weight * topk_kl_from_base_B(

@@ -39,6 +39,19 @@ def test_kl_from_base_is_zero_at_the_base_and_positive_elsewhere():
     assert (kl_from_base_B(base_logp_BV, base_logits_BV + torch.randn(3, 7)) > 0).all()
 
 
+def test_reverse_and_symmetric_divergences_are_the_kl_the_other_way_and_the_mean():
+    base_logp_BV, now_BV = torch.log_softmax(torch.randn(3, 7), -1), torch.randn(3, 7)
+    now_logp_BV = torch.log_softmax(now_BV, -1)
+    reverse_B = (now_logp_BV.exp() * (now_logp_BV - base_logp_BV)).sum(-1)
+    assert torch.allclose(kl_from_base_B(base_logp_BV, now_BV, "reverse"), reverse_B, atol=1e-6)
+    both_B = (kl_from_base_B(base_logp_BV, now_BV) + reverse_B) / 2
+    assert torch.allclose(kl_from_base_B(base_logp_BV, now_BV, "symmetric"), both_B, atol=1e-6)
+    with pytest.raises(EngineError, match="give one of forward, reverse, symmetric"):
+        kl_from_base_B(base_logp_BV, now_BV, "backward")
+    with pytest.raises(EngineError, match="divergence = 'js'"):
+        FinetuneConfig(divergence="js")
+
+
 def test_topk_kl_is_the_kl_when_k_covers_the_vocabulary_and_a_lower_bound_part_of_it_otherwise():
     base_BV, now_BV = torch.randn(4, 9), torch.randn(4, 9)
     base_logp_BV = torch.log_softmax(base_BV, -1)
