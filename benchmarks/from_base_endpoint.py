@@ -4,6 +4,7 @@
     python benchmarks/from_base_endpoint.py --method malmen --points 1000,2000,4000
     python benchmarks/from_base_endpoint.py --points 1000 --sample 1000      # check against lifelong.py
     python benchmarks/from_base_endpoint.py --points 8000 --preserve-min 100 # a stronger prior at 8,000
+    python benchmarks/from_base_endpoint.py --method finetune --points 8000 --threads 1   # fine-tune-the-ledger
 
 With `hypernet_from_base` every night is one hypernet edit of every applied edit on the base weights, solved
 from additive statistics (`horse.sums`). When every edit is applied (lifelong.py sets every gate bar to 0), the
@@ -17,7 +18,12 @@ measured on an evenly spaced sample (the first night's 100 are always measured w
 
 What it leaves out, next to the daemon: the gate (its bars are 0 in lifelong.py, so it would publish every
 night anyway), the snapshot files and the ledger. It is the capacity of one from-base solve, not the
-pipeline's cost; lifelong.py gives that. Output: benchmarks/results/lifelong/endpoint-<method>/rows.jsonl
+pipeline's cost; lifelong.py gives that.
+
+`--method finetune` is fine-tune-the-ledger (`engine = "finetune"`, the config's fine-tune settings): its night n
+is one fine-tune of the first 100·n edits from the base, so its head at N edits, and the cost of its night there
+(`finetune_s`, the engine's own time), are one fine-tune of N edits. It is also what a hybrid's fold from the
+base costs at N. Output: benchmarks/results/lifelong/endpoint-<method>/rows.jsonl
 (one row per point, appended as measured: a rerun skips measured points) and run.json.
 """
 from __future__ import annotations
@@ -47,7 +53,7 @@ def evenly_spaced(items: list, k: int) -> list:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=("horse", "malmen"), default="horse")
+    p.add_argument("--method", choices=("horse", "malmen", "finetune"), default="horse")
     p.add_argument("--points", default="1000,2000,4000,8000", help="accumulated edits at which to measure")
     p.add_argument("--sample", type=int, default=1000, help="retained edits measured at each point (at most)")
     p.add_argument("--preserve-min", type=float, default=None, help="config preserve_min (default: the config's)")
@@ -66,24 +72,24 @@ def main() -> None:
 
     from tqdm.auto import tqdm
 
-    from daemon.cycle import load_editor
+    from daemon.cycle import load_editor, load_engine
     from daemon.materialise import load_base
     from horse.cli import file_sha256
     from horse.data import load_requests
-    from horse.deltas import apply_deltas, frobenius_norms
     from benchmarks.canary import CanaryProbe
-    from horse.metrics import request_scores, summarise_scores
     from ledger.config import load_settings
 
-    hypernet = ROOT / "horse" / "hypernets" / f"smollm2-135m-{args.method}.safetensors"
+    finetune = args.method == "finetune"
+    hypernet = ROOT / "horse" / "hypernets" / f"smollm2-135m-{'horse' if finetune else args.method}.safetensors"
     settings = load_settings(environ={}, model="smollm2-135m", hypernet=str(hypernet), hypernet_from_base=True,
-                             device=args.device,
+                             device=args.device, **({"engine": "finetune"} if finetune else {}),
                              **({"preserve_min": args.preserve_min} if args.preserve_min is not None else {}))
     out = args.out / f"endpoint-{args.method}{f'-pmin{args.preserve_min:g}' if args.preserve_min is not None else ''}"
     out.mkdir(parents=True, exist_ok=True)
-    info = {"method": args.method, "hypernet_sha256": file_sha256(hypernet), "preserve_weight": settings.preserve_weight,
-            "preserve_exponent": settings.preserve_exponent, "preserve_min": settings.preserve_min,
-            "sample": args.sample, "edits_per_night": NIGHT}
+    info = {"method": args.method, "sample": args.sample, "edits_per_night": NIGHT, **(
+        {"finetune": {k: v for k, v in settings.__dict__.items() if k.startswith("finetune_")}} if finetune else
+        {"hypernet_sha256": file_sha256(hypernet), "preserve_weight": settings.preserve_weight,
+         "preserve_exponent": settings.preserve_exponent, "preserve_min": settings.preserve_min})}
     run_info = out / "run.json"
     if run_info.exists():
         earlier = json.loads(run_info.read_text())
@@ -102,11 +108,24 @@ def main() -> None:
         return
 
     model, tok = load_base(settings)
-    editor = load_editor(settings, hypernet, model, tok)
+    editor = load_engine(settings, model, tok)[0] if finetune else load_editor(settings, hypernet, model, tok)
     requests = load_requests(DATA, limit=todo[-1])
     if len(requests) < todo[-1]:
         sys.exit(f"the edit split has {len(requests)} records, fewer than {todo[-1]}")
     canary = CanaryProbe.on_base(model, tok)
+
+    def measure(n: int, deltas, extra: dict) -> None:
+        row = {**measure_point(model, tok, requests, canary, n, deltas, args.sample, args.eval_batch_size), **extra}
+        with rows_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        tqdm.write(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
+
+    if finetune:
+        for n in todo:
+            t = time.perf_counter()
+            deltas, _ = editor.compute_deltas(model, tok, requests[:n])
+            measure(n, deltas, {"finetune_s": round(time.perf_counter() - t, 1), **editor.last_run})
+        return
 
     sums, captured_s = None, 0.0
     for night in tqdm(range(todo[-1] // NIGHT), desc="capture", unit="night"):
@@ -119,23 +138,27 @@ def main() -> None:
             continue
         t = time.perf_counter()
         deltas = editor.deltas_from_sums(sums)
-        solve_s = time.perf_counter() - t
-        retained = evenly_spaced(requests[:n], args.sample)
-        with apply_deltas(model, deltas):
-            every = summarise_scores(request_scores(model, tok, retained, batch_size=args.eval_batch_size,
-                                                    with_generation=True))
-            first = summarise_scores(request_scores(model, tok, requests[:NIGHT], batch_size=args.eval_batch_size,
-                                                    with_generation=True))
-            agree, ppl_ratio = canary.agreement(model, tok), canary.perplexity_ratio(model, tok)
-        row = {"edits": n, "measured": len(retained), "retention_token": every["token_es"],
-               "retention_prob": every["cf_es"], "retention_gen": every["gen_es"], "first_token": first["token_es"],
-               "first_prob": first["cf_es"], "first_gen": first["gen_es"], "ps": every["cf_ps"], "ns": every["cf_ns"],
-               "canary_agreement_with_base": agree, "perplexity_ratio": ppl_ratio,
-               "norm_max": max(frobenius_norms(deltas).values()), "mu": editor.preserve_mu(n),
-               "capture_s_so_far": round(captured_s, 1), "solve_s": round(solve_s, 2)}
-        with rows_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        tqdm.write(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
+        measure(n, deltas, {"mu": editor.preserve_mu(n), "capture_s_so_far": round(captured_s, 1),
+                            "solve_s": round(time.perf_counter() - t, 2)})
+
+
+def measure_point(model, tok, requests: list, canary, n: int, deltas, sample: int, batch_size: int) -> dict:
+    """What lifelong.py's checkpoints measure, of the base model plus `deltas` after the first n edits (retention on
+    `sample` of them evenly spaced, the first night's in full)."""
+    from horse.deltas import apply_deltas, frobenius_norms
+    from horse.metrics import request_scores, summarise_scores
+
+    retained = evenly_spaced(requests[:n], sample)
+    with apply_deltas(model, deltas):
+        every = summarise_scores(request_scores(model, tok, retained, batch_size=batch_size, with_generation=True))
+        first = summarise_scores(request_scores(model, tok, requests[:NIGHT], batch_size=batch_size,
+                                                with_generation=True))
+        agree, ppl_ratio = canary.agreement(model, tok), canary.perplexity_ratio(model, tok)
+    return {"edits": n, "measured": len(retained), "retention_token": every["token_es"],
+            "retention_prob": every["cf_es"], "retention_gen": every["gen_es"], "first_token": first["token_es"],
+            "first_prob": first["cf_es"], "first_gen": first["gen_es"], "ps": every["cf_ps"], "ns": every["cf_ns"],
+            "canary_agreement_with_base": agree, "perplexity_ratio": ppl_ratio,
+            "norm_max": max(frobenius_norms(deltas).values())}
 
 
 if __name__ == "__main__":
