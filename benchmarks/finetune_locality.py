@@ -112,6 +112,8 @@ def main() -> None:
     p.add_argument("--locality-batch", type=int, default=None, help="locality prompts per step (default 16)")
     p.add_argument("--divergence", choices=("forward", "reverse", "symmetric"), default="forward",
                    help="of the locality term (FinetuneConfig.divergence)")
+    p.add_argument("--preserve", type=float, default=0.0,
+                   help="FinetuneConfig.preserve_weight (the layers' output change on corpus inputs; 0 = off)")
     p.add_argument("--lr", type=float, default=None, help="Adam lr (default: the config's finetune_lr)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the config's finetune_epochs)")
     p.add_argument("--out", type=Path, default=OUT)
@@ -158,12 +160,18 @@ def main() -> None:
     lr = args.lr or settings.finetune_lr
     for loc, swap in grid:
         config = FinetuneConfig(module_names=modules, epochs=epochs, lr=lr, locality_weight=loc, swap_weight=swap,
-                                swap_resample=args.swap_resample, divergence=args.divergence, **pool)
+                                swap_resample=args.swap_resample, divergence=args.divergence, preserve_weight=args.preserve, **pool)
         tuner = FineTuner.new(model, config, held_out=canary_prompts)  # as the daemon does
+        if args.preserve:
+            from horse.covariance import preservation_moments
+
+            tuner.set_preservation(preservation_moments(model, tok, tuner.module_names,
+                                                        cache_dir=settings.cache_dir)[0])
         partners = "-neighbours" if args.swap_partners == "neighbours" else ""
         where = ((f"-L{args.layers}" if args.layers else "") + ("-resample" if args.swap_resample else "")
                  + (f"-pool{args.n_locality}x{pool['locality_batch']}" if pool else "")
-                 + (f"-{args.divergence}" if args.divergence != "forward" else ""))
+                 + (f"-{args.divergence}" if args.divergence != "forward" else "")
+                 + (f"-preserve{args.preserve:g}" if args.preserve else ""))
         cached = CACHE / (f"val-finetune{ENGINE_REVISION}{partners}{where}-{args.edits}-e{config.epochs}"
                           f"-lr{config.lr:g}-loc{loc:g}-swap{swap:g}-{tuner.fingerprint[:12]}.safetensors")
         t = time.perf_counter()
@@ -180,7 +188,8 @@ def main() -> None:
                    + (f", blocks {args.layers}" if args.layers else "")
                    + (", partners resampled each epoch" if args.swap_resample else "")
                    + (f", {args.n_locality} locality prompts, {pool['locality_batch']} a step" if pool else "")
-                   + (f", {args.divergence} KL on the locality prompts" if args.divergence != "forward" else ""),
+                   + (f", {args.divergence} KL on the locality prompts" if args.divergence != "forward" else "")
+                   + (f", preserve {args.preserve:g}" if args.preserve else ""),
                    "locality_weight": loc, "swap_weight": swap, "layers": args.layers or "last 6",
                    "lr": lr, "epochs": epochs,
                    "finetune_s": seconds, **measure()}

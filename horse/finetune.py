@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from horse.arch import default_target_modules, get_module, model_device, module_weight_KV
+from horse.arch import default_target_modules, get_module, model_device, module_weight_KV, weight_layout
 from horse.deltas import Deltas, LayerDelta, add_deltas_, apply_deltas, fingerprint_modules
 from horse.errors import EngineError
 from horse.metrics import logits_at
@@ -80,6 +80,7 @@ class FinetuneConfig:
     swap_top_k: int = 64        # base next-token probabilities kept per swapped prompt
     swap_resample: bool = False  # a new partner subject per edit each epoch (else one, fixed)
     divergence: str = "forward"  # of the locality term: forward / reverse / symmetric KL to the base model
+    preserve_weight: float = 0.0  # weight of the change of the layers' outputs on corpus inputs (needs moments)
     rehearsal: float = 1.0      # warm start (`init`): recalled edits trained again per edit not recalled
     warm_lr: float = 1e-3       # warm start: Adam's learning rate (a fresh Adam's first steps move every weight
                                 # by about lr: the recalled edits the round does not train drift less)
@@ -93,7 +94,7 @@ class FinetuneConfig:
                               f"warm_lr {self.warm_lr}, warm_rounds {self.warm_rounds}")
         if self.divergence not in DIVERGENCES:
             raise EngineError(f"divergence = {self.divergence!r}; give one of {', '.join(DIVERGENCES)}")
-        for name in ("locality_weight", "swap_weight", "rehearsal"):
+        for name in ("locality_weight", "swap_weight", "rehearsal", "preserve_weight"):
             if getattr(self, name) < 0:
                 raise EngineError(f"{name} = {getattr(self, name)} is negative; give a value ≥ 0")
 
@@ -139,6 +140,12 @@ def topk_kl_from_base_B(base_ids_BK: torch.Tensor, base_logp_BK: torch.Tensor, l
     ≥ 0 when K covers the vocabulary (then it is the KL)."""
     logp_BK = torch.log_softmax(logits_BV.float(), dim=-1).gather(-1, base_ids_BK)
     return (base_logp_BK.exp() * (base_logp_BK - logp_BK)).sum(dim=-1)
+
+
+def output_change(delta_KV: torch.Tensor, C_KK: torch.Tensor) -> torch.Tensor:
+    """E‖Δᵀk‖² over inputs k with second moment C = E[k kᵀ]: tr(Δᵀ C Δ), the mean squared change of the layer's
+    output on those inputs. Scalar (differentiable in Δ)."""
+    return ((C_KK @ delta_KV) * delta_KV).sum()
 
 
 def subject_swaps(requests: Sequence[EditRequest], seed: int) -> list[str | None]:
@@ -264,6 +271,17 @@ class FineTuner:
         self.fingerprint = fingerprint
         self.held_out = held_out  # never locality prompts (see `new`)
         self.last_run: dict[str, float] = {}  # epochs, steps, train_hit (share of edits top-1 in the last epoch)
+        self.moments: dict[str, torch.Tensor] = {}  # C_KK of each target module's inputs (`set_preservation`)
+
+    def set_preservation(self, moments: Mapping[str, torch.Tensor]) -> None:
+        """Second moments C = E[k kᵀ] (K×K) of every target module's inputs on the local corpus
+        (`horse.covariance.preservation_moments`), for `preserve_weight`: the loss then adds preserve_weight ·
+        Σ_l tr(Δ_lᵀ C_l Δ_l) / tr(W_lᵀ C_l W_l), how much the fine-tune moves each layer's output on ordinary text,
+        relative to that output (what MEMIT's and HORSE's preservation prior keeps small, as a penalty)."""
+        missing = [n for n in self.module_names if n not in moments]
+        if missing:
+            raise EngineError(f"no input moments for {', '.join(missing)}; compute them for every target module")
+        self.moments = {n: moments[n] for n in self.module_names}
 
     @property
     def module_names(self) -> list[str]:
@@ -280,7 +298,8 @@ class FineTuner:
 
     def card(self) -> dict:
         held = hashlib.sha256("\n".join(sorted(self.held_out)).encode()).hexdigest() if self.held_out else ""
-        return {"method": self.kind, **asdict(self.config), "held_out_sha256": held}
+        return {"method": self.kind, **asdict(self.config), "held_out_sha256": held,
+                **({"moments": sorted(self.moments)} if self.config.preserve_weight else {})}
 
     def compute_deltas(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
                        *, init: Mapping[str, LayerDelta] | None = None) -> tuple[Deltas, dict[str, float]]:
@@ -385,6 +404,15 @@ class FineTuner:
             params = [m.weight for m in modules]
             for p in params:
                 p.requires_grad_(True)
+            keep = []  # (module, base weight K×V, C K×K, 1 / tr(Wᵀ C W)) for preserve_weight
+            if cfg.preserve_weight > 0:
+                if not self.moments:
+                    raise EngineError("preserve_weight > 0 needs the target modules' input moments; call "
+                                      "set_preservation first")
+                for name, module, original in zip(self.module_names, modules, originals):
+                    base_KV = (original if weight_layout(module) == "in_out" else original.t()).float()
+                    C_KK = self.moments[name].to(device=device, dtype=torch.float32)
+                    keep.append((module, base_KV, C_KK, 1.0 / float(output_change(base_KV, C_KK))))
             opt = torch.optim.Adam(params, lr=cfg.lr if init is None else cfg.warm_lr)
             visit = list(range(len(parts)))
             steps, epochs, hits = 0, 0, 0
@@ -406,6 +434,10 @@ class FineTuner:
                         ids_BK, logp_BK = swap_targets[j]  # type: ignore[misc]
                         loss = loss + cfg.swap_weight * topk_kl_from_base_B(
                             ids_BK, logp_BK, _pass_logits_NW(model, start, swaps[j])).mean()
+                    if keep:
+                        loss = loss + cfg.preserve_weight * sum(
+                            scale * output_change(module_weight_KV(module).float() - base_KV, C_KK)
+                            for module, base_KV, C_KK, scale in keep)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

@@ -252,3 +252,46 @@ def test_replaying_the_trained_blocks_gives_the_full_forward_training(tiny_model
     assert not run_bad["replayed"]
     for name in full:
         assert torch.allclose(fallback[name].dense_KV, full[name].dense_KV, atol=1e-6)
+
+
+def test_output_change_is_the_mean_squared_change_on_inputs_with_that_second_moment():
+    from horse.finetune import output_change
+
+    X_NK, delta_KV = torch.randn(200, 5), torch.randn(5, 3)
+    C_KK = X_NK.T @ X_NK / 200
+    assert math.isclose(float(output_change(delta_KV, C_KK)), float(((X_NK @ delta_KV) ** 2).sum(1).mean()),
+                        rel_tol=1e-5)
+
+
+def test_preserve_weight_keeps_the_layers_outputs_on_corpus_inputs_and_still_learns(tiny_llama, tmp_path):
+    """preserve_weight > 0 (with the corpus moments): the fine-tune moves each layer's output on ordinary text
+    less than the same fine-tune without it, and the edits still take; without moments it refuses to start."""
+    from horse.covariance import preservation_moments
+    from horse.finetune import output_change
+    from horse.arch import get_module, module_weight_KV
+
+    model, tok = tiny_llama
+    requests = [EditRequest(prompt=f"The color of {s} is", target=c, subject=s)
+                for s, c in (("Zorblat", "red"), ("Quenvik", "blue"), ("Mardoon", "gold"))]
+    change, W = {}, 1.0
+    for weight in (0.0, W):
+        tuner = FineTuner.new(model, FinetuneConfig(epochs=60, lr=1e-2, batch_size=3, locality_weight=0.0,
+                                                    preserve_weight=weight))
+        moments, _ = preservation_moments(model, tok, tuner.module_names, cache_dir=tmp_path)
+        if weight:
+            with pytest.raises(EngineError, match="call set_preservation first"):
+                tuner.compute_deltas(model, tok, requests)
+            tuner.set_preservation(moments)
+            assert tuner.card()["moments"] == sorted(tuner.module_names)
+        deltas, _ = tuner.compute_deltas(model, tok, requests)
+        change[weight] = sum(float(output_change(deltas[n].to_dense().double(), moments[n]) /
+                                   output_change(module_weight_KV(get_module(model, n)).detach().double(), moments[n]))
+                             for n in tuner.module_names)
+        with apply_deltas(model, deltas):
+            acc = answer_token_accuracy(model, tok, [r.prompt for r in requests], [r.target for r in requests])
+        assert acc.float().mean() >= 0.9, weight
+    assert change[W] < 0.5 * change[0.0], change
+    with pytest.raises(EngineError, match="no input moments for"):
+        FineTuner.new(model).set_preservation({})
+    with pytest.raises(EngineError, match="preserve_weight = -1"):
+        FinetuneConfig(preserve_weight=-1)
