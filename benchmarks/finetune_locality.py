@@ -149,9 +149,12 @@ def main() -> None:
         row["ppl_x"] = round(canary.perplexity_ratio(model, tok), 3)
         return row
 
-    rows = [{"setting": "unedited", **measure()}]
-    print(json.dumps(rows[0]), flush=True)
     CACHE.mkdir(parents=True, exist_ok=True)
+    unedited = CACHE / f"val-unedited{ENGINE_REVISION}-{args.edits}.json"  # the same for every setting
+    if not unedited.exists():
+        unedited.write_text(json.dumps(measure()))
+    rows = [{"setting": "unedited", **json.loads(unedited.read_text())}]
+    print(json.dumps(rows[0]), flush=True)
     modules = layer_modules(model, args.layers)
     pool = {"n_locality": args.n_locality, "locality_batch": args.locality_batch or 16} if args.n_locality else {}
     canary_prompts = [json.loads(line)["prompt"]
