@@ -198,8 +198,14 @@ def load_engine(settings: Settings, model, tokenizer) -> tuple[Any, str]:
             locality_weight=settings.finetune_locality_weight, n_locality=n_loc,
             locality_batch=16 if n_loc < 256 else 32,
             swap_weight=settings.finetune_swap_weight, swap_resample=settings.finetune_swap_resample,
-            rehearsal=settings.finetune_rehearsal, warm_lr=settings.finetune_warm_lr),
+            rehearsal=settings.finetune_rehearsal, warm_lr=settings.finetune_warm_lr,
+            preserve_weight=settings.finetune_preserve_weight),
             held_out=gate.load_canary(settings.gate_canary_file or None))
+        if settings.finetune_preserve_weight:  # the corpus moments of the tuned layers' inputs, cached
+            from horse.covariance import preservation_moments
+
+            editor.set_preservation(preservation_moments(model, tokenizer, editor.module_names,
+                                                         cache_dir=settings.cache_dir)[0])
     elif settings.engine == "memit":
         from horse.memit import MemitEditor
 

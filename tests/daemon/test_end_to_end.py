@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from daemon.materialise import links, materialise
+from daemon.materialise import links, load_base, materialise
 from ledger.store import Store
 from tests.daemon.conftest import COLORS, fact, write_config
 
@@ -276,7 +276,6 @@ def test_hybrid_nights_derived_from_the_newest_fold(db_url, daemon_settings, cli
     kept = snapshots.read_derived_cache(settings.snapshot_dir, "tiny-llama", c.id, folder=snapshots.PROTECT_DIR)
     assert kept is not None and kept[0]["edit_ids"].tolist() == [1, 2, 3]  # beside the fold, for every later night
     from daemon.cycle import PROTECT_CHUNK, load_engine, to_request
-    from daemon.materialise import load_base
     editor, _ = load_engine(settings, *load_base(settings))  # the nights' editor is built on the base
     with store.session(write=False) as s:
         at_fold = materialise(settings, links(s, c.id))
@@ -446,8 +445,12 @@ def test_switching_to_finetune_rederives_the_hypernet_nights_from_the_base(db_ur
                                                                           tmp_path):
     settings, cfg, store, first = _first_night(db_url, daemon_settings, cli_runner, tmp_path, gate_min_efficacy=0.0)
     ft = daemon_settings(db_url, engine="finetune", finetune_epochs=40, finetune_lr=1e-2,
-                         finetune_locality_weight=0.1, gate_min_efficacy=0.0)
+                         finetune_locality_weight=0.1, gate_min_efficacy=0.0, finetune_preserve_weight=0.1)
     cfg_ft = write_config(tmp_path / "ft.toml", ft)
+    from daemon.cycle import load_engine
+
+    tuner, _ = load_engine(ft, *load_base(ft))  # finetune_preserve_weight: the tuned layers' corpus moments
+    assert sorted(tuner.moments) == sorted(tuner.module_names) and tuner.config.preserve_weight == 0.1
     _add(cli_runner, cfg_ft, tmp_path, "night2", [fact(2)])
     second = _apply(cli_runner, cfg_ft)
     assert second["status"] == "published", second

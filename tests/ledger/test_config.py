@@ -53,6 +53,7 @@ def test_precedence_toml_env_flags(tmp_path):
     ("finetune_warm_lr = 0.0", "finetune_lr, finetune_warm_lr > 0"),
     ("finetune_locality_weight = -1.0", "finetune_locality_weight = -1.0 is negative"),
     ("finetune_rehearsal = -0.5", "finetune_rehearsal = -0.5 is negative"),
+    ("finetune_preserve_weight = -1.0", "finetune_preserve_weight = -1.0 is negative"),
     ("running_normaliser = true", "running_normaliser acts on nights that edit the head"),
     ("gate_retention_sample = 0", "gate_retention_sample = 0 must be ≥ 1"),
     ("finetune_blocks = '8-3'", "finetune_blocks = '8-3': give FIRST-LAST block numbers, FIRST ≤ LAST"),
