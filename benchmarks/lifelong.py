@@ -27,7 +27,8 @@ head and measures over ALL accumulated edits: retention teacher-forced (mean ans
 probability (P(new) > P(true)) and generated (greedy decoding produces the target), the same for the first
 night's edits, NS on the locality prompts, canary agreement with the base model (greedy next token, 200
 prompts), perplexity on a fixed text (the canary prompts with their answers), the cumulative delta norm,
-and the night's wall time. Rows go to rows.jsonl as they are measured (a rerun resumes); rows.json,
+and the night's wall time (`--measure-aside`: in a second process, while the nights go on). Rows go to rows.jsonl
+as they are measured (a rerun resumes); rows.json,
 results.md (every run's checkpoints) and lifelong.png are rewritten at the end, or by `--report-only`.
 """
 from __future__ import annotations
@@ -48,12 +49,14 @@ DATA = ROOT / "data" / "counterfact" / "counterfact-edit.json"
 CANARY = ROOT / "daemon" / "assets" / "canary.jsonl"
 
 
-def measure(settings, store, requests, first, canary, base_next, ppl_texts, batch_size: int = 32) -> dict:
+def measure(settings, store, requests, first, canary, base_next, ppl_texts, batch_size: int = 32,
+            head: int | None = None) -> dict:
+    """Checkpoint measures of snapshot `head` (default: the ledger's head now) over `requests`."""
     from daemon.materialise import head_id, links, materialise
     from horse.metrics import next_token_ids, perplexity, request_scores, summarise_scores
 
     with store.session(write=False) as s:
-        head = head_id(s, settings.model)
+        head = head_id(s, settings.model) if head is None else head
         chain_links = links(s, head)
         snap = store.get_snapshot(head) if head is not None else None
     m = materialise(settings, chain_links)
@@ -114,6 +117,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lifelong")
     p.add_argument("--report-only", action="store_true", help="only rewrite results.md and lifelong.png")
+    p.add_argument("--measure-aside", action="store_true",
+                   help="measure each checkpoint in a second process (one more core) while the nights go on; the "
+                        "numbers go to measured/night-N.json and join the rows in the report")
+    p.add_argument("--measure-night", type=int, default=0, help=argparse.SUPPRESS)  # --measure-aside's process
+    p.add_argument("--measure-head", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--measure-now", action="store_true",
                    help="measure the head after the last finished night (an interrupted run) and store it on that row")
     args = p.parse_args()
@@ -225,6 +233,33 @@ def main() -> None:
                            canary, base_next, ppl_texts, args.eval_batch_size))
         row["perplexity_ratio"] = row["perplexity"] / base_row["perplexity"]
 
+    if args.measure_night:  # the process --measure-aside started: one checkpoint of a given snapshot, then exit
+        row = {"night": args.measure_night}
+        row.update(measure(settings, store, requests[:args.measure_night * args.edits_per_night],
+                           args.edits_per_night, canary, base_next, ppl_texts, args.eval_batch_size,
+                           head=args.measure_head))
+        row["perplexity_ratio"] = row["perplexity"] / base_row["perplexity"]
+        (out / "measured").mkdir(exist_ok=True)
+        part = out / "measured" / f"night-{args.measure_night}.json"
+        part.with_suffix(".tmp").write_text(json.dumps(row))
+        part.with_suffix(".tmp").replace(part)
+        return
+    aside: list = []  # the measuring processes started by --measure-aside
+
+    def measure_aside(row: dict) -> None:
+        """Start a process that measures the head published by `row`'s night (one at a time: wait for the last)."""
+        import subprocess
+
+        from daemon.materialise import head_id
+
+        for proc in aside:
+            proc.wait()
+        with store.session(write=False) as s:
+            head = head_id(s, settings.model)
+        argv = [a for a in sys.argv[1:] if a not in ("--measure-aside", "--measure-now")]
+        aside.append(subprocess.Popen([sys.executable, __file__, *argv, "--measure-night", str(row["night"]),
+                                       "--measure-head", str(head)]))
+
     def measure_last() -> bool:
         """Measure the last finished night when it has no measurements yet (an interrupted run); rewrite rows."""
         if not rows or "retention_token" in rows[-1]:
@@ -262,10 +297,15 @@ def main() -> None:
         rows.append(row)
         with rows_path.open("a") as f:  # the night is done: a run stopped while measuring it resumes after it
             f.write(json.dumps(row) + "\n")
-        if (night + 1) % args.checkpoint_every == 0 or night + 1 == args.nights:
+        if ((night + 1) % args.checkpoint_every == 0 or night + 1 == args.nights) and args.measure_aside:
+            measure_aside(row)
+        elif (night + 1) % args.checkpoint_every == 0 or night + 1 == args.nights:
             measure_last()  # (`--measure-now` measures such a night later)
             bar.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
-    (out / "rows.json").write_text(json.dumps({"run": run, "base": base_row, "rows": rows}, indent=2))
+    for proc in aside:
+        proc.wait()
+    (out / "rows.json").write_text(json.dumps({"run": run, "base": base_row, "rows": with_measured(out, rows)},
+                                              indent=2))
     report(args.out)
 
 
@@ -276,8 +316,17 @@ def load_runs(root: Path) -> list[tuple[str, list[dict]]]:
     for path in sorted(root.glob("*/rows.jsonl")):
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if rows and all("night" in r for r in rows):
-            runs.append((path.parent.name, rows))
+            runs.append((path.parent.name, with_measured(path.parent, rows)))
     return runs
+
+
+def with_measured(run_dir: Path, rows: list[dict]) -> list[dict]:
+    """The rows with the checkpoints measured aside (`measured/night-N.json`) joined to their nights."""
+    aside = {}
+    for path in sorted((run_dir / "measured").glob("night-*.json")):
+        part = json.loads(path.read_text())
+        aside[part["night"]] = part
+    return [{**r, **aside.get(r["night"], {})} for r in rows]
 
 
 def table(root: Path) -> str:
