@@ -114,6 +114,8 @@ def main() -> None:
                    help="of the locality term (FinetuneConfig.divergence)")
     p.add_argument("--preserve", type=float, default=0.0,
                    help="FinetuneConfig.preserve_weight (the layers' output change on corpus inputs; 0 = off)")
+    p.add_argument("--preserve-rank", type=int, default=256,
+                   help="FinetuneConfig.preserve_rank: the moments' top directions the term keeps (0 = all)")
     p.add_argument("--lr", type=float, default=None, help="Adam lr (default: the config's finetune_lr)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the config's finetune_epochs)")
     p.add_argument("--out", type=Path, default=OUT)
@@ -163,7 +165,8 @@ def main() -> None:
     lr = args.lr or settings.finetune_lr
     for loc, swap in grid:
         config = FinetuneConfig(module_names=modules, epochs=epochs, lr=lr, locality_weight=loc, swap_weight=swap,
-                                swap_resample=args.swap_resample, divergence=args.divergence, preserve_weight=args.preserve, **pool)
+                                swap_resample=args.swap_resample, divergence=args.divergence, preserve_weight=args.preserve,
+                                preserve_rank=args.preserve_rank, **pool)
         tuner = FineTuner.new(model, config, held_out=canary_prompts)  # as the daemon does
         if args.preserve:
             from horse.covariance import preservation_moments
@@ -174,7 +177,7 @@ def main() -> None:
         where = ((f"-L{args.layers}" if args.layers else "") + ("-resample" if args.swap_resample else "")
                  + (f"-pool{args.n_locality}x{pool['locality_batch']}" if pool else "")
                  + (f"-{args.divergence}" if args.divergence != "forward" else "")
-                 + (f"-preserve{args.preserve:g}" if args.preserve else ""))
+                 + (f"-preserve{args.preserve:g}-r{args.preserve_rank}" if args.preserve else ""))
         cached = CACHE / (f"val-finetune{ENGINE_REVISION}{partners}{where}-{args.edits}-e{config.epochs}"
                           f"-lr{config.lr:g}-loc{loc:g}-swap{swap:g}-{tuner.fingerprint[:12]}.safetensors")
         t = time.perf_counter()
@@ -192,7 +195,7 @@ def main() -> None:
                    + (", partners resampled each epoch" if args.swap_resample else "")
                    + (f", {args.n_locality} locality prompts, {pool['locality_batch']} a step" if pool else "")
                    + (f", {args.divergence} KL on the locality prompts" if args.divergence != "forward" else "")
-                   + (f", preserve {args.preserve:g}" if args.preserve else ""),
+                   + (f", preserve {args.preserve:g} (rank {args.preserve_rank or 'all'})" if args.preserve else ""),
                    "locality_weight": loc, "swap_weight": swap, "layers": args.layers or "last 6",
                    "lr": lr, "epochs": epochs,
                    "finetune_s": seconds, **measure()}

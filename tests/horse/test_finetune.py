@@ -263,6 +263,21 @@ def test_output_change_is_the_mean_squared_change_on_inputs_with_that_second_mom
                         rel_tol=1e-5)
 
 
+def test_moment_factor_is_exact_at_full_rank_and_a_lower_bound_below():
+    from horse.finetune import moment_factor_KR, output_change
+
+    X_NK, delta_KV = torch.randn(50, 6, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    C_KK = X_NK.T @ X_NK / 50
+    full = float(output_change(delta_KV, C_KK))
+    for rank in (0, 6, 9):
+        L_KR = moment_factor_KR(C_KK, rank)
+        assert L_KR.shape == (6, 6) and math.isclose(float((L_KR.T @ delta_KV).square().sum()), full, rel_tol=1e-9)
+    parts = [float((moment_factor_KR(C_KK, r).T @ delta_KV).square().sum()) for r in (1, 3, 5)]
+    assert parts == sorted(parts) and parts[-1] < full
+    with pytest.raises(EngineError, match="preserve_rank = -1"):
+        FinetuneConfig(preserve_rank=-1)
+
+
 def test_preserve_weight_keeps_the_layers_outputs_on_corpus_inputs_and_still_learns(tiny_llama, tmp_path):
     """preserve_weight > 0 (with the corpus moments): the fine-tune moves each layer's output on ordinary text
     less than the same fine-tune without it, and the edits still take; without moments it refuses to start."""
