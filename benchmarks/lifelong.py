@@ -105,7 +105,8 @@ def main() -> None:
     p.add_argument("--finetune-locality-prompts", type=int, default=None,
                    help="config finetune_locality_prompts (default: the config's 64)")
     p.add_argument("--finetune-preserve", type=float, default=None,
-                   help="config finetune_preserve_weight (default: the config's 0)")
+                   help="config finetune_preserve_weight: the preservation term of fine-tunes (folds, finetune); "
+                        "default: the config's (runs from before it existed: 0)")
     p.add_argument("--gate-generation-sample", type=int, default=None,
                    help="config gate_generation_sample (default: the config's)")
     p.add_argument("--gate-sample", type=int, default=None,
@@ -144,6 +145,8 @@ def main() -> None:
     swap = Settings().finetune_swap_weight if args.finetune_swap is None else args.finetune_swap
     uses_finetune = args.method == "finetune" or args.consolidate_engine == "finetune"
     swap = swap if uses_finetune else 0.0
+    preserve = Settings().finetune_preserve_weight if args.finetune_preserve is None else args.finetune_preserve
+    preserve = preserve if uses_finetune else 0.0
     run = (f"{args.method}{'-consolidate' + str(args.consolidate_every) if args.consolidate_every else ''}"
            f"{'-running' if args.running_normaliser else ''}"
            f"{f'-protect{args.protect_earlier:g}' if args.protect_earlier else ''}"
@@ -155,7 +158,7 @@ def main() -> None:
            f"{'-warm' if args.fold_warm and uses_finetune else ''}"
            # other settings: --out (run.json refuses a mix)
            f"{f'-loc{args.finetune_locality_prompts}' if args.finetune_locality_prompts and uses_finetune else ''}"
-           f"{f'-pres{args.finetune_preserve:g}' if args.finetune_preserve and uses_finetune else ''}")
+           f"{f'-pres{preserve:g}' if preserve else ''}")
     out = args.out / run
     out.mkdir(parents=True, exist_ok=True)
     db = f"sqlite:///{out / 'ledger.db'}"  # Store upgrades the schema on open
@@ -180,7 +183,7 @@ def main() -> None:
                              **({"finetune_warm_start": True} if args.fold_warm else {}),
                              **({"finetune_locality_prompts": args.finetune_locality_prompts}
                                 if args.finetune_locality_prompts else {}),
-                             **({"finetune_preserve_weight": args.finetune_preserve} if args.finetune_preserve else {}),
+                             finetune_preserve_weight=preserve,
                              **({"preserve_min": args.preserve_min} if args.preserve_min is not None else {}))
     store = Store(db)
     run_info = out / "run.json"  # what the run's nights were made with; a resumed run must not change it
@@ -198,7 +201,7 @@ def main() -> None:
             **({"finetune_swap_resample": True} if args.finetune_resample else {}),
             **({"finetune_warm_start": True} if args.fold_warm else {}),
             **({"finetune_locality_prompts": args.finetune_locality_prompts} if args.finetune_locality_prompts else {}),
-            **({"finetune_preserve_weight": args.finetune_preserve} if args.finetune_preserve else {}),
+            **({"finetune_preserve_weight": preserve} if preserve else {}),
             **({"preserve_min": settings.preserve_min} if engine == "hypernet" else {}),
             "hypernet": hypernet.name if engine == "hypernet" else None,
             "hypernet_sha256": file_sha256(hypernet) if engine == "hypernet" else None}
