@@ -250,18 +250,21 @@ def main() -> None:
     aside: list = []  # the measuring processes started by --measure-aside
 
     def measure_aside(row: dict) -> None:
-        """Start a process that measures the head published by `row`'s night (one at a time: wait for the last)."""
+        """Start a process that measures the snapshot `row`'s night published (`head_snapshot`), one at a time:
+        wait for the last."""
         import subprocess
-
-        from daemon.materialise import head_id
 
         for proc in aside:
             proc.wait()
-        with store.session(write=False) as s:
-            head = head_id(s, settings.model)
         argv = [a for a in sys.argv[1:] if a not in ("--measure-aside", "--measure-now")]
         aside.append(subprocess.Popen([sys.executable, __file__, *argv, "--measure-night", str(row["night"]),
-                                       "--measure-head", str(head)]))
+                                       "--measure-head", str(row["head_snapshot"])]))
+
+    def head_now() -> int | None:
+        from daemon.materialise import head_id
+
+        with store.session(write=False) as s:
+            return head_id(s, settings.model)
 
     def measure_last() -> bool:
         """Measure the last finished night when it has no measurements yet (an interrupted run); rewrite rows."""
@@ -275,6 +278,10 @@ def main() -> None:
         print(json.dumps(rows[-1]))
         report(args.out)
         return
+    if args.measure_aside:  # checkpoints a stopped run left unmeasured (their process was stopped with it)
+        for r in with_measured(out, rows):
+            if "head_snapshot" in r and "retention_token" not in r:
+                measure_aside(r)
     bar = tqdm(range(done_nights, args.nights), desc=run, unit="night", initial=done_nights, total=args.nights)
     t_start = time.perf_counter()
     for night in bar:
@@ -297,12 +304,15 @@ def main() -> None:
                   if (result.consolidation or {}).get("trained") is not None else {}),
                **({"fold_engine_s": result.consolidation["engine_timings_s"]}
                   if (result.consolidation or {}).get("engine_timings_s") else {})}
+        checkpoint_night = (night + 1) % args.checkpoint_every == 0 or night + 1 == args.nights
+        if checkpoint_night and args.measure_aside:
+            row["head_snapshot"] = head_now()  # what the measuring process measures, even after a restart
         rows.append(row)
         with rows_path.open("a") as f:  # the night is done: a run stopped while measuring it resumes after it
             f.write(json.dumps(row) + "\n")
-        if ((night + 1) % args.checkpoint_every == 0 or night + 1 == args.nights) and args.measure_aside:
+        if checkpoint_night and args.measure_aside:
             measure_aside(row)
-        elif (night + 1) % args.checkpoint_every == 0 or night + 1 == args.nights:
+        elif checkpoint_night:
             measure_last()  # (`--measure-now` measures such a night later)
             bar.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
     for proc in aside:
