@@ -230,18 +230,15 @@ def main() -> None:
     rows_path = out / "rows.jsonl"
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
     done_nights = max((r["night"] for r in rows), default=0)  # a night is done once its row is written
-    def checkpoint(row: dict) -> None:
-        """Measure the head over every edit up to `row`'s night and store the numbers on the row."""
+    def checkpoint(row: dict, head: int | None = None) -> None:
+        """Measure snapshot `head` (default: the head now) over every edit up to `row`'s night; store it on the row."""
         row.update(measure(settings, store, requests[:row["night"] * args.edits_per_night], args.edits_per_night,
-                           canary, base_next, ppl_texts, args.eval_batch_size))
+                           canary, base_next, ppl_texts, args.eval_batch_size, head=head))
         row["perplexity_ratio"] = row["perplexity"] / base_row["perplexity"]
 
     if args.measure_night:  # the process --measure-aside started: one checkpoint of a given snapshot, then exit
         row = {"night": args.measure_night}
-        row.update(measure(settings, store, requests[:args.measure_night * args.edits_per_night],
-                           args.edits_per_night, canary, base_next, ppl_texts, args.eval_batch_size,
-                           head=args.measure_head))
-        row["perplexity_ratio"] = row["perplexity"] / base_row["perplexity"]
+        checkpoint(row, head=args.measure_head)
         (out / "measured").mkdir(exist_ok=True)
         part = out / "measured" / f"night-{args.measure_night}.json"
         part.with_suffix(".tmp").write_text(json.dumps(row))
