@@ -52,8 +52,7 @@ PIDS=""
 i=0
 # RUNS: the runs' lifelong.py arguments, separated by '|'; e.g. the hybrid with nights from the newest fold:
 #   RUNS='--consolidate-every 3 --consolidate-engine finetune --protect-earlier 1 --from-fold|--method finetune'
-# and the run that goes furthest for its time since 2026-11-27 (folds that start from the previous fold):
-#   RUNS='--consolidate-every 3 --consolidate-engine finetune --protect-earlier 1 --from-fold --finetune-swap 1 --fold-warm'
+# (its folds start from the previous fold, the config's default since 2026-11-27; --no-fold-warm: from the base)
 IFS='|' read -ra RUNLIST <<< "${RUNS:---from-base|--from-base --preserve-min 10|--method malmen --from-base|--method finetune|--method memit}"
 for args in "${RUNLIST[@]}"; do
   i=$((i + 1))

@@ -4,10 +4,10 @@
     python benchmarks/lifelong.py --nights 20 --consolidate-every 10 # HORSE + consolidation every 10 nights
     python benchmarks/lifelong.py --nights 20 --consolidate-every 5 --consolidate-engine finetune  # the hybrid
     python benchmarks/lifelong.py --nights 20 --protect-earlier 1    # HORSE, earlier edits' keys protected
-    python benchmarks/lifelong.py --nights 20 --consolidate-every 3 --consolidate-engine finetune --protect-earlier 1 \
-        --from-fold                                                  # the hybrid, each night from the newest fold
     python benchmarks/lifelong.py --nights 80 --consolidate-every 3 --consolidate-engine finetune --protect-earlier 1 \
-        --from-fold --fold-warm                  # ... each fold from the previous one: trains what it does not recall
+        --from-fold          # the hybrid: each night from the newest fold, each fold from the previous one (warm)
+    python benchmarks/lifelong.py --nights 20 --consolidate-every 3 --consolidate-engine finetune --protect-earlier 1 \
+        --from-fold --no-fold-warm                                   # ... each fold from the base
     python benchmarks/lifelong.py --nights 80 --from-base             # HORSE, every night one edit from the base
     python benchmarks/lifelong.py --method malmen --nights 20
     python benchmarks/lifelong.py --method finetune --nights 10 --checkpoint-every 5   # fine-tune-the-ledger
@@ -99,9 +99,10 @@ def main() -> None:
     p.add_argument("--finetune-blocks", default="",
                    help="config finetune_blocks for fine-tune folds / fine-tune-the-ledger, e.g. 3-8 (default: last six)")
     p.add_argument("--finetune-resample", action="store_true", help="config finetune_swap_resample = true")
-    p.add_argument("--fold-warm", action="store_true",
-                   help="config finetune_warm_start = true: each fine-tune fold starts from the newest fold and trains "
-                        "what it does not recall, plus a rehearsal")
+    p.add_argument("--fold-warm", action=argparse.BooleanOptionalAction, default=None,
+                   help="config finetune_warm_start: each fine-tune fold starts from the newest fold and trains "
+                        "what it does not recall, plus a rehearsal (default: the config's, true; runs recorded "
+                        "without it: --no-fold-warm)")
     p.add_argument("--finetune-locality-prompts", type=int, default=None,
                    help="config finetune_locality_prompts (default: the config's 64)")
     p.add_argument("--finetune-preserve", type=float, default=None,
@@ -147,6 +148,9 @@ def main() -> None:
     swap = swap if uses_finetune else 0.0
     preserve = Settings().finetune_preserve_weight if args.finetune_preserve is None else args.finetune_preserve
     preserve = preserve if uses_finetune else 0.0
+    warm = Settings().finetune_warm_start if args.fold_warm is None else args.fold_warm
+    fold_engine = args.consolidate_engine or ("finetune" if args.method == "finetune" else "")
+    warm = bool(warm and args.consolidate_every and fold_engine == "finetune")  # only fine-tune folds start warm
     run = (f"{args.method}{'-consolidate' + str(args.consolidate_every) if args.consolidate_every else ''}"
            f"{'-running' if args.running_normaliser else ''}"
            f"{f'-protect{args.protect_earlier:g}' if args.protect_earlier else ''}"
@@ -155,7 +159,7 @@ def main() -> None:
            f"{f'-swap{swap:g}' if swap else ''}"
            f"{f'-blocks{args.finetune_blocks}' if args.finetune_blocks and uses_finetune else ''}"
            f"{'-resample' if args.finetune_resample and uses_finetune else ''}"
-           f"{'-warm' if args.fold_warm and uses_finetune else ''}"
+           f"{'-warm' if warm else ''}"
            # other settings: --out (run.json refuses a mix)
            f"{f'-loc{args.finetune_locality_prompts}' if args.finetune_locality_prompts and uses_finetune else ''}"
            f"{f'-pres{preserve:g}' if preserve else ''}")
@@ -180,7 +184,7 @@ def main() -> None:
                                 if args.gate_generation_sample is not None else {}),
                              **({"finetune_blocks": args.finetune_blocks} if args.finetune_blocks else {}),
                              **({"finetune_swap_resample": True} if args.finetune_resample else {}),
-                             **({"finetune_warm_start": True} if args.fold_warm else {}),
+                             finetune_warm_start=warm,
                              **({"finetune_locality_prompts": args.finetune_locality_prompts}
                                 if args.finetune_locality_prompts else {}),
                              finetune_preserve_weight=preserve,
@@ -199,7 +203,7 @@ def main() -> None:
                if args.gate_generation_sample is not None else {}),
             **({"finetune_blocks": args.finetune_blocks} if args.finetune_blocks else {}),
             **({"finetune_swap_resample": True} if args.finetune_resample else {}),
-            **({"finetune_warm_start": True} if args.fold_warm else {}),
+            **({"finetune_warm_start": True} if warm else {}),
             **({"finetune_locality_prompts": args.finetune_locality_prompts} if args.finetune_locality_prompts else {}),
             **({"finetune_preserve_weight": preserve} if preserve else {}),
             **({"preserve_min": settings.preserve_min} if engine == "hypernet" else {}),

@@ -70,11 +70,12 @@ class Settings:
                                 "output linears are fine-tuned, e.g. 3-8 (the mid blocks, where a fact sits at its "
                                 "subject: far less damage to unrelated text, slower); empty = the last six, the "
                                 "modules HORSE edits")
-    finetune_warm_start: bool = _opt(False, "true|false", "fine-tune folds: start from the newest fine-tune fold's "
+    finetune_warm_start: bool = _opt(True, "true|false", "fine-tune folds: start from the newest fine-tune fold's "
                                      "weights and train only the carried edits they do not recall, plus "
                                      "`finetune_rehearsal` recalled ones per such edit (the locality terms still "
                                      "compare with the base): a fold's cost follows the edits since the last fold, "
-                                     "not the whole ledger")
+                                     "not the whole ledger; false = every fold fine-tunes all carried edits from "
+                                     "the base")
     finetune_rehearsal: float = _opt(1.0, "≥ 0", "finetune_warm_start: recalled edits trained again per edit not "
                                      "recalled")
     finetune_warm_lr: float = _opt(1e-3, "Adam lr", "finetune_warm_start: learning rate of a fold that starts from "
