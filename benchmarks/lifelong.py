@@ -304,7 +304,9 @@ def main() -> None:
                **({"fold_trained": result.consolidation["trained"]}
                   if (result.consolidation or {}).get("trained") is not None else {}),
                **({"fold_engine_s": result.consolidation["engine_timings_s"]}
-                  if (result.consolidation or {}).get("engine_timings_s") else {})}
+                  if (result.consolidation or {}).get("engine_timings_s") else {}),
+               **({"fold_s": result.consolidation["timings_s"]}  # measure_head, edit, gate, protect_keys, ...
+                  if (result.consolidation or {}).get("timings_s") else {})}
         checkpoint_night = (night + 1) % args.checkpoint_every == 0 or night + 1 == args.nights
         if checkpoint_night and args.measure_aside:
             row["head_snapshot"] = head_now()  # what the measuring process measures, even after a restart
