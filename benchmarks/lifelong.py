@@ -26,7 +26,7 @@ the base weights). Every `--checkpoint-every` nights it materialises the
 head and measures over ALL accumulated edits: retention teacher-forced (mean answer-token accuracy), by
 probability (P(new) > P(true)) and generated (greedy decoding produces the target), the same for the first
 night's edits, NS on the locality prompts, canary agreement with the base model (greedy next token, 200
-prompts), perplexity on a fixed text (the canary prompts with their answers), the cumulative delta norm,
+prompts; also per source, `canary_by_source`: 100 CounterFact relation prompts, 100 zsRE questions), perplexity on a fixed text (the canary prompts with their answers), the cumulative delta norm,
 and the night's wall time (`--measure-aside`: in a second process, while the nights go on). Rows go to rows.jsonl
 as they are measured (a rerun resumes); rows.json,
 results.md (every run's checkpoints) and lifelong.png are rewritten at the end, or by `--report-only`.
@@ -50,10 +50,11 @@ CANARY = ROOT / "daemon" / "assets" / "canary.jsonl"
 
 
 def measure(settings, store, requests, first, canary, base_next, ppl_texts, batch_size: int = 32,
-            head: int | None = None) -> dict:
-    """Checkpoint measures of snapshot `head` (default: the ledger's head now) over `requests`."""
+            head: int | None = None, canary_groups: list[str] | None = None) -> dict:
+    """Checkpoint measures of snapshot `head` (default: the ledger's head now) over `requests`; `canary_groups`:
+    each canary prompt's source, for the agreement per source."""
     from daemon.materialise import head_id, links, materialise
-    from horse.metrics import next_token_ids, perplexity, request_scores, summarise_scores
+    from horse.metrics import agreement_by_group, next_token_ids, perplexity, request_scores, summarise_scores
 
     with store.session(write=False) as s:
         head = head_id(s, settings.model) if head is None else head
@@ -63,12 +64,14 @@ def measure(settings, store, requests, first, canary, base_next, ppl_texts, batc
     model, tok = m.model, m.tokenizer
     scores = request_scores(model, tok, requests, batch_size=batch_size, with_generation=True)
     every, firsts = summarise_scores(scores), summarise_scores({k: v[:first] for k, v in scores.items()})
-    agree = float((next_token_ids(model, tok, canary) == base_next).float().mean())
+    next_now = next_token_ids(model, tok, canary)
+    agree = float((next_now == base_next).float().mean())
     return {
         "edits": len(requests), "head": head, "chain_length": len(chain_links),
         "retention_token": every["token_es"], "retention_prob": every["cf_es"], "retention_gen": every["gen_es"],
         "first_token": firsts["token_es"], "first_prob": firsts["cf_es"], "first_gen": firsts["gen_es"],
         "ps": every["cf_ps"], "ns": every["cf_ns"], "canary_agreement_with_base": agree,
+        **({"canary_by_source": agreement_by_group(next_now, base_next, canary_groups)} if canary_groups else {}),
         "perplexity": perplexity(model, tok, ppl_texts),
         "cumulative_norm_max": (snap.metrics or {}).get("cumulative_norm_max") if snap else 0.0,
     }
@@ -237,7 +240,8 @@ def main() -> None:
     def checkpoint(row: dict, head: int | None = None) -> None:
         """Measure snapshot `head` (default: the head now) over every edit up to `row`'s night; store it on the row."""
         row.update(measure(settings, store, requests[:row["night"] * args.edits_per_night], args.edits_per_night,
-                           canary, base_next, ppl_texts, args.eval_batch_size, head=head))
+                           canary, base_next, ppl_texts, args.eval_batch_size, head=head,
+                           canary_groups=[r["source"].split(":")[0] for r in canary_rows]))
         row["perplexity_ratio"] = row["perplexity"] / base_row["perplexity"]
 
     if args.measure_night:  # the process --measure-aside started: one checkpoint of a given snapshot, then exit

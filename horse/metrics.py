@@ -148,6 +148,16 @@ def next_token_ids(
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
+def agreement_by_group(next_B: torch.Tensor, base_next_B: torch.Tensor, groups: Sequence[str]) -> dict[str, float]:
+    """Share of prompts whose greedy next token equals the base model's, per group label (one per prompt, e.g.
+    the data set a canary prompt came from). Groups in first-seen order."""
+    if not (len(next_B) == len(base_next_B) == len(groups)):
+        raise EngineError(f"{len(next_B)} next tokens, {len(base_next_B)} base tokens and {len(groups)} groups; "
+                          "give one of each per prompt")
+    same_B = (next_B == base_next_B).float()
+    return {g: float(same_B[[i for i, x in enumerate(groups) if x == g]].mean()) for g in dict.fromkeys(groups)}
+
+
 def normalise_text(text: str) -> str:
     """Lower-case, runs of whitespace collapsed to one space, stripped."""
     return " ".join(text.lower().split())

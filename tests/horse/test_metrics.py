@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from horse.metrics import (
+    agreement_by_group,
     answer_logprobs,
     answer_token_accuracy,
     continuation_matches,
@@ -20,6 +21,7 @@ from horse.metrics import (
     next_token_ids,
     score_answers,
 )
+from horse.errors import EngineError
 from horse.tokens import tokenize_pairs
 from horse.types import EditRequest
 
@@ -118,6 +120,14 @@ def test_harmonic_mean():
     assert harmonic_mean([1.0, 0.5, 0.25]) == pytest.approx(3 / (1 + 2 + 4))
     assert harmonic_mean([1.0, 0.0, 1.0]) == 0.0
     assert math.isnan(harmonic_mean([1.0, float("nan")]))
+
+
+def test_agreement_by_group():
+    now, base = torch.tensor([1, 2, 3, 4, 5]), torch.tensor([1, 0, 3, 0, 0])
+    assert agreement_by_group(now, base, ["cf", "zs", "cf", "cf", "zs"]) == {"cf": pytest.approx(2 / 3), "zs": 0.0}
+    assert list(agreement_by_group(now, base, ["b", "a", "b", "a", "a"])) == ["b", "a"]  # first-seen order
+    with pytest.raises(EngineError, match="one of each per prompt"):
+        agreement_by_group(now, base, ["cf"])
 
 
 def test_continuation_rule():
