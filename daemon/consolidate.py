@@ -17,7 +17,9 @@ beside it, so that cost is the fold's, not the next night's.
 
 With `finetune_warm_start` a fine-tune fold starts from the newest fine-tune fold on the chain (when it is the
 chain's first snapshot, of the same modules, and all its edits are still applied) and trains only what those
-weights do not recall, plus a rehearsal of what they do (`horse.finetune`); the gate is the same.
+weights do not recall, plus a rehearsal of what they do (`horse.finetune`); the gate is the same, and takes the
+answer-token accuracy of every carried edit on the fold's weights from the fine-tune's last scan instead of
+measuring it again (the canary, protected facts and generations it measures itself).
 
 Which engine (config): `consolidate_engine` when set, else `engine`. `finetune` makes the hybrid: HORSE nights
 (`hypernet_from_base = false`; on the head, or with `hypernet_from_consolidation` each one edit of every edit
@@ -182,7 +184,8 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
 
         # the head as it is served, measured once
         head_m = materialise(settings, chain_links)
-        probe = probe_for(settings, store, [to_fact(e) for e in edits], sample=False)
+        facts = [to_fact(e) for e in edits]
+        probe = probe_for(settings, store, facts, sample=False)
         head_measure = gate.measure(head_m.model, head_m.tokenizer, probe,
                                     known=kept_measurements(settings, base_model, head, chain_links[-1].sha256))
         del head_m
@@ -218,8 +221,11 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
             raise BatchRefused(f"consolidation of {len(edits)} edits refused: {exc}") from exc
         timed("edit")
         norms = frobenius_norms(deltas)
+        scanned = gate.Known()  # a warm fine-tune's last scan measured every carried edit on these weights
+        if init is not None and len(getattr(editor, "last_accuracy", None) or ()) == len(facts):
+            scanned.add_accuracy(facts, editor.last_accuracy)
         with apply_deltas(model, deltas):
-            cand = gate.measure(model, tokenizer, probe)
+            cand = gate.measure(model, tokenizer, probe, known=scanned)
         verdict = gate.judge(head_measure, cand, probe, settings, layer_norms=norms)
         result.gate, result.gate_reasons = verdict.metrics, list(verdict.reasons)
         timed("gate")

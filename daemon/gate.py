@@ -162,6 +162,13 @@ class Known:
         self.canary.update((_text_id(p), int(i)) for p, i in zip(probe.canary_prompts, m.canary_next_ids.tolist()))
         return self
 
+    def add_accuracy(self, facts: Sequence[Fact], accuracy: Sequence[float]) -> Known:
+        """Record the facts' answer-token accuracy measured elsewhere on this state (a warm fine-tune's last scan)."""
+        if len(facts) != len(accuracy):
+            raise ValueError(f"{len(facts)} facts but {len(accuracy)} accuracies")
+        self.acc.update((_text_id(f.prompt, f.answer), float(a)) for f, a in zip(facts, accuracy))
+        return self
+
     def add_efficacy(self, facts: Sequence[Fact], eff: Mapping[int, Mapping[str, float]]) -> Known:
         """Record the new edits' own-prompt accuracy and generation (`efficacy`'s "prompt_acc", "generated")."""
         for f in facts:

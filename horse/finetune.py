@@ -117,6 +117,16 @@ def answer_hits_B(logits_NW: torch.Tensor, targets_N: torch.Tensor, rows_N: torc
     return torch.zeros(n_rows, dtype=torch.long, device=wrong_N.device).index_add(0, rows_N, wrong_N) == 0
 
 
+def answer_accuracy_B(logits_NW: torch.Tensor, targets_N: torch.Tensor, rows_N: torch.Tensor,
+                      n_rows: int) -> torch.Tensor:
+    """Share of each row's answer tokens that are the top-1 prediction (teacher-forced answer-token accuracy,
+    `horse.metrics.answer_token_accuracy`). B float (1.0 for a row without answer tokens)."""
+    right_N = (logits_NW.argmax(dim=-1) == targets_N).float()
+    count_B = torch.bincount(rows_N, minlength=n_rows).float()
+    sum_B = torch.zeros(n_rows, device=right_N.device).index_add(0, rows_N, right_N)
+    return torch.where(count_B > 0, sum_B / count_B.clamp_min(1), torch.ones_like(sum_B))
+
+
 DIVERGENCES = ("forward", "reverse", "symmetric")
 
 
@@ -261,15 +271,15 @@ def _top_k(model: nn.Module, start: tuple[str, int] | None, p: _Pass, k: int) ->
     return top.indices, top.values
 
 
-def _recalled(model: nn.Module, start: tuple[str, int] | None, passes: Sequence[_Pass],
-              deltas: Mapping[str, LayerDelta]) -> list[bool]:
-    """Per row of the edit passes, in order: whether the model with `deltas` added gives every answer token
-    top-1 (teacher-forced), from the cached block inputs when there are some."""
-    recalled: list[bool] = []
+def _accuracy(model: nn.Module, start: tuple[str, int] | None, passes: Sequence[_Pass],
+              deltas: Mapping[str, LayerDelta]) -> list[float]:
+    """Per row of the edit passes, in order: the answer-token accuracy (teacher-forced) of the model with
+    `deltas` added, from the cached block inputs when there are some. An edit is recalled at 1.0."""
+    accuracy: list[float] = []
     with torch.no_grad(), apply_deltas(model, deltas):
         for p in passes:
-            recalled += answer_hits_B(_pass_logits_NW(model, start, p), p.targets_N, p.rows_N, p.n_rows).tolist()
-    return recalled
+            accuracy += answer_accuracy_B(_pass_logits_NW(model, start, p), p.targets_N, p.rows_N, p.n_rows).tolist()
+    return accuracy
 
 
 class FineTuner:
@@ -283,6 +293,8 @@ class FineTuner:
         self.fingerprint = fingerprint
         self.held_out = held_out  # never locality prompts (see `new`)
         self.last_run: dict[str, float] = {}  # epochs, steps, train_hit (share of edits top-1 in the last epoch)
+        self.last_accuracy: list[float] | None = None  # a warm start's last scan: each request's answer-token
+        #                                                accuracy with the deltas it returned (None otherwise)
         self.moments: dict[str, torch.Tensor] = {}  # C_KK of each target module's inputs (`set_preservation`)
 
     def set_preservation(self, moments: Mapping[str, torch.Tensor]) -> None:
@@ -340,6 +352,7 @@ class FineTuner:
             raise EngineError(f"a warm start needs deltas of exactly the fine-tuned modules {self.module_names}; got "
                               f"{sorted(init)}")
         t0 = time.perf_counter()
+        self.last_accuracy = None
         if init is None:
             deltas, timings, self.last_run = self._train(model, tokenizer, requests, list(range(len(requests))))
             timings["total"] = time.perf_counter() - t0
@@ -354,7 +367,8 @@ class FineTuner:
         timings["scan"] = time.perf_counter() - t0
         for _ in range(self.config.warm_rounds + 1):
             t = time.perf_counter()
-            recalled = _recalled(model, start, scans, deltas)
+            accuracy = _accuracy(model, start, scans, deltas)
+            recalled = [a == 1.0 for a in accuracy]
             timings["scan"] += time.perf_counter() - t
             run.setdefault("recalled", sum(recalled) / len(recalled))  # what the starting weights recall
             run["recalled_after"] = sum(recalled) / len(recalled)
@@ -370,7 +384,7 @@ class FineTuner:
                 run[key] += last[key]
             run.update(train_hit=last["train_hit"], swaps=last["swaps"], replayed=last["replayed"])
         timings["total"] = time.perf_counter() - t0
-        self.last_run = run
+        self.last_run, self.last_accuracy = run, accuracy  # the last scan saw the returned deltas
         return deltas, timings
 
     def _train(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],

@@ -339,6 +339,13 @@ def test_warm_start_folds_start_from_the_newest_fold(db_url, daemon_settings, cl
     c2 = store.get_snapshot(fold2["snapshot_id"])
     assert (c2.kind, c2.parent_id, c2.metrics["warm_from"]) == ("consolidated", None, fold1["snapshot_id"])
     assert fold2["gate"]["retention_n"] == 4 and fold2["gate"]["retention"] >= 3 / 4, fold2
+    from daemon.cycle import to_fact
+    from horse.metrics import answer_token_accuracy
+    carried = store.get_edits([2, 3, 4, 5])
+    with store.session(write=False) as s:  # the gate took the carried edits' accuracy from the fine-tune's scan
+        at_fold = materialise(settings, links(s, c2.id))
+    acc = answer_token_accuracy(at_fold.model, at_fold.tokenizer, *zip(*[(f.prompt, f.answer) for f in map(to_fact, carried)]))
+    assert abs(float(acc.float().mean()) - fold2["gate"]["retention_acc_mean"]) < 1e-6, (acc, fold2["gate"])
     assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
     _add(cli_runner, cfg, tmp_path, "night5", [fact(4)])
     assert _apply(cli_runner, cfg)["consolidation"] is None  # one night since the fold

@@ -9,7 +9,7 @@ import torch
 
 from horse.deltas import apply_deltas
 from horse.errors import EngineError
-from horse.finetune import (FinetuneConfig, FineTuner, answer_hits_B, answer_nll_B, kl_from_base_B,
+from horse.finetune import (FinetuneConfig, FineTuner, answer_accuracy_B, answer_hits_B, answer_nll_B, kl_from_base_B,
                             rehearsal_subset, subject_swaps, topk_kl_from_base_B)
 from horse.tokens import tokenize_prompts
 from horse.metrics import answer_token_accuracy, logits_at
@@ -29,6 +29,10 @@ def test_answer_nll_averages_only_the_labelled_tokens():
     assert nll_B[0] < 1e-3
     assert math.isclose(float(nll_B[1]), math.log(4), rel_tol=1e-5)  # uniform over 4, two labels averaged
     assert float(nll_B[2]) == 0.0
+    assert answer_hits_B(logits_NW, targets_N, rows_N, 3).tolist() == [True, False, True]
+    assert answer_accuracy_B(logits_NW, targets_N, rows_N, 3).tolist() == [1.0, 0.0, 1.0]
+    logits_NW[2, 1] = 10.0          # row 1's second token right: half its answer
+    assert answer_accuracy_B(logits_NW, targets_N, rows_N, 3).tolist() == [1.0, 0.5, 1.0]
     assert answer_hits_B(logits_NW, targets_N, rows_N, 3).tolist() == [True, False, True]
 
 
@@ -196,6 +200,7 @@ def test_warm_start_from_earlier_deltas_learns_the_new_edits_and_keeps_the_old(t
     with apply_deltas(model, warm):
         acc = answer_token_accuracy(model, tok, prompts, targets).float()
     assert run["recalled_after"] == pytest.approx(float((acc == 1).float().mean())), (run, acc)  # as it reports
+    assert torch.allclose(torch.tensor(tuner.last_accuracy), acc), (tuner.last_accuracy, acc)  # what a fold's gate reuses
     assert run["recalled_after"] >= 5 / 6 > run["recalled"], run
     assert bool((acc[4:] == 1).all()), acc  # the new edits are learned
     with pytest.raises(EngineError, match="exactly the fine-tuned modules"):
