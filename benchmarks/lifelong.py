@@ -246,11 +246,16 @@ def main() -> None:
 
     if args.measure_night:  # the process --measure-aside started: one checkpoint of a given snapshot, then exit
         row = {"night": args.measure_night}
-        checkpoint(row, head=args.measure_head)
         (out / "measured").mkdir(exist_ok=True)
         part = out / "measured" / f"night-{args.measure_night}.json"
-        part.with_suffix(".tmp").write_text(json.dumps(row))
-        part.with_suffix(".tmp").replace(part)
+        running = part.with_suffix(".pid")  # a resumed run leaves a measurement still going on alone
+        running.write_text(str(os.getpid()))
+        try:
+            checkpoint(row, head=args.measure_head)
+            part.with_suffix(".tmp").write_text(json.dumps(row))
+            part.with_suffix(".tmp").replace(part)
+        finally:
+            running.unlink(missing_ok=True)
         return
     aside: list = []  # the measuring processes started by --measure-aside
 
@@ -283,9 +288,9 @@ def main() -> None:
         print(json.dumps(rows[-1]))
         report(args.out)
         return
-    if args.measure_aside:  # checkpoints a stopped run left unmeasured (their process was stopped with it)
+    if args.measure_aside:  # checkpoints a stopped run left unmeasured (unless their process goes on without it)
         for r in with_measured(out, rows):
-            if "head_snapshot" in r and "retention_token" not in r:
+            if "head_snapshot" in r and "retention_token" not in r and not measuring(out, r["night"]):
                 measure_aside(r)
     bar = tqdm(range(done_nights, args.nights), desc=run, unit="night", initial=done_nights, total=args.nights)
     t_start = time.perf_counter()
@@ -327,6 +332,17 @@ def main() -> None:
     (out / "rows.json").write_text(json.dumps({"run": run, "base": base_row, "rows": with_measured(out, rows)},
                                               indent=2))
     report(args.out)
+
+
+def measuring(run_dir: Path, night: int) -> bool:
+    """Whether a --measure-aside process for `night` is still running (its pid file names a live process that
+    measures that night)."""
+    try:
+        pid = int((run_dir / "measured" / f"night-{night}.pid").read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return False
+    return b"--measure-night" in cmdline and cmdline[cmdline.index(b"--measure-night") + 1] == str(night).encode()
 
 
 def load_runs(root: Path) -> list[tuple[str, list[dict]]]:
