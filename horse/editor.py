@@ -37,7 +37,7 @@ from transformers import PreTrainedTokenizerBase
 from horse.arch import default_target_modules, get_module, model_device, module_shape_KV
 from horse.deltas import Deltas, LayerDelta, fingerprint_modules
 from horse.errors import BadCheckpoint, CheckpointMismatch, EngineError
-from horse.hooks import Captured, capture
+from horse.hooks import Captured, capture, capture_keys
 from horse.hypernet import HyperConfig, HyperNetSet, layer_residuals
 from horse.solve import RidgeSolution, preserving_solve, ridge_solve
 from horse.spread import spread_residuals
@@ -164,6 +164,17 @@ class Editor:
         with eval_mode(model):
             return capture(model, self.module_names, batches)
 
+    def capture_keys(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
+                     *, lm_batch_size: int = 25) -> dict[str, torch.Tensor]:
+        """The keys of `capture` alone (forward passes only): keys_NK per module, at the answer tokens."""
+        if not requests:
+            raise EngineError("no requests to capture; give at least one EditRequest")
+        batches = lm_batches(
+            tokenizer, [r.prompt for r in requests], [r.target for r in requests], lm_batch_size, model_device(model)
+        )
+        with eval_mode(model):
+            return capture_keys(model, self.module_names, batches)
+
     def normaliser_stats(self, captured: Captured, *, update: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per net: merge this batch into the running normaliser when `update`, then return the stats to use."""
         stats = {}
@@ -282,9 +293,11 @@ class Editor:
         self.protect_weight = float(weight)
         return self
 
-    def keys_second_moments(self, captured: Captured) -> dict[str, torch.Tensor]:
-        """Per module, KᵀK (K×K, float64) of a batch's captured keys: what `set_protected_keys` sums."""
-        return {n: (k := captured.keys_NK[n].to(self.device, torch.float64)).T @ k for n in self.module_names}
+    def keys_second_moments(self, captured: Captured | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per module, KᵀK (K×K, float64) of a batch's captured keys (a Captured, or keys_NK per module): what
+        `set_protected_keys` sums."""
+        keys = captured.keys_NK if isinstance(captured, Captured) else captured
+        return {n: (k := keys[n].to(self.device, torch.float64)).T @ k for n in self.module_names}
 
     def requests_second_moments(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                                 requests: Sequence[EditRequest], *, chunk_edits: int = 100) -> dict[str, torch.Tensor]:
@@ -292,7 +305,7 @@ class Editor:
         argument of `set_protected_keys` for edits the model already carries."""
         total: dict[str, torch.Tensor] | None = None
         for start in range(0, len(requests), chunk_edits):
-            moments = self.keys_second_moments(self.capture(model, tokenizer, requests[start:start + chunk_edits]))
+            moments = self.keys_second_moments(self.capture_keys(model, tokenizer, requests[start:start + chunk_edits]))
             total = moments if total is None else {n: total[n] + moments[n] for n in total}
         if total is None:
             raise EngineError("no requests to take key moments of; give at least one EditRequest")

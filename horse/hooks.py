@@ -188,6 +188,22 @@ def capture(
     )
 
 
+def capture_keys(
+    model: nn.Module, module_names: Sequence[str], batches: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """K^l alone over LM mini-batches (as `capture`, without the backward pass for the gradients): one forward
+    per mini-batch under no_grad. Returns keys_NK per module, rows of every mini-batch in order."""
+    keys: dict[str, list[torch.Tensor]] = {n: [] for n in module_names}
+    with torch.no_grad():
+        for input_ids, attention_mask, labels in batches:
+            mask_BT = labels != -100
+            with record_keys(model, module_names, mask_BT, keep_outputs=False) as caps:
+                answer_logits(model, input_ids, attention_mask, mask_BT)
+            for name in module_names:
+                keys[name].append(caps[name].keys_NK[-1])
+    return {n: torch.cat(v) for n, v in keys.items()}
+
+
 @contextmanager
 def delta_hooks(model: nn.Module, deltas_KV: dict[str, torch.Tensor]) -> Iterator[None]:
     """Run the model as if W^l ← W^l + ΔW^l, without touching any weight (meta-training's edited model).

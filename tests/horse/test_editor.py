@@ -122,6 +122,12 @@ def test_protected_keys_keep_earlier_edits_outputs(model_tok) -> None:
     kk = editor.keys_second_moments(earlier)
     name = editor.module_names[0]
     assert kk[name].shape == (earlier.keys_NK[name].shape[1],) * 2
+    keys_only = editor.capture_keys(model, tok, REQUESTS[:3], lm_batch_size=2)  # forward only, other batching
+    for n in editor.module_names:
+        assert torch.allclose(keys_only[n], earlier.keys_NK[n], atol=1e-5), n
+    by_chunks = editor.requests_second_moments(model, tok, REQUESTS[:3], chunk_edits=2)  # what a fold keeps
+    for n in editor.module_names:
+        assert torch.allclose(by_chunks[n], kk[n], rtol=1e-5, atol=1e-6), n
 
     def moved(nu: float) -> float:  # ‖Kₑ ΔW‖ of the later batch's delta on the earlier keys
         editor.set_protected_keys(kk, nu)
