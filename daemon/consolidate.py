@@ -19,7 +19,8 @@ With `finetune_warm_start` a fine-tune fold starts from the newest fine-tune fol
 chain's first snapshot, of the same modules, and all its edits are still applied) and trains only what those
 weights do not recall, plus a rehearsal of what they do (`horse.finetune`); the gate is the same, and takes the
 answer-token accuracy of every carried edit on the fold's weights from the fine-tune's last scan instead of
-measuring it again (the canary, protected facts and generations it measures itself).
+measuring it again (the canary, protected facts and generations it measures itself), and the protected keys
+of its edits are replayed from the block inputs those scans captured.
 
 Which engine (config): `consolidate_engine` when set, else `engine`. `finetune` makes the hybrid: HORSE nights
 (`hypernet_from_base = false`; on the head, or with `hypernet_from_consolidation` each one edit of every edit
@@ -275,8 +276,10 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
             result.snapshot_id = snap.id
         timed("commit")
         if night_editor is not None:
-            try:
-                keep_fold_moments(settings, night_editor, model, tokenizer, result.snapshot_id, edits)
+            try:  # a warm fine-tune replays them from the block inputs its scans captured (model: the fold's weights)
+                replayed = (editor.scan_key_moments(model, night_editor.module_names)
+                            if init is not None and hasattr(editor, "scan_key_moments") else None)
+                keep_fold_moments(settings, night_editor, model, tokenizer, result.snapshot_id, edits, moments=replayed)
             except Exception:  # noqa: BLE001 - derived data: the next night captures them itself
                 log.warning("could not capture the fold's protected keys", exc_info=True)
             timed("protect_keys")

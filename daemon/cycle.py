@@ -223,12 +223,16 @@ def fold_moments_meta(settings: Settings, editor, fold_id: int) -> dict[str, str
             "modules": ",".join(editor.module_names)}
 
 
-def keep_fold_moments(settings: Settings, editor, model, tokenizer, fold_id: int, edits: Sequence[EditRecord]) -> dict:
-    """KₑᵀKₑ per edited module of `edits`, captured on `model` as it is (the fold's weights), and kept beside the
-    fold for the nights that derive from it (`protect_earlier` with `hypernet_from_consolidation`). Returns them."""
+def keep_fold_moments(settings: Settings, editor, model, tokenizer, fold_id: int, edits: Sequence[EditRecord],
+                      moments: dict | None = None) -> dict:
+    """KₑᵀKₑ per edited module of `edits`, captured on `model` as it is (the fold's weights) unless `moments` (the
+    same, replayed by the fold's fine-tune) are given, and kept beside the fold for the nights that derive from it
+    (`protect_earlier` with `hypernet_from_consolidation`). Returns them."""
     import torch
 
-    moments = editor.requests_second_moments(model, tokenizer, [to_request(e) for e in edits], chunk_edits=PROTECT_CHUNK)
+    if moments is None:
+        moments = editor.requests_second_moments(model, tokenizer, [to_request(e) for e in edits],
+                                                 chunk_edits=PROTECT_CHUNK)
     try:  # derived data: without it the next night captures them again
         snapshots.write_derived_cache(settings.snapshot_dir, settings.model, fold_id,
                                       {**moments, "edit_ids": torch.tensor(sorted(e.id for e in edits),

@@ -58,7 +58,9 @@ from horse.arch import default_target_modules, get_module, model_device, module_
 from horse.deltas import Deltas, LayerDelta, add_deltas_, apply_deltas, fingerprint_modules
 from horse.errors import EngineError
 from horse.metrics import logits_at
-from horse.replay import BlockInput, capture_block_input, first_block, head_logits, replay_hidden_BTH, replayable
+from horse.hooks import record_keys
+from horse.replay import (BlockInput, block_path, capture_block_input, first_block, head_logits, replay_hidden_BTH,
+                          replayable)
 from horse.tokens import PromptBatch, TokenizedBatch, chunked, tokenize_prompts, tokenize_requests
 from horse.types import EditRequest
 
@@ -295,6 +297,7 @@ class FineTuner:
         self.last_run: dict[str, float] = {}  # epochs, steps, train_hit (share of edits top-1 in the last epoch)
         self.last_accuracy: list[float] | None = None  # a warm start's last scan: each request's answer-token
         #                                                accuracy with the deltas it returned (None otherwise)
+        self._scans: tuple[tuple[str, int], list[_Pass]] | None = None  # a warm start's replayable scans
         self.moments: dict[str, torch.Tensor] = {}  # C_KK of each target module's inputs (`set_preservation`)
 
     def set_preservation(self, moments: Mapping[str, torch.Tensor]) -> None:
@@ -352,7 +355,7 @@ class FineTuner:
             raise EngineError(f"a warm start needs deltas of exactly the fine-tuned modules {self.module_names}; got "
                               f"{sorted(init)}")
         t0 = time.perf_counter()
-        self.last_accuracy = None
+        self.last_accuracy, self._scans = None, None
         if init is None:
             deltas, timings, self.last_run = self._train(model, tokenizer, requests, list(range(len(requests))))
             timings["total"] = time.perf_counter() - t0
@@ -385,7 +388,32 @@ class FineTuner:
             run.update(train_hit=last["train_hit"], swaps=last["swaps"], replayed=last["replayed"])
         timings["total"] = time.perf_counter() - t0
         self.last_run, self.last_accuracy = run, accuracy  # the last scan saw the returned deltas
+        self._scans = (start, scans) if start is not None else None  # kept for `scan_key_moments`
         return deltas, timings
+
+    def scan_key_moments(self, model: nn.Module, module_names: Sequence[str]) -> dict[str, torch.Tensor] | None:
+        """Per module of `module_names`, KᵀK (K×K, float64) of its inputs at the answer positions of every request
+        of the last warm start (what `Editor.requests_second_moments` takes by full forward passes), on `model`
+        as it is, replayed from the block inputs that warm start captured: valid when the blocks below its first
+        fine-tuned block are the base's. Then forgets those inputs. None when there are none (no warm start, no
+        replay) or a module lies below that block."""
+        scans, self._scans = self._scans, None
+        if scans is None:
+            return None
+        start, passes = scans
+        if any(block_path(n)[0] != start[0] or block_path(n)[1] < start[1] for n in module_names):
+            return None
+        total: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for p in passes:
+                mask_BT = torch.zeros(p.input_ids.shape, dtype=torch.bool, device=p.input_ids.device)
+                mask_BT[p.rows_N, p.cols_N] = True
+                with record_keys(model, module_names, mask_BT, keep_outputs=False) as caps:
+                    replay_hidden_BTH(model, start, p.cached)
+                for name in module_names:
+                    k_NK = caps[name].keys_NK[-1].double()
+                    total[name] = total[name] + k_NK.T @ k_NK if name in total else k_NK.T @ k_NK
+        return total
 
     def _train(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
                order: list[int], init: Mapping[str, LayerDelta] | None = None,

@@ -318,7 +318,7 @@ def test_warm_start_folds_start_from_the_newest_fold(db_url, daemon_settings, cl
                                hypernet_from_consolidation=True, consolidate_engine="finetune",
                                consolidate_every_nights=2, finetune_epochs=40, finetune_lr=1e-2,
                                finetune_locality_weight=0.1, finetune_warm_start=True, finetune_rehearsal=1.0,
-                               finetune_warm_lr=1e-2)
+                               finetune_warm_lr=1e-2, protect_earlier=1.0)
     cfg = write_config(tmp_path / "config.toml", settings)
     store = Store(db_url)
     _add(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
@@ -346,6 +346,15 @@ def test_warm_start_folds_start_from_the_newest_fold(db_url, daemon_settings, cl
         at_fold = materialise(settings, links(s, c2.id))
     acc = answer_token_accuracy(at_fold.model, at_fold.tokenizer, *zip(*[(f.prompt, f.answer) for f in map(to_fact, carried)]))
     assert abs(float(acc.float().mean()) - fold2["gate"]["retention_acc_mean"]) < 1e-6, (acc, fold2["gate"])
+    from daemon import snapshots
+    from daemon.cycle import PROTECT_CHUNK, load_engine, to_request
+    kept = snapshots.read_derived_cache(settings.snapshot_dir, "tiny-llama", c2.id, folder=snapshots.PROTECT_DIR)
+    editor, _ = load_engine(settings, *load_base(settings))  # the nights' keys, replayed by the warm fine-tune
+    direct = editor.requests_second_moments(at_fold.model, at_fold.tokenizer, [to_request(e) for e in carried],
+                                            chunk_edits=PROTECT_CHUNK)
+    assert kept is not None and kept[0]["edit_ids"].tolist() == [2, 3, 4, 5]
+    for name, moment in direct.items():
+        assert torch.allclose(kept[0][name], moment.to(kept[0][name]), rtol=1e-4, atol=1e-6), name
     assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
     _add(cli_runner, cfg, tmp_path, "night5", [fact(4)])
     assert _apply(cli_runner, cfg)["consolidation"] is None  # one night since the fold

@@ -201,6 +201,17 @@ def test_warm_start_from_earlier_deltas_learns_the_new_edits_and_keeps_the_old(t
         acc = answer_token_accuracy(model, tok, prompts, targets).float()
     assert run["recalled_after"] == pytest.approx(float((acc == 1).float().mean())), (run, acc)  # as it reports
     assert torch.allclose(torch.tensor(tuner.last_accuracy), acc), (tuner.last_accuracy, acc)  # what a fold's gate reuses
+    from horse.editor import Editor
+    from horse.hypernet import HyperConfig
+    names = tuner.module_names[-2:]  # the keys a fold keeps for the nights after it, replayed from the scans
+    with apply_deltas(model, warm):
+        direct = Editor.new(model, HyperConfig(module_names=tuple(names), rank=4)).requests_second_moments(
+            model, tok, requests, chunk_edits=4)
+        replayed = tuner.scan_key_moments(model, names)
+    assert replayed is not None and set(replayed) == set(names)
+    for n in names:
+        assert torch.allclose(replayed[n], direct[n].to(replayed[n]), rtol=1e-4, atol=1e-6), n
+    assert tuner.scan_key_moments(model, names) is None  # the inputs are forgotten once used
     assert run["recalled_after"] >= 5 / 6 > run["recalled"], run
     assert bool((acc[4:] == 1).all()), acc  # the new edits are learned
     with pytest.raises(EngineError, match="exactly the fine-tuned modules"):
