@@ -72,6 +72,15 @@ def lm_batches(
     return out
 
 
+def _request_batches(model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
+                     lm_batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`lm_batches` of the requests' prompts → new targets on the model's device (refuses none)."""
+    if not requests:
+        raise EngineError("no requests to edit; give at least one EditRequest")
+    return lm_batches(tokenizer, [r.prompt for r in requests], [r.target for r in requests], lm_batch_size,
+                      model_device(model))
+
+
 @dataclass
 class Prediction:
     """One pass of the editor over a captured batch (kept by meta-training for the backward stage)."""
@@ -156,24 +165,14 @@ class Editor:
         *, lm_batch_size: int = 25,
     ) -> Captured:
         """Step 3: keys and gradients of the edit prompt → new target, at the answer tokens."""
-        if not requests:
-            raise EngineError("no requests to edit; give at least one EditRequest")
-        batches = lm_batches(
-            tokenizer, [r.prompt for r in requests], [r.target for r in requests], lm_batch_size, model_device(model)
-        )
         with eval_mode(model):
-            return capture(model, self.module_names, batches)
+            return capture(model, self.module_names, _request_batches(model, tokenizer, requests, lm_batch_size))
 
     def capture_keys(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
                      *, lm_batch_size: int = 25) -> dict[str, torch.Tensor]:
         """The keys of `capture` alone (forward passes only): keys_NK per module, at the answer tokens."""
-        if not requests:
-            raise EngineError("no requests to capture; give at least one EditRequest")
-        batches = lm_batches(
-            tokenizer, [r.prompt for r in requests], [r.target for r in requests], lm_batch_size, model_device(model)
-        )
         with eval_mode(model):
-            return capture_keys(model, self.module_names, batches)
+            return capture_keys(model, self.module_names, _request_batches(model, tokenizer, requests, lm_batch_size))
 
     def normaliser_stats(self, captured: Captured, *, update: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per net: merge this batch into the running normaliser when `update`, then return the stats to use."""
