@@ -228,6 +228,7 @@ def main() -> None:
     requests = load_requests(DATA, limit=args.nights * args.edits_per_night)
     canary_rows = [json.loads(line) for line in CANARY.read_text().splitlines()]
     canary = [r["prompt"] for r in canary_rows]
+    canary_groups = [r["source"].split(":")[0] for r in canary_rows]  # CounterFact relation prompts, zsRE questions
     ppl_texts = [f"{r['prompt']} {r['answer']}." for r in canary_rows]
     base, tok = load_model("smollm2-135m", device=args.device, progress=False)
     base_next = next_token_ids(base, tok, canary)
@@ -241,7 +242,7 @@ def main() -> None:
         """Measure snapshot `head` (default: the head now) over every edit up to `row`'s night; store it on the row."""
         row.update(measure(settings, store, requests[:row["night"] * args.edits_per_night], args.edits_per_night,
                            canary, base_next, ppl_texts, args.eval_batch_size, head=head,
-                           canary_groups=[r["source"].split(":")[0] for r in canary_rows]))
+                           canary_groups=canary_groups))
         row["perplexity_ratio"] = row["perplexity"] / base_row["perplexity"]
 
     if args.measure_night:  # the process --measure-aside started: one checkpoint of a given snapshot, then exit

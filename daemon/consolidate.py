@@ -223,7 +223,7 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
         timed("edit")
         norms = frobenius_norms(deltas)
         scanned = gate.Known()  # a warm fine-tune's last scan measured every carried edit on these weights
-        if init is not None and len(getattr(editor, "last_accuracy", None) or ()) == len(facts):
+        if init is not None:
             scanned.add_accuracy(facts, editor.last_accuracy)
         with apply_deltas(model, deltas):
             cand = gate.measure(model, tokenizer, probe, known=scanned)
@@ -277,8 +277,7 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
         timed("commit")
         if night_editor is not None:
             try:  # a warm fine-tune replays them from the block inputs its scans captured (model: the fold's weights)
-                replayed = (editor.scan_key_moments(model, night_editor.module_names)
-                            if init is not None and hasattr(editor, "scan_key_moments") else None)
+                replayed = editor.scan_key_moments(model, night_editor.module_names) if init is not None else None
                 keep_fold_moments(settings, night_editor, model, tokenizer, result.snapshot_id, edits, moments=replayed)
             except Exception:  # noqa: BLE001 - derived data: the next night captures them itself
                 log.warning("could not capture the fold's protected keys", exc_info=True)

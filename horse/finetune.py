@@ -114,9 +114,8 @@ def answer_nll_B(logits_NW: torch.Tensor, targets_N: torch.Tensor, rows_N: torch
 
 
 def answer_hits_B(logits_NW: torch.Tensor, targets_N: torch.Tensor, rows_N: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """True where every answer token of the row is the top-1 prediction. B bool."""
-    wrong_N = (logits_NW.argmax(dim=-1) != targets_N).long()
-    return torch.zeros(n_rows, dtype=torch.long, device=wrong_N.device).index_add(0, rows_N, wrong_N) == 0
+    """True where every answer token of the row is the top-1 prediction (accuracy 1). B bool."""
+    return answer_accuracy_B(logits_NW, targets_N, rows_N, n_rows) == 1.0
 
 
 def answer_accuracy_B(logits_NW: torch.Tensor, targets_N: torch.Tensor, rows_N: torch.Tensor,
