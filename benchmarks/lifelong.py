@@ -301,6 +301,14 @@ def main() -> None:
             measure_last()
             break
         chunk = records[night * args.edits_per_night:(night + 1) * args.edits_per_night]
+        done = night_done_before(store, night + 1, [f"counterfact-edit:{r['case_id']}" for r in chunk])
+        if done is not None:  # a run stopped after this night's batch, before its row (e.g. during its fold)
+            rows.append(done)
+            with rows_path.open("a") as f:
+                f.write(json.dumps(done) + "\n")
+            bar.write(f"night {night + 1} was applied by batch {done['batch']} of an earlier run; its row is "
+                      "recovered from the ledger (no fold timings)")
+            continue
         store.add_edits([EditSpec(subject=r["subject"], prompt=r["prompt"], target_new=r["target_new"],
                                   target_true=r["ground_truth"], paraphrases=(r["rephrase_prompt"],),
                                   source=f"counterfact-edit:{r['case_id']}", author="lifelong")
@@ -333,6 +341,28 @@ def main() -> None:
     (out / "rows.json").write_text(json.dumps({"run": run, "base": base_row, "rows": with_measured(out, rows)},
                                               indent=2))
     report(args.out)
+
+
+def night_done_before(store, night: int, sources: list[str]) -> dict | None:
+    """The row of a night whose edits (by source) an earlier, interrupted run already took in one batch that
+    finished, rebuilt from that batch (its status, size and wall time; the fold after it, if any, is not in it);
+    None when the ledger does not hold them all (the night is still to run)."""
+    from sqlalchemy import func, select
+
+    from ledger.models import Batch, Edit
+
+    with store.session(write=False) as s:
+        held = s.execute(select(Edit.batch_id, func.count()).where(Edit.source.in_(sources))
+                         .group_by(Edit.batch_id)).all()
+        if sum(n for _, n in held) < len(sources) or len(held) != 1 or held[0][0] is None:
+            return None
+        b = s.get(Batch, held[0][0])
+        if b is None or b.finished_at is None:
+            return None
+        return {"night": night, "status": b.status, "applied": b.n_edits,
+                "night_s": (b.finished_at - b.started_at).total_seconds(),
+                "efficacy": (b.metrics or {}).get("efficacy_mean"), "consolidation_s": None,
+                "recovered": True, "batch": b.id}
 
 
 def measuring(run_dir: Path, night: int) -> bool:

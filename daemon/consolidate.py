@@ -20,7 +20,9 @@ chain's first snapshot, of the same modules, and all its edits are still applied
 weights do not recall, plus a rehearsal of what they do (`horse.finetune`); the gate is the same, and takes the
 answer-token accuracy of every carried edit on the fold's weights from the fine-tune's last scan instead of
 measuring it again (the canary, protected facts and generations it measures itself), and the protected keys
-of its edits are replayed from the block inputs those scans captured.
+of its edits are replayed from the block inputs those scans captured. The scans are captured before the head is
+measured, and the head's accuracy on every carried edit is replayed from them too (the head differs from the base
+only in the blocks the fine-tune trains; checked weight by weight, else it is measured by forward passes).
 
 Which engine (config): `consolidate_engine` when set, else `engine`. `finetune` makes the hybrid: HORSE nights
 (`hypernet_from_base = false`; on the head, or with `hypernet_from_consolidation` each one edit of every edit
@@ -71,6 +73,7 @@ class ConsolidationResult:
     chain_length: int = 0
     gate: dict[str, Any] = field(default_factory=dict)
     gate_reasons: list[str] = field(default_factory=list)
+    head: dict[str, Any] = field(default_factory=dict)  # what the head it replaces scores (`gate.baseline_metrics`)
     bytes: int | None = None
     warm_from: int | None = None     # the fold a `finetune_warm_start` fold started from
     trained: int | None = None       # edits it trained on (not recalled there, and the rehearsal)
@@ -183,15 +186,6 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
             log.info("nothing to consolidate", extra={"head": head, "chain_length": n_chain})
             return result
 
-        # the head as it is served, measured once
-        head_m = materialise(settings, chain_links)
-        facts = [to_fact(e) for e in edits]
-        probe = probe_for(settings, store, facts, sample=False)
-        head_measure = gate.measure(head_m.model, head_m.tokenizer, probe,
-                                    known=kept_measurements(settings, base_model, head, chain_links[-1].sha256))
-        del head_m
-        timed("measure_head")
-
         # one edit of every carried edit, from the unedited base
         model, tokenizer = load_base(settings)
         fold = consolidation_settings(settings)
@@ -210,6 +204,25 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
         if settings.finetune_warm_start and fold.engine == "finetune":
             init, warm_from = warm_start(settings, first, editor)
         requests = [to_request(e) for e in edits]
+        timed("load")
+
+        # the head as it is served, measured once; a warm fine-tune captures its scans' block inputs first, and the
+        # head's accuracy on every carried edit is replayed from them (its blocks below the fine-tuned ones are the
+        # base's), so only the canary, protected facts and generation sample take forward passes
+        facts = [to_fact(e) for e in edits]
+        probe = probe_for(settings, store, facts, sample=False)
+        head_m = materialise(settings, chain_links)
+        known = kept_measurements(settings, base_model, head, chain_links[-1].sha256) or gate.Known()
+        if init is not None:
+            editor.prepare_scans(model, tokenizer, requests)
+            replayed_acc = editor.scan_accuracy(head_m.model, model)
+            if replayed_acc is not None:
+                known.add_accuracy(facts, replayed_acc)
+        head_measure = gate.measure(head_m.model, head_m.tokenizer, probe, known=known)
+        result.head = gate.baseline_metrics(head_measure, probe, settings)
+        del head_m
+        timed("measure_head")
+
         deltas, engine_timings = (editor.compute_deltas(model, tokenizer, requests, init=init) if init is not None
                                   else editor.compute_deltas(model, tokenizer, requests))
         result.engine_timings_s = {k: round(v, 4) for k, v in engine_timings.items()}

@@ -59,8 +59,8 @@ from horse.deltas import Deltas, LayerDelta, add_deltas_, apply_deltas, fingerpr
 from horse.errors import EngineError
 from horse.metrics import logits_at
 from horse.hooks import record_keys
-from horse.replay import (BlockInput, block_path, capture_block_input, first_block, head_logits, replay_hidden_BTH,
-                          replayable)
+from horse.replay import (BlockInput, block_path, capture_block_input, first_block, head_logits, prefix_matches,
+                          replay_hidden_BTH, replayable)
 from horse.tokens import PromptBatch, TokenizedBatch, chunked, tokenize_prompts, tokenize_requests
 from horse.types import EditRequest
 
@@ -297,6 +297,8 @@ class FineTuner:
         self.last_accuracy: list[float] | None = None  # a warm start's last scan: each request's answer-token
         #                                                accuracy with the deltas it returned (None otherwise)
         self._scans: tuple[tuple[str, int], list[_Pass]] | None = None  # a warm start's replayable scans
+        self._prepared: tuple[tuple[EditRequest, ...], tuple[str, int] | None, list[_Pass]] | None = None
+        #                 ^ `prepare_scans`: the requests, the replay start (None: full passes) and their scans
         self.moments: dict[str, torch.Tensor] = {}  # C_KK of each target module's inputs (`set_preservation`)
 
     def set_preservation(self, moments: Mapping[str, torch.Tensor]) -> None:
@@ -354,7 +356,7 @@ class FineTuner:
             raise EngineError(f"a warm start needs deltas of exactly the fine-tuned modules {self.module_names}; got "
                               f"{sorted(init)}")
         t0 = time.perf_counter()
-        self.last_accuracy, self._scans = None, None
+        prepared, self.last_accuracy, self._scans, self._prepared = self._prepared, None, None, None
         if init is None:
             deltas, timings, self.last_run = self._train(model, tokenizer, requests, list(range(len(requests))))
             timings["total"] = time.perf_counter() - t0
@@ -362,10 +364,10 @@ class FineTuner:
         deltas, timings = dict(init), {"prepare": 0.0, "train": 0.0, "scan": 0.0}
         run: dict[str, float] = {"epochs": 0, "steps": 0, "trained": 0, "rounds": 0}
         fragile: set[int] = set()
-        device = model_device(model)
-        scans = [_edit_pass(tokenize_requests(tokenizer, [requests[i] for i in chunk]).to(device))
-                 for chunk in chunked(list(range(len(requests))), 4 * self.config.batch_size)]
-        start = _cache_prefix(model, first_block(self.module_names) if replayable(model) else None, scans)
+        if prepared is not None and prepared[0] == tuple(requests):
+            start, scans = prepared[1], prepared[2]
+        else:
+            start, scans = self._scan_passes(model, tokenizer, requests)
         timings["scan"] = time.perf_counter() - t0
         for _ in range(self.config.warm_rounds + 1):
             t = time.perf_counter()
@@ -389,6 +391,34 @@ class FineTuner:
         self.last_run, self.last_accuracy = run, accuracy  # the last scan saw the returned deltas
         self._scans = (start, scans) if start is not None else None  # kept for `scan_key_moments`
         return deltas, timings
+
+    def _scan_passes(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest]
+                     ) -> tuple[tuple[str, int] | None, list[_Pass]]:
+        """A warm start's scan batches of `requests` (4 × batch_size edits each) with their first fine-tuned block's
+        input captured (the start; None when the model cannot be replayed: full passes)."""
+        device = model_device(model)
+        scans = [_edit_pass(tokenize_requests(tokenizer, [requests[i] for i in chunk]).to(device))
+                 for chunk in chunked(list(range(len(requests))), 4 * self.config.batch_size)]
+        return _cache_prefix(model, first_block(self.module_names) if replayable(model) else None, scans), scans
+
+    def prepare_scans(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                      requests: Sequence[EditRequest]) -> None:
+        """Capture the scans of a warm start on `requests` now, on `model` at its (base) weights: the next
+        `compute_deltas(…, init=…)` on the same requests uses them, and `scan_accuracy` replays them on other
+        weights above the first fine-tuned block (a fold measures the head it replaces so)."""
+        self._prepared = (tuple(requests), *self._scan_passes(model, tokenizer, requests))
+
+    def scan_accuracy(self, model: nn.Module, reference: nn.Module) -> list[float] | None:
+        """Per request of `prepare_scans`, in order: the answer-token accuracy (teacher-forced) of `model` as it
+        is, replayed from the block inputs captured on `reference` (the model `prepare_scans` was given). None
+        when nothing is prepared, the model cannot be replayed, or `model` differs from `reference` below the first
+        fine-tuned block (then its block inputs differ too: measure it by forward passes)."""
+        if self._prepared is None or self._prepared[1] is None:
+            return None
+        _, start, scans = self._prepared
+        if not prefix_matches(model, reference, start):
+            return None
+        return _accuracy(model, start, scans, {})
 
     def scan_key_moments(self, model: nn.Module, module_names: Sequence[str]) -> dict[str, torch.Tensor] | None:
         """Per module of `module_names`, KᵀK (K×K, float64) of its inputs at the answer positions of every request

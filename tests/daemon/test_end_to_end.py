@@ -346,6 +346,12 @@ def test_warm_start_folds_start_from_the_newest_fold(db_url, daemon_settings, cl
         at_fold = materialise(settings, links(s, c2.id))
     acc = answer_token_accuracy(at_fold.model, at_fold.tokenizer, *zip(*[(f.prompt, f.answer) for f in map(to_fact, carried)]))
     assert abs(float(acc.float().mean()) - fold2["gate"]["retention_acc_mean"]) < 1e-6, (acc, fold2["gate"])
+    with store.session(write=False) as s:  # ... and the head it replaced's from the block inputs the scans captured
+        before = materialise(settings, links(s, fourth["snapshot_id"]))
+    acc_head = answer_token_accuracy(before.model, before.tokenizer,
+                                     *zip(*[(f.prompt, f.answer) for f in map(to_fact, carried)]))
+    assert abs(float(acc_head.float().mean()) - fold2["head"]["retention_acc_mean"]) < 1e-6, (acc_head, fold2["head"])
+    assert fold2["head"]["retention_n"] == 4 and fold2["timings_s"]["measure_head"] > 0, fold2
     from daemon import snapshots
     from daemon.cycle import PROTECT_CHUNK, load_engine, to_request
     kept = snapshots.read_derived_cache(settings.snapshot_dir, "tiny-llama", c2.id, folder=snapshots.PROTECT_DIR)

@@ -218,6 +218,43 @@ def test_warm_start_from_earlier_deltas_learns_the_new_edits_and_keeps_the_old(t
         tuner.compute_deltas(model, tok, requests, init={n: d for n, d in list(first.items())[:2]})
 
 
+def test_prepared_scans_replay_a_heads_accuracy_and_serve_the_warm_start(tiny_llama):
+    """What a fold does: capture the scans on the base, replay them on the head it replaces (the base plus deltas
+    in the fine-tuned blocks) for the head's accuracy, then warm-start on the same scans."""
+    import copy
+
+    from horse.deltas import add_deltas_
+
+    model, tok = tiny_llama
+    subjects = ("Zorblat", "Quenvik", "Mardoon", "Pelgrin", "Traxil")
+    requests = [EditRequest(prompt=f"The color of {s} is", target=c, subject=s)
+                for s, c in zip(subjects, ("red", "blue", "gold", "green", "black"))]
+    cfg = FinetuneConfig(n_last_layers=3, epochs=40, lr=1e-2, batch_size=2, locality_weight=0.1, n_locality=8,
+                         locality_batch=4, warm_lr=1e-2)
+    tuner = FineTuner.new(model, cfg)  # blocks 3-5 of 6
+    first, _ = tuner.compute_deltas(model, tok, requests[:3])
+    head = copy.deepcopy(model)
+    add_deltas_(head, first)
+    assert tuner.scan_accuracy(head, model) is None  # nothing prepared
+    tuner.prepare_scans(model, tok, requests)
+    replayed = tuner.scan_accuracy(head, model)
+    direct = answer_token_accuracy(head, tok, [r.prompt for r in requests], [r.target for r in requests]).float()
+    assert replayed is not None and torch.allclose(torch.tensor(replayed), direct), (replayed, direct)
+    assert sum(replayed) > sum(answer_token_accuracy(model, tok, [r.prompt for r in requests],
+                                                     [r.target for r in requests]).float().tolist())
+    lower = copy.deepcopy(head)  # a change below the first fine-tuned block changes the captured inputs: no replay
+    with torch.no_grad():
+        lower.model.layers[0].mlp.down_proj.weight.add_(0.01)
+    assert tuner.scan_accuracy(lower, model) is None
+
+    scans = tuner._prepared[2]
+    warm, _ = tuner.compute_deltas(model, tok, requests, init=first)
+    assert tuner._scans is not None and tuner._scans[1] is scans  # the prepared scans served the warm start
+    again, _ = FineTuner.new(model, cfg).compute_deltas(model, tok, requests, init=first)  # scans of its own
+    assert all(torch.equal(warm[n].dense_KV, again[n].dense_KV) for n in warm)
+    assert tuner.scan_accuracy(head, model) is None  # used once
+
+
 def test_bad_settings_and_empty_batches_are_refused(tiny_llama):
     model, tok = tiny_llama
     with pytest.raises(EngineError, match="epochs"):
