@@ -372,6 +372,11 @@ def consolidate(app: AppContext, as_json: bool) -> None:
     measured = (f"canary agreement {g.get('canary_agreement', float('nan')):.3f} · retention "
                 f"{g.get('retention', float('nan')):.3f} of {result.n_edits} edits · protected flipped "
                 f"{len(g.get('protected_flipped') or [])}")
+    if g.get("retention_abs") is not None and result.head.get("retention_abs") is not None:
+        from daemon.gate import HOLD_MIN_ACCURACY
+
+        measured += (f"\n  edits it carries that hold (answer-token accuracy ≥ {HOLD_MIN_ACCURACY:g}): "
+                     f"{g['retention_abs']:.3f}, on the head it replaces {result.head['retention_abs']:.3f}")
     if result.status == "rejected":
         click.echo(f"consolidation rejected by the gate ({'; '.join(result.gate_reasons)}); the head stays "
                    f"snapshot {result.from_snapshot}\n  {measured}")

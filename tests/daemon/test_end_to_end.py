@@ -366,6 +366,7 @@ def test_warm_start_folds_start_from_the_newest_fold(db_url, daemon_settings, cl
     assert _apply(cli_runner, cfg)["consolidation"] is None  # one night since the fold
     by_hand = cli_runner(cfg, "consolidate").stdout
     assert f"started from fold {fold2['snapshot_id']}: trained" in by_hand, by_hand
+    assert "edits it carries that hold" in by_hand and "on the head it replaces" in by_hand, by_hand
     weights_s3 = _weights(settings, store, third["snapshot_id"])
     json.loads(cli_runner(cfg, "rollback", str(third["snapshot_id"]), "--json").stdout)
     after = _weights(settings, store, third["snapshot_id"])
