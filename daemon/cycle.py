@@ -129,12 +129,13 @@ def probe_for(settings: Settings, store: Store, retained: Sequence[gate.Fact], *
         generation_sample=settings.gate_generation_sample)
 
 
-def _measured_meta(settings: Settings, snapshot_sha256: str) -> dict[str, str]:
-    """What a kept gate measurement depends on besides the snapshot: the model, its dtype and device."""
+def _measured_meta(settings: Settings, snapshot_sha256: str | None = None) -> dict[str, str]:
+    """What a kept gate measurement depends on besides the weights (the snapshot, when given): the model, its
+    dtype and device."""
     from daemon.materialise import resolve_device
 
-    return {"snapshot_sha256": snapshot_sha256, "model": settings.model, "dtype": settings.dtype,
-            "device": str(resolve_device(settings.device)).split(":")[0]}
+    meta = {"model": settings.model, "dtype": settings.dtype, "device": str(resolve_device(settings.device)).split(":")[0]}
+    return meta if snapshot_sha256 is None else {"snapshot_sha256": snapshot_sha256, **meta}
 
 
 def keep_measurements(settings: Settings, base_model: str, snapshot_id: int, snapshot_sha256: str,
@@ -356,6 +357,7 @@ class _Batch:
         # statistics); one only, each is K×K + 2·K×V per layer (198 MB for SmolLM2)
         # per candidate set: the gate's verdict and the measurement it judged (kept for the published one)
         self._verdict_cache: dict[frozenset[int], tuple[gate.Verdict, gate.Measurement]] = {}
+        self.prefix = None  # the gate's prefix cache (horse/prefix.py), opened after materialising
 
     # ------------------------------------------------------------------ plumbing
     def _stage(self, name: str) -> None:
@@ -495,9 +497,10 @@ class _Batch:
         self._stage("materialised")
 
         self.probe = probe_for(self.settings, self.store, [to_fact(e) for e in retained])
+        self.prefix = self._open_prefix()
         known = kept_measurements(self.settings, self.base_model, self.parent_id,
                                   self.chain[-1].sha256) if self.chain else None
-        self.head_measure = gate.measure(model, tokenizer, self.probe, known=known)
+        self.head_measure = gate.measure(model, tokenizer, self.probe, known=known, prefix=self.prefix)
         t = self._timed("measure_head", t)
         self.protected = self._protect_earlier(retained)
         if self.protected:
@@ -519,6 +522,7 @@ class _Batch:
                 log.warning("gate failed: %s; bisecting", "; ".join(verdict.reasons))
                 final, verdict = self._bisect_and_combine(active)
         self._timed("gate", t)
+        self._keep_prefix()
         self._stage("gated")
 
         if self.dry_run:
@@ -528,6 +532,33 @@ class _Batch:
         deltas = self._delta_cache[frozenset(final)]
         check_finite(deltas)
         return self._publish(final, deltas, verdict)
+
+    def _open_prefix(self):
+        """The gate's prefix cache for the head's weights (horse/prefix.py): what enters the editor's lowest block
+        for the texts measured every night, kept from earlier nights when the blocks below are unchanged. None
+        when `gate_prefix_cache` is off or the model cannot be replayed."""
+        from horse.prefix import PrefixCache
+
+        if not self.settings.gate_prefix_cache:
+            return None
+        t = time.perf_counter()
+        kept = snapshots.read_prefix_cache(self.settings.snapshot_dir, self.base_model)
+        rows, meta = kept if kept is not None else (None, {})
+        same = all(meta.get(k) == v for k, v in _measured_meta(self.settings).items())
+        fingerprint = meta.get("fingerprint") if same else None
+        cache = PrefixCache.for_model(self.model, self.editor.module_names, rows, fingerprint)
+        self._timed("prefix", t)
+        return cache
+
+    def _keep_prefix(self) -> None:
+        """Keep the rows of the prefix cache this night used (derived data: losing it costs a capture)."""
+        if self.prefix is None or self.dry_run:
+            return
+        try:
+            snapshots.write_prefix_cache(self.settings.snapshot_dir, self.base_model, self.prefix.to_tensors(),
+                                         {**_measured_meta(self.settings), "fingerprint": self.prefix.fingerprint})
+        except OSError:
+            log.warning("could not keep the gate's prefix cache", exc_info=True)
 
     def _retained_edits(self, s, chain_ids: Sequence[int], replaced_keys: set[str]) -> list[EditRecord]:
         """Applied edits on the chain the candidate must keep, less those this batch rewrites (same subject and
@@ -795,8 +826,8 @@ class _Batch:
         key = frozenset(ids)
         if key not in self._verdict_cache:
             deltas = self._compute(ids)
-            with apply_deltas(self.model, deltas):
-                cand = gate.measure(self.model, self.tokenizer, self.probe)
+            with apply_deltas(self.model, deltas):  # the editor's modules only: the prefix cache stays valid
+                cand = gate.measure(self.model, self.tokenizer, self.probe, prefix=self.prefix)
                 norms = self.m.layer_norms()
             verdict = gate.judge(self.head_measure, cand, self.probe, self.settings, layer_norms=norms)
             verdict.metrics["layer_norms"] = norms
@@ -875,6 +906,8 @@ class _Batch:
             "n_claimed": len(self.edits), "n_applied": len(final), "n_failed": len(self.failed),
             "n_rejected": len(self.rejected),
             "hypernet_fingerprint": self.hypernet_fingerprint,
+            "prefix_cache": None if self.prefix is None else {"reused": self.prefix.hits,
+                                                              "captured": self.prefix.captured},
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
         }
 

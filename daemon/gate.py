@@ -197,9 +197,12 @@ class Known:
 
 
 @torch.no_grad()
-def measure(model, tokenizer, probe: Probe, *, batch_size: int = 32, known: Known | None = None) -> Measurement:
+def measure(model, tokenizer, probe: Probe, *, batch_size: int = 32, known: Known | None = None,
+            prefix=None) -> Measurement:
     """Measure one model state on the probe (forward passes only). With `known` (earlier measurements of this
-    same state), only what it lacks is measured; `Measurement.reused` counts what it supplied."""
+    same state), only what it lacks is measured; `Measurement.reused` counts what it supplied. With `prefix` (a
+    `horse.prefix.PrefixCache` of these weights), the teacher-forced scores and canary tokens run only the edited
+    blocks for texts it has seen (generation runs whole)."""
     from horse import metrics
 
     known = known or Known()
@@ -221,18 +224,18 @@ def measure(model, tokenizer, probe: Probe, *, batch_size: int = 32, known: Know
 
     def acc(facts: Sequence[Fact]) -> torch.Tensor:
         return metrics.answer_token_accuracy(model, tokenizer, [f.prompt for f in facts], [f.answer for f in facts],
-                                             batch_size=batch_size).float()
+                                             batch_size=batch_size, prefix=prefix).float()
 
     def logprob(facts: Sequence[Fact]) -> torch.Tensor:
         return metrics.answer_logprobs(model, tokenizer, [f.prompt for f in facts], [f.answer for f in facts],
-                                       batch_size=batch_size).float()
+                                       batch_size=batch_size, prefix=prefix).float()
 
     def generated(facts: Sequence[Fact]) -> torch.Tensor:
         return metrics.generated_matches(model, tokenizer, [f.prompt for f in facts], [f.answer for f in facts],
                                          batch_size=batch_size)
 
     def canary(prompts: Sequence[str]) -> torch.Tensor:
-        return metrics.next_token_ids(model, tokenizer, list(prompts))
+        return metrics.next_token_ids(model, tokenizer, list(prompts), prefix=prefix)
 
     m = Measurement(
         canary_next_ids=fill(probe.canary_prompts, known.canary, [_text_id(p) for p in probe.canary_prompts],

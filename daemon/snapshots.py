@@ -317,16 +317,49 @@ def read_derived_cache(snapshot_dir: str | os.PathLike[str], base_model: str, sn
                        folder: str = SUMS_DIR):
     """(tensors, metadata) kept by `write_derived_cache`, or None when there are none or they are unreadable;
     the caller checks the metadata (hypernet, base, the edits) before using them."""
+    return _read_tagged(derived_cache_path(snapshot_dir, base_model, snapshot_id, folder), _DERIVED[folder][1])
+
+
+def _read_tagged(path: Path, format_tag: str):
+    """(tensors, metadata) of a safetensors file whose metadata "format" is `format_tag`; None when it is missing,
+    of another format or unreadable (derived data: a damaged file is simply not used)."""
     from safetensors import safe_open
 
-    path = derived_cache_path(snapshot_dir, base_model, snapshot_id, folder)
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata() or {}
-            if metadata.get("format") != _DERIVED[folder][1]:
+            if metadata.get("format") != format_tag:
                 return None
             return {k: fh.get_tensor(k) for k in fh.keys()}, metadata
     except Exception:  # noqa: BLE001 - a damaged cache is simply not used
         return None
+
+
+# ------------------------------------------------ the gate's prefix cache (derived, deletable)
+
+PREFIX_DIR = "prefix"
+PREFIX_FORMAT = "horse-ledger/prefix-cache/1"
+
+
+def prefix_cache_path(snapshot_dir: str | os.PathLike[str], base_model: str) -> Path:
+    return model_dir(snapshot_dir, base_model) / PREFIX_DIR / "prefix.safetensors"
+
+
+def write_prefix_cache(snapshot_dir: str | os.PathLike[str], base_model: str, rows: Mapping,
+                       metadata: Mapping[str, str]) -> Path:
+    """Keep the block inputs of the texts the gate measures (`horse.prefix.PrefixCache.to_tensors`); one file per
+    model, replaced atomically (its metadata carries the prefix fingerprint it belongs to)."""
+    from safetensors.torch import save as st_save
+
+    path = prefix_cache_path(snapshot_dir, base_model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _replace_with(path, st_save(dict(rows), metadata={"format": PREFIX_FORMAT, **metadata}))
+    return path
+
+
+def read_prefix_cache(snapshot_dir: str | os.PathLike[str], base_model: str):
+    """(rows, metadata) kept by `write_prefix_cache`, or None when there are none or they are unreadable; the
+    caller checks the fingerprint, dtype and device in the metadata."""
+    return _read_tagged(prefix_cache_path(snapshot_dir, base_model), PREFIX_FORMAT)

@@ -16,8 +16,9 @@ Owns the metric definitions (see /work/shared/REFERENCE_RESULTS.md):
   character or the end (so the answer must be produced before the sentence goes on).
 
 All functions run under no_grad in eval mode (the previous train/eval mode is restored), in batches,
-and apply the LM head only at the positions they score when the architecture allows it. Values are
-fractions in [0, 1]. Dimension key: B requests, T positions, N scored answer tokens, H hidden, W vocab.
+and apply the LM head only at the positions they score when the architecture allows it. The teacher-forced
+scores and next tokens take an optional `prefix` (horse/prefix.py): rows it has seen run only the blocks above
+its start. Values are fractions in [0, 1]. Dimension key: B requests, T positions, N scored answer tokens, H hidden, W vocab.
 
 Run the tests with `pytest tests/horse/test_metrics.py`.
 """
@@ -27,6 +28,8 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
@@ -35,6 +38,9 @@ from horse.arch import model_device
 from horse.errors import EngineError
 from horse.tokens import TokenizedBatch, chunked, split_answer, tokenize_pairs, tokenize_prompts
 from horse.types import EditRequest
+
+if TYPE_CHECKING:
+    from horse.prefix import PrefixCache
 
 # Causal LMs whose logits are exactly lm_head(backbone(...).last_hidden_state): for these the head is
 # applied only at scored positions (the W-wide logits at every position are the largest tensor of a pass).
@@ -62,13 +68,21 @@ def _inference(model: nn.Module) -> Iterator[None]:
 
 
 def logits_at(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows_N: torch.Tensor, cols_N: torch.Tensor
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows_N: torch.Tensor, cols_N: torch.Tensor,
+    *, prefix: PrefixCache | None = None,
 ) -> torch.Tensor:
     """N×W logits at positions (rows_N, cols_N) of a B×T batch, fp32.
 
     For the known architectures the backbone runs once and the LM head is applied only to the N gathered
-    hidden states; otherwise the full logits are computed and gathered.
+    hidden states; otherwise the full logits are computed and gathered. With `prefix`, the blocks below its
+    start run only for rows it has not seen (it must belong to these weights: horse/prefix.py).
     """
+    if prefix is not None:
+        from horse.replay import head_logits, replay_hidden_BTH
+
+        cached = prefix.block_input(model, input_ids, attention_mask)
+        if cached is not None:
+            return head_logits(model, replay_hidden_BTH(model, prefix.start, cached)[rows_N, cols_N])
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(model).__name__ in _HEAD_SPLIT_MODELS and backbone is not None and head is not None:
@@ -78,12 +92,13 @@ def logits_at(
     return logits_BTW[rows_N, cols_N].float()
 
 
-def _score_batch(model: nn.Module, batch: TokenizedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def _score_batch(model: nn.Module, batch: TokenizedBatch,
+                 prefix: PrefixCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean answer log-prob B, answer-token accuracy B) of one tokenised batch."""
     batch = batch.to(model_device(model))
     rows_N, cols_N = batch.answer_positions()
     targets_N = batch.labels[rows_N, cols_N]
-    logits_NW = logits_at(model, batch.input_ids, batch.attention_mask, rows_N, cols_N)
+    logits_NW = logits_at(model, batch.input_ids, batch.attention_mask, rows_N, cols_N, prefix=prefix)
     logprob_N = torch.log_softmax(logits_NW, dim=-1).gather(1, targets_N[:, None]).squeeze(1)
     correct_N = (logits_NW.argmax(dim=-1) == targets_N).float()
     n_B = batch.answer_lengths_B().float()
@@ -100,6 +115,7 @@ def score_answers(
     answers: Sequence[str],
     *,
     batch_size: int = 32,
+    prefix: PrefixCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Both teacher-forced scores of prompt → answer pairs in one pass.
 
@@ -114,28 +130,31 @@ def score_answers(
     with _inference(model):
         for start in range(0, len(prompts), batch_size):
             batch = tokenize_pairs(tok, prompts[start : start + batch_size], answers[start : start + batch_size])
-            lp, acc = _score_batch(model, batch)
+            lp, acc = _score_batch(model, batch, prefix)
             logprobs.append(lp)
             accuracies.append(acc)
     return torch.cat(logprobs), torch.cat(accuracies)
 
 
 def answer_logprobs(
-    model: nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[str], *, batch_size: int = 32
+    model: nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[str], *,
+    batch_size: int = 32, prefix: PrefixCache | None = None,
 ) -> torch.Tensor:
     """B float: mean log-prob of the answer tokens of " " + answer after each prompt (P = exp of it)."""
-    return score_answers(model, tok, prompts, answers, batch_size=batch_size)[0]
+    return score_answers(model, tok, prompts, answers, batch_size=batch_size, prefix=prefix)[0]
 
 
 def answer_token_accuracy(
-    model: nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[str], *, batch_size: int = 32
+    model: nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[str], *,
+    batch_size: int = 32, prefix: PrefixCache | None = None,
 ) -> torch.Tensor:
     """B float: share of each answer's tokens whose teacher-forced argmax is that token."""
-    return score_answers(model, tok, prompts, answers, batch_size=batch_size)[1]
+    return score_answers(model, tok, prompts, answers, batch_size=batch_size, prefix=prefix)[1]
 
 
 def next_token_ids(
-    model: nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[str], *, batch_size: int = 32
+    model: nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[str], *, batch_size: int = 32,
+    prefix: PrefixCache | None = None,
 ) -> torch.Tensor:
     """B long: the greedy next token after each prompt (canary agreement compares these)."""
     out = []
@@ -143,7 +162,7 @@ def next_token_ids(
         for chunk in chunked(list(prompts), batch_size):
             pb = tokenize_prompts(tok, chunk).to(model_device(model))
             rows = torch.arange(pb.input_ids.shape[0], device=pb.input_ids.device)
-            logits_BW = logits_at(model, pb.input_ids, pb.attention_mask, rows, pb.last_index_B)
+            logits_BW = logits_at(model, pb.input_ids, pb.attention_mask, rows, pb.last_index_B, prefix=prefix)
             out.append(logits_BW.argmax(dim=-1).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 

@@ -142,6 +142,9 @@ class Settings:
     gate_bisect_depth: int = _opt(4, "halvings", "how often a failing batch is split to find the bad edits")
     gate_canary_file: str = _opt("", "path", "canary prompts (JSONL); empty = the shipped sample")
     gate_max_delta_norm: float = _opt(0.0, "Frobenius norm", "largest allowed delta per layer; 0 = off")
+    gate_prefix_cache: bool = _opt(True, "true|false", "keep what enters the edited blocks for the texts the gate "
+                                   "measures every night (canary, protected facts, the retention sample), so that "
+                                   "only the edited blocks run on them again (snapshots/<model>/prefix, a few MB)")
     # consolidation of snapshot chains
     consolidate_every_nights: int = _opt(0, "nights", "fold the chain into one snapshot this often; 0 = off")
     consolidate_max_chain: int = _opt(0, "snapshots", "fold when the chain is this long; 0 = off")
