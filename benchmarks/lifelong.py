@@ -85,7 +85,9 @@ def main() -> None:
     p.add_argument("--consolidate-every", type=int, default=0, help="consolidate_every_nights (0: never)")
     p.add_argument("--consolidate-engine", choices=("", "finetune", "memit"), default="",
                    help="config consolidate_engine: what a fold re-derives the head with (finetune: the hybrid)")
-    p.add_argument("--checkpoint-every", type=int, default=10)
+    p.add_argument("--checkpoint-every", type=int, default=10,
+                   help="measure over all accumulated edits every this many nights and after the last (0: never; "
+                        "timing runs)")
     p.add_argument("--running-normaliser", action="store_true",
                    help="carry the hypernet's input statistics from night to night (config running_normaliser)")
     p.add_argument("--protect-earlier", type=float, default=0.0,
@@ -325,7 +327,8 @@ def main() -> None:
                   if (result.consolidation or {}).get("engine_timings_s") else {}),
                **({"fold_s": result.consolidation["timings_s"]}  # measure_head, edit, gate, protect_keys, ...
                   if (result.consolidation or {}).get("timings_s") else {})}
-        checkpoint_night = (night + 1) % args.checkpoint_every == 0 or night + 1 == args.nights
+        checkpoint_night = args.checkpoint_every > 0 and ((night + 1) % args.checkpoint_every == 0
+                                                          or night + 1 == args.nights)
         if checkpoint_night and args.measure_aside:
             row["head_snapshot"] = head_now()  # what the measuring process measures, even after a restart
         rows.append(row)
