@@ -803,7 +803,8 @@ class _Batch:
             deltas = self._compute(active)
             t = time.perf_counter()
             with apply_deltas(self.model, deltas):
-                eff = gate.efficacy(self.model, self.tokenizer, [to_fact(self.edits[i]) for i in active])
+                eff = gate.efficacy(self.model, self.tokenizer, [to_fact(self.edits[i]) for i in active],
+                                    prefix=self.prefix)
             self._timed("verify", t)
             self.efficacy.update(eff)
             low = [i for i in active if not eff[i]["efficacy"] >= self.settings.gate_min_efficacy]

@@ -249,9 +249,11 @@ def measure(model, tokenizer, probe: Probe, *, batch_size: int = 32, known: Know
 
 
 @torch.no_grad()
-def efficacy(model, tokenizer, facts: Sequence[Fact], *, batch_size: int = 32) -> dict[int, dict[str, float]]:
+def efficacy(model, tokenizer, facts: Sequence[Fact], *, batch_size: int = 32,
+             prefix=None) -> dict[int, dict[str, float]]:
     """Per-edit efficacy (step 4): token accuracy on the prompt (= "efficacy"), the mean over paraphrases, and
     whether greedy decoding from the prompt produces the target ("generated", 1.0 or 0.0; recorded, not required).
+    `prefix`: as in `measure` (a batch that recomputes without the edits that did not take reuses the rows).
 
     Returns:
         {edit id: {"prompt_acc", "paraphrase_acc" (NaN when none), "efficacy", "generated"}}.
@@ -266,7 +268,8 @@ def efficacy(model, tokenizer, facts: Sequence[Fact], *, batch_size: int = 32) -
             owner.append(fact.key)
     if not prompts:
         return {}
-    accs = metrics.answer_token_accuracy(model, tokenizer, prompts, answers, batch_size=batch_size).float().tolist()
+    accs = metrics.answer_token_accuracy(model, tokenizer, prompts, answers, batch_size=batch_size,
+                                         prefix=prefix).float().tolist()
     gen = metrics.generated_matches(model, tokenizer, [f.prompt for f in facts], [f.answer for f in facts],
                                     batch_size=batch_size).float().tolist()
     out: dict[int, dict[str, float]] = {}

@@ -585,8 +585,9 @@ def test_hypernet_from_base_publishes_one_edit_of_every_carried_edit(db_url, dae
 
 def test_the_gate_prefix_cache_serves_the_next_night_and_judges_as_full_passes(db_url, daemon_settings, cli_runner,
                                                                                 tmp_path):
-    """The first night keeps what enters the edited blocks for the canary prompts; the next night's gate reuses it
-    from disk, captures only the texts new to it, and judges exactly as without the cache."""
+    """The first night keeps what enters the edited blocks for the canary prompts and its edits' prompts and
+    paraphrases; the next night reuses them from disk, captures only the texts new to it (its own edits'), and
+    judges exactly as without the cache."""
     from dataclasses import replace
 
     from daemon import snapshots
@@ -594,15 +595,17 @@ def test_the_gate_prefix_cache_serves_the_next_night_and_judges_as_full_passes(d
 
     settings, cfg, store, first = _first_night(db_url, daemon_settings, cli_runner, tmp_path, gate_min_efficacy=0.0)
     n_canary = len(Path(settings.gate_canary_file).read_text().splitlines())
-    assert store.get_batch(first["batch_id"]).metrics["prefix_cache"] == {"reused": n_canary, "captured": n_canary}
+    # the head's canary captured, the candidate's reused; two edits' prompt and paraphrase captured by the verify
+    assert store.get_batch(first["batch_id"]).metrics["prefix_cache"] == {"reused": n_canary, "captured": n_canary + 4}
     kept = snapshots.read_prefix_cache(settings.snapshot_dir, settings.model)
-    assert kept is not None and len(kept[0]) == n_canary and kept[1]["dtype"] == settings.dtype
+    assert kept is not None and len(kept[0]) == n_canary + 4 and kept[1]["dtype"] == settings.dtype
 
     _add(cli_runner, cfg, tmp_path, "night2", [fact(2), fact(3)])
     off = run_batch(replace(settings, gate_prefix_cache=False), store, dry_run=True)
     on = run_batch(settings, store, dry_run=True)
     assert off.metrics["prefix_cache"] is None
-    assert on.metrics["prefix_cache"] == {"reused": n_canary, "captured": 2}  # the canary from disk; night 1's edits
+    # the head comes from night 1's kept measurements; the candidate's canary and retained edits from disk
+    assert on.metrics["prefix_cache"] == {"reused": n_canary + 2, "captured": 4}
     keys = ("canary_agreement", "retention", "retention_abs", "retention_acc_mean", "retention_n")
     assert {k: on.metrics["gate"][k] for k in keys} == {k: off.metrics["gate"][k] for k in keys}
     assert on.applied == off.applied == [3, 4]
