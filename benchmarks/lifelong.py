@@ -319,6 +319,7 @@ def main() -> None:
         result = run_batch(settings, store, actor="benchmark")
         wall = time.perf_counter() - started
         row = {"night": night + 1, "status": result.status, "applied": len(result.applied), "night_s": wall,
+               "threads": args.threads,
                "efficacy": (result.metrics or {}).get("efficacy_mean"),  # the night's edits on the new head
                "consolidation_s": (result.consolidation or {}).get("timings_s", {}).get("total"),
                **({"fold_trained": result.consolidation["trained"]}
@@ -405,6 +406,9 @@ def table(root: Path) -> str:
             "| perplexity × | norm max | night s: first → this |\n|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for name, rows in load_runs(root):
+        started = json.loads((root / name / "run.json").read_text()).get("threads") \
+            if (root / name / "run.json").exists() else None
+        threads = lambda r: r.get("threads", started)  # noqa: E731 - rows before 2026-11-27 ran as the run started
         first_s = rows[0]["night_s"] if rows else float("nan")
         for r in rows:
             if "retention_token" not in r:
@@ -413,7 +417,8 @@ def table(root: Path) -> str:
             lines.append(f"| {name} | {r['edits']:,} | {pct('retention_token')} / {pct('retention_prob')} / "
                          f"{pct('retention_gen')} | {pct('first_token')} / {pct('first_gen')} | {pct('ns')} | "
                          f"{r['canary_agreement_with_base']:.2f} | {r['perplexity_ratio']:.2f} | "
-                         f"{r['cumulative_norm_max']:.1f} | {first_s:.0f} → {r['night_s']:.0f} |")
+                         f"{r['cumulative_norm_max']:.1f} | {first_s:.0f} → {r['night_s']:.0f}"
+                         f"{f' ({threads(rows[0])} → {threads(r)} threads)' if threads(r) != threads(rows[0]) else ''} |")
     return head + "\n".join(lines) + "\n"
 
 

@@ -78,10 +78,13 @@ class PrefixCache:
                   ) -> PrefixCache | None:
         """A cache for `model` as it is now, starting at the lowest block of `module_names`; with the rows
         `kept` (a `to_tensors` result) when they were kept for the same fingerprint. None when the model's
-        head cannot be replayed (`replay.replayable`) or its blocks are not all of one type."""
+        head cannot be replayed (`replay.replayable`), its blocks are not all of one type, or some weights are
+        offloaded (meta tensors)."""
         layer_types = getattr(getattr(model, "config", None), "layer_types", None) or ()
         if not replayable(model) or len(set(layer_types)) > 1:
             return None  # (blocks of different types get different masks: `block_input` takes block 0's)
+        if any(p.is_meta for p in model.parameters()):
+            return None  # weights offloaded by accelerate: nothing to fingerprint
         start = first_block(module_names)
         cache = cls(start, prefix_fingerprint(model, start))
         if kept is not None and kept_fingerprint == cache.fingerprint:
