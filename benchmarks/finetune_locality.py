@@ -60,11 +60,8 @@ def neighbour_swaps(train_path: Path, canary_path: Path):
 
     from horse.finetune import subject_swaps
 
-    canary = {json.loads(line)["source"] for line in canary_path.read_text().splitlines() if line.strip()}
     bank: dict[str, set[str]] = collections.defaultdict(set)
-    for i, rec in enumerate(json.loads(train_path.read_text())):
-        if {f"counterfact-train:{i}", f"counterfact-train:{rec['case_id']}"} & canary:
-            continue
+    for rec in train_outside_canary(train_path, canary_path):
         bank[rec["ground_truth"]].add(rec["subject"])
 
     def swaps(requests, seed):
@@ -82,6 +79,43 @@ def neighbour_swaps(train_path: Path, canary_path: Path):
         return out
 
     return swaps
+
+
+def train_outside_canary(train_path: Path, canary_path: Path) -> list[dict]:
+    """CounterFact train records, less those the canary's relation prompts were made of."""
+    canary = {json.loads(line)["source"] for line in canary_path.read_text().splitlines() if line.strip()}
+    return [rec for i, rec in enumerate(json.loads(train_path.read_text()))
+            if not {f"counterfact-train:{i}", f"counterfact-train:{rec['case_id']}"} & canary]
+
+
+@torch.no_grad()
+def relation_moments(model, tok, modules, prompts, *, batch_size: int = 64, shrinkage: float = 1e-2) -> dict:
+    """Shrunk second moments C = E[k kᵀ] (K×K, float64) of each module's input at the last token of `prompts`
+    (relation prompts of other subjects: where the model states their answer), for `FineTuner.set_preservation`."""
+    from horse.arch import get_module
+    from horse.covariance import shrink_KK
+    from horse.tokens import tokenize_prompts
+
+    sums, n, hooks, last = {}, 0, [], {}
+
+    def grab(name):
+        def hook(module, args):
+            x = args[0][last["rows"], last["cols"]].double()
+            sums[name] = sums.get(name, 0) + x.T @ x
+        return hook
+
+    for name in modules:
+        hooks.append(get_module(model, name).register_forward_pre_hook(grab(name)))
+    try:
+        for start in range(0, len(prompts), batch_size):
+            pb = tokenize_prompts(tok, prompts[start:start + batch_size])
+            last.update(rows=torch.arange(pb.input_ids.shape[0]), cols=pb.last_index_B)
+            model(input_ids=pb.input_ids, attention_mask=pb.attention_mask, use_cache=False)
+            n += pb.input_ids.shape[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: shrink_KK(sums[name] / n, shrinkage) for name in modules}
 
 
 def layer_modules(model, layers: str) -> tuple[str, ...]:
@@ -114,6 +148,9 @@ def main() -> None:
                    help="of the locality term (FinetuneConfig.divergence)")
     p.add_argument("--preserve", type=float, default=0.0,
                    help="FinetuneConfig.preserve_weight (the layers' output change on corpus inputs; 0 = off)")
+    p.add_argument("--preserve-on", choices=("corpus", "relations"), default="corpus",
+                   help="whose inputs --preserve keeps: the local corpus (the engine's) or the last token of 4,000 "
+                        "CounterFact train relation prompts of other subjects (canary records left out; an experiment)")
     p.add_argument("--preserve-rank", type=int, default=256,
                    help="FinetuneConfig.preserve_rank: the moments' top directions the term keeps (0 = all)")
     p.add_argument("--lr", type=float, default=None, help="Adam lr (default: the config's finetune_lr)")
@@ -168,7 +205,12 @@ def main() -> None:
                                 swap_resample=args.swap_resample, divergence=args.divergence, preserve_weight=args.preserve,
                                 preserve_rank=args.preserve_rank, **pool)
         tuner = FineTuner.new(model, config, held_out=canary_prompts)  # as the daemon does
-        if args.preserve:
+        if args.preserve and args.preserve_on == "relations":
+            train = train_outside_canary(ROOT / "data" / "counterfact" / "counterfact-train.json",
+                                         ROOT / "daemon" / "assets" / "canary.jsonl")
+            tuner.set_preservation(relation_moments(model, tok, tuner.module_names,
+                                                    [r["prompt"] for r in train[:4000]]))
+        elif args.preserve:
             from horse.covariance import preservation_moments
 
             tuner.set_preservation(preservation_moments(model, tok, tuner.module_names,
@@ -177,7 +219,8 @@ def main() -> None:
         where = ((f"-L{args.layers}" if args.layers else "") + ("-resample" if args.swap_resample else "")
                  + (f"-pool{args.n_locality}x{pool['locality_batch']}" if pool else "")
                  + (f"-{args.divergence}" if args.divergence != "forward" else "")
-                 + (f"-preserve{args.preserve:g}-r{args.preserve_rank}" if args.preserve else ""))
+                 + (f"-preserve{args.preserve:g}-r{args.preserve_rank}" if args.preserve else "")
+                 + ("-on-relations" if args.preserve and args.preserve_on == "relations" else ""))
         cached = CACHE / (f"val-finetune{ENGINE_REVISION}{partners}{where}-{args.edits}-e{config.epochs}"
                           f"-lr{config.lr:g}-loc{loc:g}-swap{swap:g}-{tuner.fingerprint[:12]}.safetensors")
         t = time.perf_counter()
@@ -195,7 +238,8 @@ def main() -> None:
                    + (", partners resampled each epoch" if args.swap_resample else "")
                    + (f", {args.n_locality} locality prompts, {pool['locality_batch']} a step" if pool else "")
                    + (f", {args.divergence} KL on the locality prompts" if args.divergence != "forward" else "")
-                   + (f", preserve {args.preserve:g} (rank {args.preserve_rank or 'all'})" if args.preserve else ""),
+                   + (f", preserve {args.preserve:g} (rank {args.preserve_rank or 'all'})" if args.preserve else "")
+                   + (" on relation prompts" if args.preserve and args.preserve_on == "relations" else ""),
                    "locality_weight": loc, "swap_weight": swap, "layers": args.layers or "last 6",
                    "lr": lr, "epochs": epochs,
                    "finetune_s": seconds, **measure()}
