@@ -588,7 +588,7 @@ def test_the_gate_prefix_cache_serves_the_next_night_and_judges_as_full_passes(d
                                                                                 tmp_path):
     """The first night keeps what enters the edited blocks for the canary prompts and its edits' prompts and
     paraphrases; the next night reuses them from disk, captures only the texts new to it (its own edits'), and
-    judges exactly as without the cache."""
+    judges exactly as without the cache; the kept rows are the head's block inputs."""
     from dataclasses import replace
 
     from daemon import snapshots
@@ -611,10 +611,25 @@ def test_the_gate_prefix_cache_serves_the_next_night_and_judges_as_full_passes(d
     assert {k: on.metrics["gate"][k] for k in keys} == {k: off.metrics["gate"][k] for k in keys}
     assert on.applied == off.applied == [3, 4]
 
-    # what is kept is what the edited blocks are fed: spoiled rows (same fingerprint) change the verdict's numbers
+    # what is kept is what the head's edited blocks are fed: in this process, on the head's weights, every kept row
+    # is found by fingerprint and scores through it equal full passes (wrong rows would give other scores)
+    from daemon.cycle import load_editor
+    from horse import metrics
+    from horse.prefix import PrefixCache
+
+    with store.session(write=False) as s:
+        m = materialise(settings, links(s, first["snapshot_id"]))
+    names = load_editor(settings, Path(settings.hypernet), *load_base(settings)).module_names
     rows, meta = kept
-    snapshots.write_prefix_cache(settings.snapshot_dir, settings.model, {k: torch.zeros_like(v) for k, v in rows.items()},
-                                 {k: v for k, v in meta.items() if k != "format"})
-    spoiled = run_batch(settings, store, dry_run=True)
-    assert spoiled.metrics["gate"]["canary_agreement"] != off.metrics["gate"]["canary_agreement"]
+    cache = PrefixCache.for_model(m.model, names, rows, meta["fingerprint"])
+    assert len(cache.rows) == n_canary + 4
+    canary = [json.loads(line)["prompt"] for line in Path(settings.gate_canary_file).read_text().splitlines()]
+    edits = store.get_edits([1, 2])
+    prompts = [t for e in edits for t in (e.rendered_prompt, *e.paraphrases)]
+    answers = [e.target_new for e in edits for _ in range(1 + len(e.paraphrases))]
+    assert torch.equal(metrics.next_token_ids(m.model, m.tokenizer, canary, prefix=cache),
+                       metrics.next_token_ids(m.model, m.tokenizer, canary))
+    torch.testing.assert_close(metrics.answer_logprobs(m.model, m.tokenizer, prompts, answers, prefix=cache),
+                               metrics.answer_logprobs(m.model, m.tokenizer, prompts, answers), rtol=0, atol=1e-5)
+    assert (cache.hits, cache.captured) == (n_canary + 4, 0)
     store.close()
