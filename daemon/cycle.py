@@ -550,6 +550,11 @@ class _Batch:
         self._timed("prefix", t)
         return cache
 
+    def _prefix_for(self, deltas):
+        """The prefix cache for the head plus `deltas`: None when they change a module below its start (a re-deriving
+        night puts back to the start every module the chain touched, which may lie there after an engine switch)."""
+        return self.prefix if self.prefix is not None and self.prefix.covers(list(deltas)) else None
+
     def _keep_prefix(self) -> None:
         """Keep the rows of the prefix cache this night used (derived data: losing it costs a capture)."""
         if self.prefix is None or self.dry_run:
@@ -806,7 +811,7 @@ class _Batch:
             t = time.perf_counter()
             with apply_deltas(self.model, deltas):
                 eff = gate.efficacy(self.model, self.tokenizer, [to_fact(self.edits[i]) for i in active],
-                                    prefix=self.prefix)
+                                    prefix=self._prefix_for(deltas))
             self._timed("verify", t)
             self.efficacy.update(eff)
             low = [i for i in active if not eff[i]["efficacy"] >= self.settings.gate_min_efficacy]
@@ -829,8 +834,8 @@ class _Batch:
         key = frozenset(ids)
         if key not in self._verdict_cache:
             deltas = self._compute(ids)
-            with apply_deltas(self.model, deltas):  # the editor's modules only: the prefix cache stays valid
-                cand = gate.measure(self.model, self.tokenizer, self.probe, prefix=self.prefix)
+            with apply_deltas(self.model, deltas):
+                cand = gate.measure(self.model, self.tokenizer, self.probe, prefix=self._prefix_for(deltas))
                 norms = self.m.layer_norms()
             verdict = gate.judge(self.head_measure, cand, self.probe, self.settings, layer_norms=norms)
             verdict.metrics["layer_norms"] = norms

@@ -18,7 +18,8 @@ Owns the metric definitions (see /work/shared/REFERENCE_RESULTS.md):
 All functions run under no_grad in eval mode (the previous train/eval mode is restored), in batches,
 and apply the LM head only at the positions they score when the architecture allows it. The teacher-forced
 scores and next tokens take an optional `prefix` (horse/prefix.py): rows it has seen run only the blocks above
-its start. Values are fractions in [0, 1]. Dimension key: B requests, T positions, N scored answer tokens, H hidden, W vocab.
+its start. Values are fractions in [0, 1]. Dimension key: B requests, T positions, N scored answer tokens,
+H hidden, W vocab.
 
 Run the tests with `pytest tests/horse/test_metrics.py`.
 """

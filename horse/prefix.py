@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from horse.arch import get_module
-from horse.replay import BlockInput, capture_block_input, first_block, replayable
+from horse.errors import EngineError
+from horse.replay import BlockInput, block_path, capture_block_input, first_block, replayable
 
 def prefix_fingerprint(model: nn.Module, start: tuple[str, int]) -> str:
     """sha256 over the names, dtypes, shapes and values of every parameter and buffer of `model` outside the
@@ -90,6 +91,15 @@ class PrefixCache:
         if kept is not None and kept_fingerprint == cache.fingerprint:
             cache.rows = {k: v for k, v in kept.items()}
         return cache
+
+    def covers(self, module_names: Sequence[str]) -> bool:
+        """True when changing these modules leaves every block input at `start` as it is (all of them in blocks
+        from `start` on); a delta elsewhere (a lower block, the head) needs full passes."""
+        blocks_path, index = self.start
+        try:
+            return all((p := block_path(n))[0] == blocks_path and p[1] >= index for n in module_names)
+        except EngineError:
+            return False
 
     def block_input(self, model: nn.Module, input_ids_BT: torch.Tensor,
                     attention_mask_BT: torch.Tensor) -> BlockInput | None:

@@ -64,6 +64,15 @@ def test_the_cache_serves_a_model_changed_above_its_start_and_not_below(tiny_lla
             below.copy_(old_below)
 
 
+def test_the_cache_covers_changes_from_its_start_on_only(tiny_llama):
+    model, _ = tiny_llama
+    names = default_target_modules(model, 2)
+    cache = PrefixCache.for_model(model, names)
+    assert cache.covers(names) and cache.covers([]) and cache.covers([f"model.layers.{cache.start[1]}.mlp.up_proj"])
+    assert not cache.covers([*names, "model.layers.0.mlp.down_proj"])
+    assert not cache.covers(["lm_head"]) and not cache.covers(["transformer.h.3.mlp.c_proj"])
+
+
 def test_kept_rows_reload_for_the_same_weights(tiny_llama):
     model, tok = tiny_llama
     names = default_target_modules(model, 2)
