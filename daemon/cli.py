@@ -78,6 +78,9 @@ def _print_batch(result) -> None:
                    f"{_fmt(gate.get('canary_agreement'))} ({gate.get('canary_n')} prompts) · retention "
                    f"{_fmt(gate.get('retention'))} ({gate.get('retention_n')} earlier edits) · protected flipped "
                    f"{len(gate.get('protected_flipped') or [])}/{gate.get('protected_n')}")
+    if m.get("prefix_cache"):
+        pc = m["prefix_cache"]
+        click.echo(f"  prefix cache: {pc['reused']} texts reused (only the edited blocks ran), {pc['captured']} captured")
     if r.snapshot_path:
         click.echo(f"  file {r.snapshot_path} ({r.snapshot_bytes:,} bytes, "
                    f"{r.snapshot_bytes // max(1, len(r.applied)):,} bytes/edit)")

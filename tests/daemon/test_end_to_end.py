@@ -610,6 +610,8 @@ def test_the_gate_prefix_cache_serves_the_next_night_and_judges_as_full_passes(d
     keys = ("canary_agreement", "retention", "retention_abs", "retention_acc_mean", "retention_n")
     assert {k: on.metrics["gate"][k] for k in keys} == {k: off.metrics["gate"][k] for k in keys}
     assert on.applied == off.applied == [3, 4]
+    assert f"prefix cache: {n_canary + 2} texts reused (only the edited blocks ran), 4 captured" in \
+        cli_runner(cfg, "apply", "--dry-run").stdout
 
     # what is kept is what the head's edited blocks are fed: in this process, on the head's weights, every kept row
     # is found by fingerprint and scores through it equal full passes (wrong rows would give other scores)
