@@ -92,30 +92,20 @@ def train_outside_canary(train_path: Path, canary_path: Path) -> list[dict]:
 def relation_moments(model, tok, modules, prompts, *, batch_size: int = 64, shrinkage: float = 1e-2) -> dict:
     """Shrunk second moments C = E[k kᵀ] (K×K, float64) of each module's input at the last token of `prompts`
     (relation prompts of other subjects: where the model states their answer), for `FineTuner.set_preservation`."""
-    from horse.arch import get_module
-    from horse.covariance import shrink_KK
+    from horse.covariance import second_moment_KK, shrink_KK
+    from horse.hooks import record_keys
     from horse.tokens import tokenize_prompts
 
-    sums, n, hooks, last = {}, 0, [], {}
-
-    def grab(name):
-        def hook(module, args):
-            x = args[0][last["rows"], last["cols"]].double()
-            sums[name] = sums.get(name, 0) + x.T @ x
-        return hook
-
-    for name in modules:
-        hooks.append(get_module(model, name).register_forward_pre_hook(grab(name)))
-    try:
-        for start in range(0, len(prompts), batch_size):
-            pb = tokenize_prompts(tok, prompts[start:start + batch_size])
-            last.update(rows=torch.arange(pb.input_ids.shape[0]), cols=pb.last_index_B)
+    keys: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    for start in range(0, len(prompts), batch_size):
+        pb = tokenize_prompts(tok, prompts[start:start + batch_size])
+        last_BT = torch.zeros_like(pb.attention_mask, dtype=torch.bool)
+        last_BT[torch.arange(last_BT.shape[0]), pb.last_index_B] = True
+        with record_keys(model, modules, last_BT, keep_outputs=False) as captured:
             model(input_ids=pb.input_ids, attention_mask=pb.attention_mask, use_cache=False)
-            n += pb.input_ids.shape[0]
-    finally:
-        for h in hooks:
-            h.remove()
-    return {name: shrink_KK(sums[name] / n, shrinkage) for name in modules}
+        for name in modules:
+            keys[name] += captured[name].keys_NK
+    return {name: shrink_KK(second_moment_KK(torch.cat(keys[name])), shrinkage) for name in modules}
 
 
 def layer_modules(model, layers: str) -> tuple[str, ...]:

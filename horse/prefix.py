@@ -28,20 +28,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from horse.arch import get_module
 from horse.errors import EngineError
-from horse.replay import BlockInput, block_path, capture_block_input, first_block, replayable
+from horse.replay import BlockInput, block_path, capture_block_input, first_block, outside_blocks, replayable
+
 
 def prefix_fingerprint(model: nn.Module, start: tuple[str, int]) -> str:
     """sha256 over the names, dtypes, shapes and values of every parameter and buffer of `model` outside the
     blocks from `start` on: equal fingerprints give equal block inputs."""
-    blocks_path, index = start
-    above = tuple(f"{blocks_path}.{i}." for i in range(index, len(get_module(model, blocks_path))))
     digest = hashlib.sha256(f"{start}".encode())
-    named = sorted((n, t) for group in (model.named_parameters(), model.named_buffers()) for n, t in group
-                   if not n.startswith(above))
     seen: set[int] = set()  # tied weights (embedding = head) are hashed once, under their first name
-    for name, t in named:
+    for name, t in sorted(outside_blocks(model, start).items()):
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         if t.data_ptr() in seen:
             continue
@@ -89,7 +85,7 @@ class PrefixCache:
         start = first_block(module_names)
         cache = cls(start, prefix_fingerprint(model, start))
         if kept is not None and kept_fingerprint == cache.fingerprint:
-            cache.rows = {k: v for k, v in kept.items()}
+            cache.rows = dict(kept)
         return cache
 
     def covers(self, module_names: Sequence[str]) -> bool:
@@ -129,7 +125,6 @@ class PrefixCache:
             hidden_BTH[b, :n] = self.rows[key].to(hidden_BTH.device, hidden_BTH.dtype)
         return BlockInput(hidden_BTH, shape.args, shape.kwargs)
 
-    def to_tensors(self, *, used_only: bool = True) -> dict[str, torch.Tensor]:
-        """The rows to keep (those used since loading, or all), for safetensors."""
-        keys = self.used if used_only else self.rows.keys()
-        return {k: self.rows[k].contiguous() for k in keys if k in self.rows}
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The rows to keep (those used since loading), for safetensors."""
+        return {k: self.rows[k].contiguous() for k in self.used if k in self.rows}

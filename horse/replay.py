@@ -129,17 +129,20 @@ def capture_block_input(model: nn.Module, start: tuple[str, int], input_ids_BT: 
     return got[0]
 
 
+def outside_blocks(model: nn.Module, start: tuple[str, int]) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `model` (by name) outside the blocks from `start` on: what a block input
+    captured at `start` and the replay's final norm and head depend on."""
+    blocks_path, index = start
+    above = tuple(f"{blocks_path}.{i}." for i in range(index, len(get_module(model, blocks_path))))
+    return {n: t for named in (model.named_parameters(), model.named_buffers()) for n, t in named
+            if not n.startswith(above)}
+
+
 def prefix_matches(model: nn.Module, reference: nn.Module, start: tuple[str, int]) -> bool:
     """True when every parameter and buffer of `model` outside the blocks from `start` on equals `reference`'s
     (same names, shapes and values): then a block input captured on `reference` is `model`'s too, and replaying
     it on `model` gives `model`'s own outputs (its final norm and head are compared as well)."""
-    blocks_path, index = start
-    above = tuple(f"{blocks_path}.{i}." for i in range(index, len(get_module(model, blocks_path))))
-
-    def outside(m: nn.Module) -> dict[str, torch.Tensor]:
-        return {n: t for named in (m.named_parameters(), m.named_buffers()) for n, t in named if not n.startswith(above)}
-
-    mine, theirs = outside(model), outside(reference)
+    mine, theirs = outside_blocks(model, start), outside_blocks(reference, start)
     return mine.keys() == theirs.keys() and all(
         mine[n].shape == theirs[n].shape and torch.equal(mine[n], theirs[n].to(mine[n].device)) for n in mine)
 
