@@ -50,9 +50,10 @@ CANARY = ROOT / "daemon" / "assets" / "canary.jsonl"
 
 
 def measure(settings, store, requests, first, canary, base_next, ppl_texts, batch_size: int = 32,
-            head: int | None = None, canary_groups: list[str] | None = None) -> dict:
+            head: int | None = None, canary_groups: list[str] | None = None, scoped: bool = False) -> dict:
     """Checkpoint measures of snapshot `head` (default: the ledger's head now) over `requests`; `canary_groups`:
-    each canary prompt's source, for the agreement per source."""
+    each canary prompt's source, for the agreement per source; `scoped`: served with the deltas scoped to the
+    subjects of `requests` (horse/scope.py)."""
     from daemon.materialise import head_id, links, materialise
     from horse.metrics import agreement_by_group, next_token_ids, perplexity, request_scores, summarise_scores
 
@@ -62,6 +63,10 @@ def measure(settings, store, requests, first, canary, base_next, ppl_texts, batc
         snap = store.get_snapshot(head) if head is not None else None
     m = materialise(settings, chain_links)
     model, tok = m.model, m.tokenizer
+    if scoped:
+        from horse.scope import Scope, SubjectIndex
+
+        Scope(model, m.base_weights, SubjectIndex.build(tok, [r.subject for r in requests]))
     scores = request_scores(model, tok, requests, batch_size=batch_size, with_generation=True)
     every, firsts = summarise_scores(scores), summarise_scores({k: v[:first] for k, v in scores.items()})
     next_now = next_token_ids(model, tok, canary)
@@ -129,6 +134,8 @@ def main() -> None:
                         "numbers go to measured/night-N.json and join the rows in the report")
     p.add_argument("--measure-night", type=int, default=0, help=argparse.SUPPRESS)  # --measure-aside's process
     p.add_argument("--measure-head", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--scoped", action="store_true",
+                   help="measure the checkpoints with the deltas scoped to the edited subjects (config scope)")
     p.add_argument("--measure-now", action="store_true",
                    help="measure the head after the last finished night (an interrupted run) and store it on that row")
     args = p.parse_args()
@@ -244,13 +251,13 @@ def main() -> None:
         """Measure snapshot `head` (default: the head now) over every edit up to `row`'s night; store it on the row."""
         row.update(measure(settings, store, requests[:row["night"] * args.edits_per_night], args.edits_per_night,
                            canary, base_next, ppl_texts, args.eval_batch_size, head=head,
-                           canary_groups=canary_groups))
+                           canary_groups=canary_groups, scoped=args.scoped))
         row["perplexity_ratio"] = row["perplexity"] / base_row["perplexity"]
 
     if args.measure_night:  # the process --measure-aside started: one checkpoint of a given snapshot, then exit
         row = {"night": args.measure_night}
         (out / "measured").mkdir(exist_ok=True)
-        part = out / "measured" / f"night-{args.measure_night}.json"
+        part = out / "measured" / f"night-{args.measure_night}{'-scoped' if args.scoped else ''}.json"
         running = part.with_suffix(".pid")  # a resumed run leaves a measurement still going on alone
         running.write_text(str(os.getpid()))
         try:
