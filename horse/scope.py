@@ -42,6 +42,9 @@ class SubjectIndex:
     by_last: Mapping[int, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
     longest: int = 0
     subjects: frozenset[str] = frozenset()
+    # token ids whose text starts / ends with a letter or digit: a match must not run on into a longer word
+    word_start: frozenset[int] = frozenset()
+    word_end: frozenset[int] = frozenset()
 
     @classmethod
     def build(cls, tok, subjects: Iterable[str]) -> SubjectIndex:
@@ -56,21 +59,30 @@ class SubjectIndex:
                     by_last.setdefault(ids[-1], set()).add(ids)
         frozen = {k: tuple(sorted(v, key=len, reverse=True)) for k, v in by_last.items()}
         longest = max((len(s) for seqs in frozen.values() for s in seqs), default=0)
-        return cls(by_last=frozen, longest=longest, subjects=names)
+        texts = tok.convert_ids_to_tokens(list(range(len(tok))))
+        decoded = [tok.convert_tokens_to_string([t]) if t is not None else "" for t in texts]
+        starts = frozenset(i for i, t in enumerate(decoded) if t[:1].isalnum())
+        ends = frozenset(i for i, t in enumerate(decoded) if t[-1:].isalnum())
+        return cls(by_last=frozen, longest=longest, subjects=names, word_start=starts, word_end=ends)
 
     def __len__(self) -> int:
         return len(self.subjects)
 
 
 def subject_starts_BT(ids_BT: torch.Tensor, index: SubjectIndex) -> torch.Tensor:
-    """B×T bool: True where a scoped subject's token sequence starts (an occurrence found whole in the row)."""
+    """B×T bool: True where a scoped subject's token sequence starts (an occurrence found whole in the row, not
+    inside a longer word: "Paul" is not found in "Pauline" nor "McPaul"; a match at the row's end counts, the
+    next token is not known yet)."""
     starts = torch.zeros(ids_BT.shape, dtype=torch.bool)
     rows = ids_BT.detach().cpu().tolist()
     for b, row in enumerate(rows):
         for t, token in enumerate(row):
+            if t + 1 < len(row) and row[t + 1] in index.word_start and token in index.word_end:
+                continue  # the word goes on
             for seq in index.by_last.get(token, ()):
                 n = len(seq)
-                if n <= t + 1 and tuple(row[t + 1 - n:t + 1]) == seq:
+                if n <= t + 1 and tuple(row[t + 1 - n:t + 1]) == seq and not (
+                        t >= n and row[t - n] in index.word_end and seq[0] in index.word_start):
                     starts[b, t + 1 - n] = True
                     break
     return starts

@@ -93,7 +93,7 @@ def test_a_whole_text_in_scope_is_the_edited_model(tiny_model):
 def test_cached_generation_carries_the_scope_across_steps(tiny_model):
     model, tok = tiny_model
     names = default_target_modules(model, 2)
-    prompts = ["The color of Zorblat", "Mirelda plays the", "The home of Quenvik"]
+    prompts = ["The color of Zorblat is", "Mirelda plays the", "The home of Quenvik"]
     base = _edit(model, names)
     try:
         with Scope(model, base, SubjectIndex.build(tok, SUBJECTS + ["Quenvik Arvenia"])) as scope:
@@ -122,3 +122,11 @@ def test_a_base_weight_of_another_shape_is_refused_and_leaves_no_hook(tiny_llama
     with pytest.raises(EngineError, match="another model"):
         Scope(model, {name: torch.zeros(3, 3)}, SubjectIndex.build(tok, SUBJECTS))
     assert torch.equal(metrics.next_token_ids(model, tok, OUT_OF_SCOPE), before)
+
+
+def test_a_subject_inside_a_longer_word_is_not_a_match(tiny_tok):
+    index = SubjectIndex.build(tiny_tok, ["Paul"])
+    texts = ["Pauline sings", "McPaul sings", "Paul sings", "(Paul) sings", "I met Paul", "Paul's hat"]
+    found = [bool(subject_starts_BT(tiny_tok([t], add_special_tokens=False, return_tensors="pt")["input_ids"],
+                                    index).any()) for t in texts]
+    assert found == [False, False, True, True, True, True]
