@@ -306,7 +306,9 @@ def ask(app: AppContext, prompt: str, snapshot: str | None, max_new_tokens: int,
     if as_json:
         _echo_json(out)
         return
-    click.echo(f"[{app.settings.model} @ {'base' if ref is None else f'snapshot {ref}'}]")
+    scope = "" if out["in_scope"] is None else \
+        f", scope: {'an edited subject is named' if out['in_scope'] else 'no edited subject named: the base answers'}"
+    click.echo(f"[{app.settings.model} @ {'base' if ref is None else f'snapshot {ref}'}{scope}]")
     click.echo(f"{prompt}{click.style(out['continuation'], bold=True)}")
     click.echo("next token: " + ", ".join(f"{t['token']!r} {t['prob']:.3f}" for t in out["top_tokens"]))
 

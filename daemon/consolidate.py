@@ -50,7 +50,7 @@ from daemon.cycle import (ACTOR, keep_fold_moments, keep_measurements, kept_meas
                           nights_since_consolidation, probe_for, to_fact, to_request)
 from daemon.errors import BatchRefused, DaemonError
 from daemon.locks import applier_lock
-from daemon.materialise import chain, head_id, links, load_base, materialise, weights_digest
+from daemon.materialise import chain, head_id, links, load_base, materialise, scope_index, scoped, weights_digest
 from ledger.config import Settings
 from ledger.events import record_event
 from ledger.models import Edit, Snapshot, SnapshotEdit, utcnow
@@ -156,6 +156,7 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
         ApplierBusy: a batch is running on this model.
         BatchRefused: the deltas hold NaN / Inf (nothing is written).
     """
+    from horse.arch import get_module
     from horse.deltas import add_deltas_, apply_deltas, check_finite, frobenius_norms
 
     base_model = settings.model
@@ -218,7 +219,9 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
             replayed_acc = editor.scan_accuracy(head_m.model, model)
             if replayed_acc is not None:
                 known.add_accuracy(facts, replayed_acc)
-        head_measure = gate.measure(head_m.model, head_m.tokenizer, probe, known=known)
+        index = scope_index(settings, tokenizer, [e.subject for e in edits])  # config `scope`: served scoped
+        with scoped(head_m.model, head_m.tokenizer, head_m.base_weights, index):
+            head_measure = gate.measure(head_m.model, head_m.tokenizer, probe, known=known)
         result.head = gate.baseline_metrics(head_measure, probe, settings)
         del head_m
         timed("measure_head")
@@ -238,7 +241,8 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
         scanned = gate.Known()  # a warm fine-tune's last scan measured every carried edit on these weights
         if init is not None:
             scanned.add_accuracy(facts, editor.last_accuracy)
-        with apply_deltas(model, deltas):
+        base = {n: get_module(model, n).weight.detach().clone() for n in deltas}  # the fold is from the base
+        with apply_deltas(model, deltas), scoped(model, tokenizer, base, index):
             cand = gate.measure(model, tokenizer, probe, known=scanned)
         verdict = gate.judge(head_measure, cand, probe, settings, layer_norms=norms)
         result.gate, result.gate_reasons = verdict.metrics, list(verdict.reasons)

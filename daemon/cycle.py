@@ -46,7 +46,7 @@ from daemon.errors import BatchRefused, DaemonError
 from daemon.locks import applier_lock
 from daemon.logs import log_context
 from daemon.materialise import (ChainLink, Materialised, chain, head_id, link_of, load_base, materialise,
-                                weights_digest)
+                                scope_index, scoped, weights_digest)
 from ledger.config import Settings
 from ledger.events import record_event
 from ledger.models import Batch, Edit, Snapshot, SnapshotEdit, utcnow
@@ -131,10 +131,11 @@ def probe_for(settings: Settings, store: Store, retained: Sequence[gate.Fact], *
 
 def _measured_meta(settings: Settings, snapshot_sha256: str | None = None) -> dict[str, str]:
     """What a kept gate measurement depends on besides the weights (the snapshot, when given): the model, its
-    dtype and device."""
+    dtype and device, the scope it was served with."""
     from daemon.materialise import resolve_device
 
-    meta = {"model": settings.model, "dtype": settings.dtype, "device": str(resolve_device(settings.device)).split(":")[0]}
+    meta = {"model": settings.model, "dtype": settings.dtype, "device": str(resolve_device(settings.device)).split(":")[0],
+            "scope": settings.scope}
     return meta if snapshot_sha256 is None else {"snapshot_sha256": snapshot_sha256, **meta}
 
 
@@ -497,10 +498,12 @@ class _Batch:
         self._stage("materialised")
 
         self.probe = probe_for(self.settings, self.store, [to_fact(e) for e in retained])
+        self.scope = scope_index(self.settings, tokenizer, [e.subject for e in retained])
         self.prefix = self._open_prefix()
         known = kept_measurements(self.settings, self.base_model, self.parent_id,
                                   self.chain[-1].sha256) if self.chain else None
-        self.head_measure = gate.measure(model, tokenizer, self.probe, known=known, prefix=self.prefix)
+        with self._scoped(()):
+            self.head_measure = gate.measure(model, tokenizer, self.probe, known=known, prefix=self.prefix)
         t = self._timed("measure_head", t)
         self.protected = self._protect_earlier(retained)
         if self.protected:
@@ -547,8 +550,16 @@ class _Batch:
         same = all(meta.get(k) == v for k, v in _measured_meta(self.settings).items())
         fingerprint = meta.get("fingerprint") if same else None
         cache = PrefixCache.for_model(self.model, self.editor.module_names, rows, fingerprint)
+        if cache is not None and self.scope is not None and not cache.covers(list(self.m.base_weights)):
+            cache = None  # a scoped module below the start would make the kept block inputs depend on the scope
         self._timed("prefix", t)
         return cache
+
+    def _scoped(self, ids: Sequence[int]):
+        """While inside: the model scoped (config `scope`) to the head's subjects and those of edits `ids`, as it
+        would be served with them published; nothing with scope = off."""
+        return scoped(self.model, self.tokenizer, self.m.base_weights, self.scope,
+                      [self.edits[i].subject for i in ids])
 
     def _prefix_for(self, deltas):
         """The prefix cache for the head plus `deltas`: None when they change a module below its start (a re-deriving
@@ -809,7 +820,7 @@ class _Batch:
         while active:
             deltas = self._compute(active)
             t = time.perf_counter()
-            with apply_deltas(self.model, deltas):
+            with apply_deltas(self.model, deltas), self._scoped(active):
                 eff = gate.efficacy(self.model, self.tokenizer, [to_fact(self.edits[i]) for i in active],
                                     prefix=self._prefix_for(deltas))
             self._timed("verify", t)
@@ -834,7 +845,7 @@ class _Batch:
         key = frozenset(ids)
         if key not in self._verdict_cache:
             deltas = self._compute(ids)
-            with apply_deltas(self.model, deltas):
+            with apply_deltas(self.model, deltas), self._scoped(ids):
                 cand = gate.measure(self.model, self.tokenizer, self.probe, prefix=self._prefix_for(deltas))
                 norms = self.m.layer_norms()
             verdict = gate.judge(self.head_measure, cand, self.probe, self.settings, layer_norms=norms)

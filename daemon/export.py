@@ -3,7 +3,10 @@
 Owns `horse-ledger export` and `horse-ledger ask`. The exported model dir is what
 `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads with no horse-ledger installed; a
 `horse-ledger.json` next to it says which snapshot, chain and edits it holds. `--deltas-only` copies the
-chain's delta files in order with a `manifest.json` that says how to apply them.
+chain's delta files in order with a `manifest.json` that says how to apply them. With the config's
+`scope = "subject"` the dir also holds `scope.json` (the edited subjects) and `scope-base.safetensors` (the base
+weights of the edited modules): plain transformers serves the edits on every text; `horse.scope.scope_export(model,
+tokenizer, DIR)` puts the scope on, as the gate measured it. `ask` serves the configured scope.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from sqlalchemy import select
 
 from daemon import snapshots
 from daemon.errors import DaemonError
-from daemon.materialise import chain, head_id, links, materialise
+from daemon.materialise import chain, chain_subjects, head_id, links, materialise, scope_index, scoped
 from ledger.config import Settings
 from ledger.errors import SnapshotNotFound
 from ledger.models import Snapshot, SnapshotEdit
@@ -83,6 +86,12 @@ def export(settings: Settings, store: Store, snapshot_id: int | None, out: Path,
     m.tokenizer.save_pretrained(out)
     manifest["chain"] = [{k: row[k] for k in ("id", "parent_id", "kind", "sha256", "edit_ids")} for row in info]
     manifest["weights_sha256"] = info[-1]["metrics"]["weights_sha256"] if info else None
+    if settings.scope != "off":
+        from horse.scope import write_scope
+
+        with store.session(write=False) as s:
+            subjects = chain_subjects(s, m.chain_ids)
+        manifest["scope"] = write_scope(out, settings.scope, subjects, m.base_weights)
     (out / "horse-ledger.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -98,15 +107,23 @@ def ask(settings: Settings, store: Store, prompt: str, snapshot_id: int | None, 
     """Greedy continuation of `prompt` and the top next tokens, on the model at `snapshot_id` (None = base)."""
     m = materialise(settings, links_for(store, snapshot_id))
     model, tok = m.model, m.tokenizer
+    with store.session(write=False) as s:
+        index = scope_index(settings, tok, chain_subjects(s, m.chain_ids))
     device = next(model.parameters()).device
     enc = tok(prompt, return_tensors="pt").to(device)
-    logits = model(**enc).logits[0, -1].float()
-    probs = torch.softmax(logits, dim=-1)
-    top = torch.topk(probs, k=min(top_k, probs.numel()))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    with scoped(model, tok, m.base_weights, index):
+        logits = model(**enc).logits[0, -1].float()
+        probs = torch.softmax(logits, dim=-1)
+        top = torch.topk(probs, k=min(top_k, probs.numel()))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     continuation = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    in_scope = None
+    if index is not None:
+        from horse.scope import scope_mask_BT
+
+        in_scope = bool(scope_mask_BT(gen[:, :enc["input_ids"].shape[1]].cpu(), index).any())
     return {"base_model": settings.model, "snapshot_id": snapshot_id, "prompt": prompt,
-            "continuation": continuation,
+            "continuation": continuation, "scope": settings.scope, "in_scope": in_scope,
             "top_tokens": [{"token": tok.decode([int(i)]), "id": int(i), "prob": float(p)}
                            for p, i in zip(top.values.tolist(), top.indices.tolist())]}

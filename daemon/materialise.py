@@ -14,12 +14,16 @@ deltas after it. Deleting the cache never changes a result, only its speed.
 
     m = materialise(settings, session, snapshot_id)      # None = the unedited base
     m.model, m.tokenizer, m.chain_ids, m.layer_norms()
+
+With the config's `scope = "subject"` the model at S is served scoped: `scoped(...)` puts horse/scope.py's hooks
+on it for the subjects of the edits its chain carries (`chain_subjects`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +152,36 @@ def weights_digest(model, module_names: Sequence[str]) -> str:
         digest.update(f"{name}|{weight.dtype}|{tuple(weight.shape)}|".encode())
         digest.update(weight.view(torch.uint8).numpy().tobytes() if weight.numel() else b"")
     return digest.hexdigest()
+
+
+def scope_index(settings: Settings, tokenizer, subjects: Iterable[str]):
+    """The subjects' index (horse/scope.py) when the config's `scope` is "subject"; None when it is "off"."""
+    if settings.scope == "off":
+        return None
+    from horse.scope import SubjectIndex
+
+    return SubjectIndex.build(tokenizer, subjects)
+
+
+def scoped(model, tokenizer, base_weights: dict[str, torch.Tensor], index, more_subjects: Iterable[str] = ()):
+    """While inside: `model`'s deltas (its weights − `base_weights`) act only in the scope of `index` plus
+    `more_subjects` (horse/scope.py); nothing changes when `index` is None (scope = off)."""
+    if index is None:
+        return contextlib.nullcontext()
+    from horse.scope import Scope
+
+    return Scope(model, base_weights, index.extended(tokenizer, more_subjects))
+
+
+def chain_subjects(session: Session, chain_ids: Sequence[int]) -> list[str]:
+    """The subjects of every edit the snapshots `chain_ids` carry (what a scoped head is about)."""
+    from ledger.models import Edit, SnapshotEdit
+
+    if not chain_ids:
+        return []
+    rows = session.execute(select(Edit.subject).join(SnapshotEdit, SnapshotEdit.edit_id == Edit.id)
+                           .where(SnapshotEdit.snapshot_id.in_(list(chain_ids))).distinct())
+    return sorted(rows.scalars())
 
 
 def links(session: Session, snapshot_id: int | None) -> list[ChainLink]:

@@ -81,9 +81,12 @@ def logits_at(
     if prefix is not None:
         from horse.replay import head_logits, replay_hidden_BTH
 
+        from horse.scope import masking
+
         cached = prefix.block_input(model, input_ids, attention_mask)
         if cached is not None:
-            return head_logits(model, replay_hidden_BTH(model, prefix.start, cached)[rows_N, cols_N])
+            with masking(model, input_ids):  # a scoped model (horse/scope.py): the mask of these texts
+                return head_logits(model, replay_hidden_BTH(model, prefix.start, cached)[rows_N, cols_N])
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(model).__name__ in _HEAD_SPLIT_MODELS and backbone is not None and head is not None:

@@ -24,7 +24,9 @@ Tests: `python -m pytest tests/horse/test_scope.py -q`.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -50,20 +52,27 @@ class SubjectIndex:
     def build(cls, tok, subjects: Iterable[str]) -> SubjectIndex:
         """Index `subjects` (blank ones are skipped) in both spellings a tokenizer gives a word: at the start of
         a text and after a space."""
-        names = frozenset(s.strip() for s in subjects if s and s.strip())
-        by_last: dict[int, set[tuple[int, ...]]] = {}
-        for name in names:
+        texts = tok.convert_ids_to_tokens(list(range(len(tok))))
+        decoded = [tok.convert_tokens_to_string([t]) if t is not None else "" for t in texts]
+        starts = frozenset(i for i, t in enumerate(decoded) if t[:1].isalnum())
+        ends = frozenset(i for i, t in enumerate(decoded) if t[-1:].isalnum())
+        return cls(word_start=starts, word_end=ends).extended(tok, subjects)
+
+    def extended(self, tok, subjects: Iterable[str]) -> SubjectIndex:
+        """This index plus `subjects` (same tokenizer)."""
+        names = self.subjects | frozenset(s.strip() for s in subjects if s and s.strip())
+        if names == self.subjects:
+            return self
+        by_last: dict[int, set[tuple[int, ...]]] = {k: set(v) for k, v in self.by_last.items()}
+        for name in names - self.subjects:
             for text in (name, " " + name):
                 ids = tuple(tok(text, add_special_tokens=False)["input_ids"])
                 if ids:
                     by_last.setdefault(ids[-1], set()).add(ids)
         frozen = {k: tuple(sorted(v, key=len, reverse=True)) for k, v in by_last.items()}
         longest = max((len(s) for seqs in frozen.values() for s in seqs), default=0)
-        texts = tok.convert_ids_to_tokens(list(range(len(tok))))
-        decoded = [tok.convert_tokens_to_string([t]) if t is not None else "" for t in texts]
-        starts = frozenset(i for i, t in enumerate(decoded) if t[:1].isalnum())
-        ends = frozenset(i for i, t in enumerate(decoded) if t[-1:].isalnum())
-        return cls(by_last=frozen, longest=longest, subjects=names, word_start=starts, word_end=ends)
+        return SubjectIndex(by_last=frozen, longest=longest, subjects=names, word_start=self.word_start,
+                            word_end=self.word_end)
 
     def __len__(self) -> int:
         return len(self.subjects)
@@ -116,6 +125,24 @@ def _base_output(module: nn.Module, x: torch.Tensor, base_weight: torch.Tensor) 
     return y + bias if bias is not None else y
 
 
+_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → its Scope, for `masking`
+
+
+@contextlib.contextmanager
+def masking(model: nn.Module, ids_BT: torch.Tensor) -> Iterator[None]:
+    """For passes that run the edited blocks without the backbone's own forward (a replay from cached block
+    inputs, horse/prefix.py): the scope mask of `ids_BT` while inside; a no-op on a model without a scope."""
+    scope = _ACTIVE.get(model)
+    if scope is None:
+        yield
+        return
+    scope._mask_BT = scope_mask_BT(ids_BT, scope.index)
+    try:
+        yield
+    finally:
+        scope._mask_BT = None
+
+
 class Scope:
     """Hooks that give each token position the edited weights only inside the scope of `index`.
 
@@ -138,6 +165,10 @@ class Scope:
         self._tail_BT: torch.Tensor | None = None    # their last tokens, for a subject cut by the step boundary
         self._handles = [backbone.register_forward_pre_hook(self._on_backbone, with_kwargs=True),
                          backbone.register_forward_hook(self._after_backbone)]
+        if model in _ACTIVE:
+            self.remove()
+            raise EngineError("this model already has a scope; remove it first")
+        _ACTIVE[model] = self
         self._bases: dict[str, torch.Tensor] = {}
         for name, base in base_weights.items():
             module = get_module(model, name)
@@ -188,6 +219,8 @@ class Scope:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if _ACTIVE.get(self.model) is self:
+            del _ACTIVE[self.model]
         self._mask_BT = self._active_B = self._tail_BT = None
 
     def __enter__(self) -> Scope:
@@ -196,3 +229,42 @@ class Scope:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.remove()
+
+
+SCOPE_FILE, SCOPE_BASE_FILE = "scope.json", "scope-base.safetensors"
+
+
+def write_scope(out_dir, kind: str, subjects: Iterable[str], base_weights: Mapping[str, torch.Tensor]) -> dict:
+    """Write what serving an exported model dir scoped needs: `scope.json` (kind, subjects, modules) and the base
+    weights of the edited modules (`scope-base.safetensors`). Returns the scope.json content."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    info = {"kind": kind, "subjects": sorted(set(subjects)), "modules": sorted(base_weights),
+            "serve": "horse.scope.scope_export(model, tokenizer, DIR): edits act only from an edited subject on"}
+    save_file({n: w.detach().cpu().contiguous() for n, w in base_weights.items()}, str(out / SCOPE_BASE_FILE))
+    (out / SCOPE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return {k: v for k, v in info.items() if k != "subjects"} | {"subjects": len(info["subjects"])}
+
+
+def scope_export(model: nn.Module, tok, out_dir) -> Scope:
+    """Put the scope an export dir (`horse-ledger export` with scope = subject) records on `model`, loaded from that
+    dir; returns the Scope (`.remove()` to serve unscoped)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out = Path(out_dir)
+    try:
+        info = json.loads((out / SCOPE_FILE).read_text())
+        base = load_file(str(out / SCOPE_BASE_FILE))
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"{out} holds no readable scope ({SCOPE_FILE}, {SCOPE_BASE_FILE}): {exc}; export it "
+                          "again with scope = subject") from exc
+    if info.get("kind") != "subject" or sorted(base) != sorted(info.get("modules", [])):
+        raise EngineError(f"{out / SCOPE_FILE} does not match {SCOPE_BASE_FILE}; export the snapshot again")
+    return Scope(model, base, SubjectIndex.build(tok, info.get("subjects", [])))

@@ -24,6 +24,7 @@ ENV_PREFIX = "HORSE_LEDGER_"
 ENV_CONFIG = "HORSE_LEDGER_CONFIG"
 ENV_DB = "HORSE_LEDGER_DB"
 ENGINES = ("hypernet", "finetune", "memit")
+SCOPES = ("off", "subject")
 
 
 def _opt(default: Any, unit: str, help: str, env: str | None = None) -> Any:
@@ -145,6 +146,10 @@ class Settings:
     gate_prefix_cache: bool = _opt(True, "true|false", "keep what enters the edited blocks for the texts the gate "
                                    "measures every night (canary, protected facts, the retention sample), so that "
                                    "only the edited blocks run on them again (snapshots/<model>/prefix, a few MB)")
+    scope: str = _opt("off", "off|subject", "subject = edits act only in texts that name an edited subject (from "
+                      "its first token on; elsewhere the edited modules give the base model's output): the gate "
+                      "measures, and `ask` serves, the model that way (horse/scope.py); exported plain model dirs "
+                      "cannot carry it. off = the deltas act on every text")
     # consolidation of snapshot chains
     consolidate_every_nights: int = _opt(0, "nights", "fold the chain into one snapshot this often; 0 = off")
     consolidate_max_chain: int = _opt(0, "snapshots", "fold when the chain is this long; 0 = off")
@@ -298,6 +303,8 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
         if value not in ENGINES and not (empty_ok and value == ""):
             raise ConfigError(f"{name} = {value!r} is not known; give one of {', '.join(ENGINES)}"
                               + (" (or leave it empty: the same as engine)" if empty_ok else ""))
+    if values.get("scope", "off") not in SCOPES:
+        raise ConfigError(f"scope = {values['scope']!r} is not known; give one of {', '.join(SCOPES)}")
     if values.get("gate_retention_sample", 1) < 1:
         raise ConfigError(f"gate_retention_sample = {values['gate_retention_sample']} must be ≥ 1 (edits measured)")
     lrs = (values.get("finetune_lr", 1.0), values.get("finetune_warm_lr", 1.0))

@@ -635,3 +635,48 @@ def test_the_gate_prefix_cache_serves_the_next_night_and_judges_as_full_passes(d
                                metrics.answer_logprobs(m.model, m.tokenizer, prompts, answers), rtol=0, atol=1e-5)
     assert (cache.hits, cache.captured) == (n_canary + 4, 0)
     store.close()
+
+
+def test_a_scoped_night_leaves_texts_without_an_edited_subject_as_they_were(db_url, daemon_settings, cli_runner,
+                                                                           tmp_path):
+    """scope = subject: the gate measures the candidate as it will be served, edits acting only from an edited
+    subject on — the canary (no subject named) keeps every next token, the edits take; the same batch unscoped
+    moves the canary on this tiny model. `ask` serves the scope; an export carries it and `scope_export` puts it
+    back on a plain transformers load of the dir."""
+    from dataclasses import replace
+
+    from daemon.cycle import run_batch
+    from horse.scope import scope_export
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    settings, cfg, store, first = _first_night(db_url, daemon_settings, cli_runner, tmp_path, scope="subject",
+                                               gate_min_efficacy=0.0)
+    gate_m = store.get_batch(first["batch_id"]).metrics["gate"]
+    assert gate_m["canary_agreement"] == 1.0, gate_m
+    _add(cli_runner, cfg, tmp_path, "night2", [fact(2), fact(3)])
+    scoped_night = run_batch(settings, store, dry_run=True)
+    unscoped_night = run_batch(replace(settings, scope="off"), store, dry_run=True)
+    assert scoped_night.metrics["gate"]["canary_agreement"] == 1.0
+    assert unscoped_night.metrics["gate"]["canary_agreement"] < 1.0, unscoped_night.metrics["gate"]
+
+    asked = json.loads(cli_runner(cfg, "ask", "The home of Alpha is", "--json").stdout)
+    base = json.loads(cli_runner(cfg, "ask", "The home of Alpha is", "--json", "--snapshot", "base").stdout)
+    assert (asked["scope"], asked["in_scope"]) == ("subject", False) and asked["top_tokens"] == base["top_tokens"]
+    inside = json.loads(cli_runner(cfg, "ask", f"The color of {fact(0)['subject']} is", "--json").stdout)
+    assert inside["in_scope"] is True
+
+    out = tmp_path / "export"
+    cli_runner(cfg, "export", "head", "--out", str(out))
+    manifest = json.loads((out / "horse-ledger.json").read_text())
+    assert manifest["scope"]["kind"] == "subject" and manifest["scope"]["subjects"] == 2
+    model, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    from horse import metrics
+
+    prompts = ["The home of Alpha is", f"The color of {fact(1)['subject']} is"]
+    unscoped_next = metrics.next_token_ids(model, tok, prompts)
+    with scope_export(model, tok, out):
+        scoped_next = metrics.next_token_ids(model, tok, prompts)
+    base_model, _ = load_base(settings)
+    assert int(scoped_next[0]) == int(metrics.next_token_ids(base_model, tok, prompts[:1])[0])
+    assert int(scoped_next[1]) == int(unscoped_next[1])
+    store.close()

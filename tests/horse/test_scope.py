@@ -130,3 +130,36 @@ def test_a_subject_inside_a_longer_word_is_not_a_match(tiny_tok):
     found = [bool(subject_starts_BT(tiny_tok([t], add_special_tokens=False, return_tensors="pt")["input_ids"],
                                     index).any()) for t in texts]
     assert found == [False, False, True, True, True, True]
+
+
+def test_a_prefix_cache_replays_a_scoped_model_with_its_mask(tiny_llama):
+    from horse.prefix import PrefixCache
+
+    model, tok = tiny_llama
+    names = default_target_modules(model, 2)
+    cache = PrefixCache.for_model(model, names)
+    prompts = OUT_OF_SCOPE + IN_SCOPE
+    metrics.next_token_ids(model, tok, prompts, prefix=cache)  # rows captured on the base
+    base = _edit(model, names)
+    try:
+        with Scope(model, base, SubjectIndex.build(tok, SUBJECTS)):
+            full = metrics.next_token_ids(model, tok, prompts)
+            lp_full, _ = metrics.score_answers(model, tok, prompts, ["Tarsk"] * 6)
+            replayed = metrics.next_token_ids(model, tok, prompts, prefix=cache)
+            lp_replayed, _ = metrics.score_answers(model, tok, prompts, ["Tarsk"] * 6, prefix=cache)
+            assert cache.hits > 0
+        assert torch.equal(full, replayed) and torch.allclose(lp_full, lp_replayed, atol=1e-5)
+        unscoped, _ = metrics.score_answers(model, tok, prompts, ["Tarsk"] * 6, prefix=cache)
+        assert not torch.allclose(unscoped[:3], lp_full[:3], atol=1e-3)  # (the scope does change them)
+    finally:
+        _restore(model, base)
+
+
+def test_a_model_takes_one_scope_at_a_time(tiny_llama):
+    model, tok = tiny_llama
+    index = SubjectIndex.build(tok, SUBJECTS)
+    with Scope(model, {}, index):
+        with pytest.raises(EngineError, match="already has a scope"):
+            Scope(model, {}, index)
+    Scope(model, {}, index.extended(tok, ["Mirelda"])).remove()
+    assert index.extended(tok, SUBJECTS) is index and len(index.extended(tok, ["Mirelda"])) == 3
