@@ -135,7 +135,8 @@ def main() -> None:
     p.add_argument("--measure-night", type=int, default=0, help=argparse.SUPPRESS)  # --measure-aside's process
     p.add_argument("--measure-head", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--scoped", action="store_true",
-                   help="measure the checkpoints with the deltas scoped to the edited subjects (config scope)")
+                   help="config scope = subject: the gate and the checkpoints measure the head served with its deltas "
+                        "scoped to the edited subjects (horse/scope.py); the nights' deltas are the same")
     p.add_argument("--measure-now", action="store_true",
                    help="measure the head after the last finished night (an interrupted run) and store it on that row")
     args = p.parse_args()
@@ -189,7 +190,7 @@ def main() -> None:
                              consolidate_engine=args.consolidate_engine,
                              running_normaliser=args.running_normaliser, protect_earlier=args.protect_earlier,
                              hypernet_from_base=args.from_base, hypernet_from_consolidation=args.from_fold,
-                             finetune_swap_weight=swap,
+                             finetune_swap_weight=swap, scope="subject" if args.scoped else "off",
                              device=args.device,
                              **({"gate_retention_sample": args.gate_sample} if args.gate_sample else {}),
                              **({"gate_generation_sample": args.gate_generation_sample}
@@ -395,15 +396,23 @@ def load_runs(root: Path) -> list[tuple[str, list[dict]]]:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if rows and all("night" in r for r in rows):
             runs.append((path.parent.name, with_measured(path.parent, rows)))
+            scoped = with_measured(path.parent, rows, scoped=True)
+            if any("retention_token" in r for r in scoped):  # the same snapshots served scoped (--scoped)
+                runs.append((path.parent.name + " (scoped)", scoped))
     return runs
 
 
-def with_measured(run_dir: Path, rows: list[dict]) -> list[dict]:
-    """The rows with the checkpoints measured aside (`measured/night-N.json`) joined to their nights."""
+def with_measured(run_dir: Path, rows: list[dict], *, scoped: bool = False) -> list[dict]:
+    """The rows with the checkpoints measured aside (`measured/night-N.json`) joined to their nights; `scoped`:
+    only the nights measured served scoped (`measured/night-N-scoped.json`), with those measurements."""
     aside = {}
     for path in sorted((run_dir / "measured").glob("night-*.json")):
-        part = json.loads(path.read_text())
-        aside[part["night"]] = part
+        if path.stem.endswith("-scoped") == scoped:
+            part = json.loads(path.read_text())
+            aside[part["night"]] = part
+    if scoped:  # every night's row (the table's first night time), measured only where served scoped
+        return [{**{k: v for k, v in r.items() if k != "retention_token"}, **aside.get(r["night"], {})}
+                for r in rows] if aside else []
     return [{**r, **aside.get(r["night"], {})} for r in rows]
 
 
