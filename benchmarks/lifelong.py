@@ -422,8 +422,8 @@ def table(root: Path) -> str:
             "| perplexity × | norm max | night s: first → this |\n|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for name, rows in load_runs(root):
-        started = json.loads((root / name / "run.json").read_text()).get("threads") \
-            if (root / name / "run.json").exists() else None
+        run_json = root / name.removesuffix(" (scoped)") / "run.json"
+        started = json.loads(run_json.read_text()).get("threads") if run_json.exists() else None
         threads = lambda r: r.get("threads", started)  # noqa: E731 - rows before 2026-11-27 ran as the run started
         first_s = rows[0]["night_s"] if rows else float("nan")
         for r in rows:

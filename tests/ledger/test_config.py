@@ -49,6 +49,7 @@ def test_precedence_toml_env_flags(tmp_path):
     ("preserve_weight = -1.0", "preserve_weight = -1.0 is negative"),
     ("preserve_exponent = -2.0", "preserve_exponent = -2.0 is negative"),
     ("engine = 'rome'", "engine = 'rome' is not known; give one of hypernet, finetune, memit"),
+    ("scope = 'everything'", "scope = 'everything' is not known; give one of off, subject"),
     ("finetune_epochs = 0", "finetune_epochs must be ≥ 1"),
     ("finetune_warm_lr = 0.0", "finetune_lr, finetune_warm_lr > 0"),
     ("finetune_locality_weight = -1.0", "finetune_locality_weight = -1.0 is negative"),
