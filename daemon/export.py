@@ -119,7 +119,7 @@ def ask(settings: Settings, store: Store, prompt: str, snapshot_id: int | None, 
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     continuation = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     in_scope = None
-    if index is not None:
+    if index is not None and m.chain_ids:  # the base carries no edits: no scope to be in
         from horse.scope import scope_mask_BT
 
         in_scope = bool(scope_mask_BT(gen[:, :enc["input_ids"].shape[1]].cpu(), index).any())
