@@ -45,8 +45,8 @@ from daemon import gate, snapshots
 from daemon.errors import BatchRefused, DaemonError
 from daemon.locks import applier_lock
 from daemon.logs import log_context
-from daemon.materialise import (ChainLink, Materialised, chain, head_id, link_of, load_base, materialise,
-                                scope_index, scoped, weights_digest)
+from daemon.materialise import (ChainLink, Materialised, chain, chain_subjects, head_id, link_of, load_base,
+                                materialise, scope_index, scoped, weights_digest)
 from ledger.config import Settings
 from ledger.events import record_event
 from ledger.models import Batch, Edit, Snapshot, SnapshotEdit, utcnow
@@ -488,6 +488,7 @@ class _Batch:
             rewritten = set(s.execute(select(Edit.key_hash).where(Edit.id.in_(list(self.edits)))).scalars())
             retained = self._retained_edits(s, [c.id for c in self.chain], rewritten)
             at_start = {e.id for e in self._retained_edits(s, [c.id for c in self.chain[:self.start_len]], set())}
+            head_subjects = chain_subjects(s, [c.id for c in self.chain]) if self.settings.scope != "off" else []
         self.carried: list[EditRecord] = [e for e in retained if e.id not in at_start] if self.from_start else []
         self.m: Materialised = materialise(self.settings, self.chain, track=self.editor.module_names,
                                            model_and_tokenizer=(model, tokenizer),
@@ -498,7 +499,7 @@ class _Batch:
         self._stage("materialised")
 
         self.probe = probe_for(self.settings, self.store, [to_fact(e) for e in retained])
-        self.scope = scope_index(self.settings, tokenizer, [e.subject for e in retained])
+        self.scope = scope_index(self.settings, tokenizer, head_subjects)  # the head as served (`ask`, export)
         self.prefix = self._open_prefix()
         known = kept_measurements(self.settings, self.base_model, self.parent_id,
                                   self.chain[-1].sha256) if self.chain else None
