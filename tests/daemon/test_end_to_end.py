@@ -642,7 +642,7 @@ def test_a_scoped_night_leaves_texts_without_an_edited_subject_as_they_were(db_u
     """scope = subject: the gate measures the candidate as it will be served, edits acting only from an edited
     subject on — the canary (no subject named) keeps every next token, the edits take; the same batch unscoped
     moves the canary on this tiny model. `ask` serves the scope; an export carries it and `scope_export` puts it
-    back on a plain transformers load of the dir."""
+    back on a plain transformers load of the dir; a fold is gated scoped as well."""
     from dataclasses import replace
 
     from daemon.cycle import run_batch
@@ -679,4 +679,10 @@ def test_a_scoped_night_leaves_texts_without_an_edited_subject_as_they_were(db_u
     base_model, _ = load_base(settings)
     assert int(scoped_next[0]) == int(metrics.next_token_ids(base_model, tok, prompts[:1])[0])
     assert int(scoped_next[1]) == int(unscoped_next[1])
+
+    # a fold's gate measures the head and the fold scoped too (night 2 on the head: a chain of two to fold)
+    cfg2 = write_config(tmp_path / "config2.toml", replace(settings, hypernet_from_base=False))
+    assert _apply(cli_runner, cfg2)["status"] == "published"
+    fold = json.loads(cli_runner(cfg2, "consolidate", "--json").stdout)
+    assert fold["status"] == "published" and fold["gate"]["canary_agreement"] == 1.0, fold
     store.close()
