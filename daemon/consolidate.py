@@ -241,7 +241,8 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
         scanned = gate.Known()  # a warm fine-tune's last scan measured every carried edit on these weights
         if init is not None:
             scanned.add_accuracy(facts, editor.last_accuracy)
-        base = {n: get_module(model, n).weight.detach().clone() for n in deltas}  # the fold is from the base
+        base = {n: get_module(model, n).weight.detach().clone() for n in deltas} if index is not None else {}
+        # (the fold is from the base: its modules' weights now are the base's)
         with apply_deltas(model, deltas), scoped(model, tokenizer, base, index):
             cand = gate.measure(model, tokenizer, probe, known=scanned)
         verdict = gate.judge(head_measure, cand, probe, settings, layer_norms=norms)

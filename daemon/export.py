@@ -122,7 +122,7 @@ def ask(settings: Settings, store: Store, prompt: str, snapshot_id: int | None, 
     if index is not None and m.chain_ids:  # the base carries no edits: no scope to be in
         from horse.scope import scope_mask_BT
 
-        in_scope = bool(scope_mask_BT(gen[:, :enc["input_ids"].shape[1]].cpu(), index).any())
+        in_scope = bool(scope_mask_BT(enc["input_ids"].cpu(), index).any())
     return {"base_model": settings.model, "snapshot_id": snapshot_id, "prompt": prompt,
             "continuation": continuation, "scope": settings.scope, "in_scope": in_scope,
             "top_tokens": [{"token": tok.decode([int(i)]), "id": int(i), "prob": float(p)}

@@ -160,14 +160,13 @@ class Scope:
         if not isinstance(backbone, nn.Module):
             raise EngineError(f"{type(model).__name__} has no backbone module to scope; scoped edits need a "
                               "transformers causal LM")
+        if model in _ACTIVE:
+            raise EngineError("this model already has a scope; remove it first")
         self._mask_BT: torch.Tensor | None = None
         self._active_B: torch.Tensor | None = None   # rows on at the end of the last pass (cached generation)
         self._tail_BT: torch.Tensor | None = None    # their last tokens, for a subject cut by the step boundary
         self._handles = [backbone.register_forward_pre_hook(self._on_backbone, with_kwargs=True),
                          backbone.register_forward_hook(self._after_backbone)]
-        if model in _ACTIVE:
-            self.remove()
-            raise EngineError("this model already has a scope; remove it first")
         _ACTIVE[model] = self
         self._bases: dict[str, torch.Tensor] = {}
         for name, base in base_weights.items():
