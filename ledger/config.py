@@ -160,8 +160,11 @@ class Settings:
                                    "finetune with engine = hypernet and hypernet_from_base = false is the hybrid: "
                                    "cheap HORSE nights on the head, a fine-tune of the whole ledger from the base "
                                    "every consolidate_every_nights nights")
-    # logging
+    # logging and monitoring
     log_json: str = _opt("auto", "auto|true|false", "JSON log lines; auto = when stderr is not a terminal")
+    metrics_textfile: str = _opt("", "path", "Prometheus text file rewritten after every night by `apply` and "
+                                 "`daemon` (for node_exporter's textfile collector, e.g. /var/lib/node_exporter/"
+                                 "textfile_collector/horse_ledger.prom); empty = off")
 
     @property
     def db_path(self) -> Path | None:
@@ -245,6 +248,55 @@ def parse_blocks(text: str) -> tuple[int, int] | None:
     return int(first), int(last)
 
 
+def config_file(config_path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path | None:
+    """The TOML file load_settings reads: config_path, else $HORSE_LEDGER_CONFIG, else the XDG default when it
+    exists, else None."""
+    if config_path is not None:
+        return Path(config_path)
+    if environ.get(ENV_CONFIG):
+        return Path(environ[ENV_CONFIG])
+    default = _xdg("XDG_CONFIG_HOME", ".config", environ) / APP_NAME / "config.toml"
+    return default if default.is_file() else None
+
+
+def setting_sources(config_path: str | os.PathLike[str] | None = None, db_url: str | None = None,
+                    *, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Where each field's effective value comes from, as load_settings layers them: "default", "file PATH",
+    "env VAR" or "option" (for `horse-ledger config`). Assumes load_settings accepted the same inputs."""
+    env = os.environ if environ is None else environ
+    sources = {f.name: "default" for f in fields(Settings)}
+    path = config_file(config_path, env)
+    if path is not None:
+        for key in _read_toml(path):
+            sources[key] = f"file {path}"
+    for name in sources:
+        if env.get(env_var(name), "") != "":
+            sources[name] = f"env {env_var(name)}"
+    if db_url is not None:
+        sources["db_url"] = "option --db"
+    return sources
+
+
+@dataclass(frozen=True)
+class ServiceManager:
+    """What systemd hands a service in its environment (not settings: the service manager sets them)."""
+
+    notify_socket: str = ""  # $NOTIFY_SOCKET: where sd_notify datagrams go; empty = not under Type=notify
+    watchdog_usec: int = 0  # $WATCHDOG_USEC: WatchdogSec= in µs; 0 = no watchdog
+    watchdog_pid: int = 0  # $WATCHDOG_PID: the process the watchdog is for; 0 = any
+
+
+def service_manager(environ: Mapping[str, str] | None = None) -> ServiceManager:
+    """The systemd notification socket and watchdog interval of this process (daemon/sdnotify.py uses them)."""
+    env = os.environ if environ is None else environ
+
+    def number(var: str) -> int:
+        raw = env.get(var, "").strip()
+        return int(raw) if raw.isdigit() else 0
+
+    return ServiceManager(env.get("NOTIFY_SOCKET", ""), number("WATCHDOG_USEC"), number("WATCHDOG_PID"))
+
+
 def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str | None = None,
                   *, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Build the Settings: defaults < TOML file < HORSE_LEDGER_* env vars < arguments.
@@ -264,14 +316,7 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
     kinds = {f.name: {"int": int, "float": float, "str": str, "bool": bool}[f.type] for f in fields(Settings)}
     values: dict[str, Any] = {}
 
-    config_home = _xdg("XDG_CONFIG_HOME", ".config", env)
-    if config_path is not None:
-        path: Path | None = Path(config_path)
-    elif env.get(ENV_CONFIG):
-        path = Path(env[ENV_CONFIG])
-    else:
-        default = config_home / APP_NAME / "config.toml"
-        path = default if default.is_file() else None
+    path = config_file(config_path, env)
     if path is not None:
         for key, raw in _read_toml(path).items():
             if key not in by_name:
