@@ -242,20 +242,31 @@ def main(argv: Sequence[str] | None = None) -> None:
 @click.option("--source", help="Where the fact comes from (URL or free text).")
 @click.option("--author", help="Who submits it.")
 @click.option("--note", help="Anything else worth keeping.")
+@click.option("--alias", "aliases", multiple=True, metavar="NAME",
+              help="Another name of the subject, e.g. Messi for Lionel Messi (repeatable).")
 @click.option("--from", "from_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="FILE",
               help="Add every edit in a JSONL or CSV file (all or nothing).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole record as JSON.")
 @pass_app
 def add(app: AppContext, subject: str | None, prompt: str | None, target: str | None, target_true: str | None,
         paraphrases: tuple[str, ...], source: str | None, author: str | None, note: str | None,
-        from_file: Path | None, as_json: bool) -> None:
-    """Submit a fact edit (or a file of them); prints the new id."""
+        aliases: tuple[str, ...], from_file: Path | None, as_json: bool) -> None:
+    """Submit a fact edit (or a file of them); prints the new id.
+
+    \b
+    Files (--from): JSONL, one object per line with the fields subject, prompt, target, target_true,
+    paraphrases, source, author, note, aliases (paraphrases and aliases: JSON lists of strings); or CSV with
+    those column names, where a paraphrases or aliases cell holds several values separated by "|" or as a
+    JSON array (["Messi", "Leo Messi"]). Aliases are other names of the subject; they do not change which
+    fact an edit is (a second submission with other aliases returns the existing edit).
+    """
     from ledger.validate import read_edit_file, validate_edit
 
     flags = {"subject": subject, "prompt": prompt, "target": target, "target_true": target_true,
              "source": source, "author": author, "note": note}
     if from_file is not None:
-        given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None] + (["--paraphrase"] if paraphrases else [])
+        given = ([f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
+                 + (["--paraphrase"] if paraphrases else []) + (["--alias"] if aliases else []))
         if given:
             raise click.UsageError(f"--from cannot be combined with {', '.join(given)}; put those fields in the file")
         _add_file(app, from_file, as_json)
@@ -263,7 +274,8 @@ def add(app: AppContext, subject: str | None, prompt: str | None, target: str | 
     missing = [f"--{k}" for k in ("subject", "prompt", "target") if flags[k] is None]
     if missing:
         raise click.UsageError(f"missing {', '.join(missing)} (or give --from FILE)")
-    spec = validate_edit({**{k: v for k, v in flags.items() if v is not None}, "paraphrases": list(paraphrases)})
+    spec = validate_edit({**{k: v for k, v in flags.items() if v is not None}, "paraphrases": list(paraphrases),
+                          "aliases": list(aliases)})
     store = app.store()
     (result,) = store.add_edits([spec], actor=app.actor)
     record = store.get_edit(result.id)
@@ -350,7 +362,8 @@ def show(app: AppContext, edit_id: int, as_json: bool) -> None:
     if as_json:
         _echo_json({**edit.to_dict(), "events": [ev.to_dict() for ev in history]})
         return
-    rows = [("status", edit.status), ("subject", edit.subject), ("prompt", edit.prompt),
+    rows = [("status", edit.status), ("subject", edit.subject),
+            ("aliases", " | ".join(edit.aliases) if edit.aliases else None), ("prompt", edit.prompt),
             ("rendered", edit.rendered_prompt), ("target", edit.target_new), ("target_true", edit.target_true),
             ("paraphrases", " | ".join(edit.paraphrases) if edit.paraphrases else None),
             ("source", edit.source), ("author", edit.author), ("note", edit.note),

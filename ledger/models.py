@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import (JSON, BigInteger, CheckConstraint, DateTime, ForeignKey, Index, Integer, MetaData,
                         String, Text, text)
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -105,6 +106,10 @@ class Edit(Base):
     target_new: Mapped[str] = mapped_column(String(MAX_FIELD_CHARS))
     target_true: Mapped[str | None] = mapped_column(String(MAX_FIELD_CHARS))
     paraphrases: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # other names of the subject (migration 0002); not part of content_hash or key_hash
+    # (jsonb on PostgreSQL: json has no `=`, which comparing the server default needs)
+    aliases: Mapped[list[str]] = mapped_column(JSON().with_variant(JSONB(), "postgresql"), default=list,
+                                               server_default=text("'[]'"))
     # provenance
     source: Mapped[str | None] = mapped_column(String(MAX_FIELD_CHARS))
     author: Mapped[str | None] = mapped_column(String(MAX_FIELD_CHARS))

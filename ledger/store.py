@@ -68,11 +68,17 @@ class EditRecord:
     last_error: str | None
     supersedes_id: int | None
     superseded_by_id: int | None
+    aliases: tuple[str, ...] = ()  # other names of the subject; not part of the fact's hashes
 
     @property
     def rendered_prompt(self) -> str:
         """The prompt with `{}` replaced by the subject (or the prompt itself when it contains the subject)."""
         return render_prompt(self.prompt, self.subject)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name of the subject: (subject, *aliases), the subject first."""
+        return (self.subject, *self.aliases)
 
     @classmethod
     def from_row(cls, row: Any) -> EditRecord:
@@ -82,10 +88,13 @@ class EditRecord:
         for name in ("submitted_at", "updated_at", "claimed_at", "heartbeat_at"):
             values[name] = as_utc(values[name])
         values["paraphrases"] = list(values["paraphrases"] or [])
+        values["aliases"] = tuple(values["aliases"] or ())
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+        out["aliases"] = list(self.aliases)
+        out["n_aliases"] = len(self.aliases)
         out["rendered_prompt"] = self.rendered_prompt
         return out
 
@@ -371,6 +380,7 @@ class Store:
                 values = [{
                     "id": edit_id, "subject": sp.subject, "prompt": sp.prompt, "target_new": sp.target_new,
                     "target_true": sp.target_true, "paraphrases": list(sp.paraphrases), "source": sp.source,
+                    "aliases": list(sp.aliases),
                     "author": sp.author, "note": sp.note, "submitted_at": now, "updated_at": now,
                     "content_hash": sp.content_hash, "key_hash": sp.key_hash,
                     "status": EditStatus.PENDING.value, "attempts": 0,

@@ -2,7 +2,9 @@
 
 Every check raises `InvalidEdit` naming where (`--subject`, `line 12`) and which field, before anything
 is written. Text is stored verbatim (outer whitespace trimmed): SQL metacharacters and any script are fine;
-control characters, over-long fields and empty fields are not.
+control characters, bidi overrides, invisible-only text, over-long fields and empty fields are not
+(`ledger.text`). An input file must be a regular file of at most MAX_INPUT_FILE_BYTES (64 MiB); a JSONL
+object or a CSV header that names a field twice is refused (never last-one-wins).
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import csv
 import hashlib
 import io
 import json
+import os
+import stat
 import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -19,12 +23,14 @@ from typing import Any
 
 from ledger.errors import InvalidEdit, InvalidInputFile
 from ledger.models import MAX_FIELD_CHARS
+from ledger.text import text_problem
 
-FIELDS = ("subject", "prompt", "target", "target_true", "paraphrases", "source", "author", "note")
+FIELDS = ("subject", "prompt", "target", "target_true", "paraphrases", "source", "author", "note", "aliases")
 REQUIRED = ("subject", "prompt", "target")
 TEXT_FIELDS = ("subject", "prompt", "target", "target_true", "source", "author", "note")
 MAX_PARAPHRASES = 50
-CSV_PARAPHRASE_SEP = "|"  # CSV cells hold several paraphrases as a JSON array or separated by "|"
+MAX_ALIASES = 50
+CSV_PARAPHRASE_SEP = "|"  # CSV cells hold several paraphrases (or aliases) as a JSON array or separated by "|"
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,9 @@ class EditSpec:
     source: str | None = None
     author: str | None = None
     note: str | None = None
+    # other names of the subject ("Messi" for "Lionel Messi"); not part of content_hash / key_hash: the
+    # fact and its question stay the same whatever the subject is also called
+    aliases: tuple[str, ...] = field(default_factory=tuple)
 
     @cached_property
     def content_hash(self) -> str:
@@ -61,16 +70,9 @@ def _sha256(parts: list[str | None]) -> str:
     return hashlib.sha256(norm.encode("utf-8")).hexdigest()
 
 
-def _bad_char(text: str) -> str | None:
-    for ch in text:
-        cat = unicodedata.category(ch)
-        if cat == "Cc" or cat == "Cs" or ch in "\u2028\u2029":
-            return f"U+{ord(ch):04X}"
-    return None
-
-
 def check_text(value: Any, name: str, *, where: str | None, required: bool) -> str | None:
-    """One text field: a string, trimmed, non-empty if required, no control characters, ≤ 2,000 chars."""
+    """One text field: a string, trimmed, non-empty if required, ≤ 2,000 chars, no control or bidi-override
+    characters and not only invisible ones (`ledger.text.text_problem`)."""
     if value is None:
         if required:
             raise InvalidEdit(f"is missing; give a non-empty {name}", where=where, field=name)
@@ -85,16 +87,15 @@ def check_text(value: Any, name: str, *, where: str | None, required: bool) -> s
     if len(text) > MAX_FIELD_CHARS:
         raise InvalidEdit(f"is {len(text):,} characters long; the limit is {MAX_FIELD_CHARS:,}",
                           where=where, field=name)
-    bad = _bad_char(text)
-    if bad:
-        raise InvalidEdit(f"contains the control character {bad}; remove it (use plain text)",
-                          where=where, field=name)
+    problem = text_problem(text)
+    if problem:
+        raise InvalidEdit(f"{problem}; remove it (use plain text)", where=where, field=name)
     return text
 
 
 def validate_edit(raw: Mapping[str, Any], *, where: str | None = None) -> EditSpec:
     """Check one edit given with the CLI field names (subject, prompt, target, target_true, paraphrases,
-    source, author, note) and return it as an EditSpec.
+    source, author, note, aliases) and return it as an EditSpec.
 
     Raises:
         InvalidEdit: naming `where` and the field.
@@ -116,8 +117,10 @@ def validate_edit(raw: Mapping[str, Any], *, where: str | None = None) -> EditSp
         raise InvalidEdit(f"target {target!r} equals target_true; an edit must change the answer",
                           where=where, field="target")
     paraphrases = _check_paraphrases(raw.get("paraphrases"), where=where)
+    aliases = check_aliases(raw.get("aliases"), subject, where=where)
     return EditSpec(subject=subject, prompt=prompt, target_new=target, target_true=text["target_true"],
-                    paraphrases=paraphrases, source=text["source"], author=text["author"], note=text["note"])
+                    paraphrases=paraphrases, source=text["source"], author=text["author"], note=text["note"],
+                    aliases=aliases)
 
 
 def _check_paraphrases(value: Any, *, where: str | None) -> tuple[str, ...]:
@@ -136,6 +139,25 @@ def _check_paraphrases(value: Any, *, where: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))  # drop repeats, keep order
 
 
+def check_aliases(value: Any, subject: str, *, where: str | None) -> tuple[str, ...]:
+    """Other names of the subject: each checked like the subject (non-empty, no control characters,
+    ≤ 2,000 characters); repeats and the subject itself are dropped, order kept.
+
+    Raises:
+        InvalidEdit: naming `where` and the field `aliases[i]`.
+    """
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise InvalidEdit(f"must be a list of strings, not {type(value).__name__}", where=where, field="aliases")
+    if len(value) > MAX_ALIASES:
+        raise InvalidEdit(f"has {len(value)} entries; the limit is {MAX_ALIASES}", where=where, field="aliases")
+    out = [check_text(item, f"aliases[{i}]", where=where, required=True) for i, item in enumerate(value)]
+    return tuple(a for a in dict.fromkeys(out) if a != subject)
+
+
 # ---------------------------------------------------------------------------------------------- files
 
 def read_edit_file(path: str | Path) -> list[EditSpec]:
@@ -150,13 +172,45 @@ def read_edit_file(path: str | Path) -> list[EditSpec]:
     if ext not in (".jsonl", ".ndjson", ".json", ".csv"):
         raise InvalidInputFile(f"{path}: cannot tell the format from the extension {ext or '(none)'!r}; "
                                "name the file .jsonl or .csv")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise InvalidInputFile(f"{path} cannot be read: {exc.strerror}; check the path") from None
+    data = _read_regular_file(path)
     text = _decode(data, path)
     rows = _jsonl_rows(text, path) if ext != ".csv" else _csv_rows(text, path)
     return [validate_edit(raw, where=f"{path.name}: line {lineno}") for lineno, raw in rows]
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file of at most MAX_INPUT_FILE_BYTES; a FIFO, a device or a directory (also
+    behind a symlink) is refused before it is opened, so `add --from` neither hangs nor fills memory."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise InvalidInputFile(f"{path} cannot be read: {exc.strerror}; check the path") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise InvalidInputFile(f"{path} is not a regular file (a {_file_kind(info.st_mode)}); give a .jsonl or .csv "
+                               "file saved on disk")
+    if info.st_size > MAX_INPUT_FILE_BYTES:
+        raise InvalidInputFile(f"{path} is {info.st_size:,} bytes; the limit is {MAX_INPUT_FILE_BYTES:,} "
+                               f"({MAX_INPUT_FILE_BYTES // 2**20} MiB): split it into smaller files")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):  # swapped for a FIFO since stat()
+                raise InvalidInputFile(f"{path} is not a regular file; give a .jsonl or .csv file saved on disk")
+            data = fh.read(MAX_INPUT_FILE_BYTES + 1)
+    except OSError as exc:
+        raise InvalidInputFile(f"{path} cannot be read: {exc.strerror}; check the path") from None
+    if len(data) > MAX_INPUT_FILE_BYTES:
+        raise InvalidInputFile(f"{path} grew past the limit of {MAX_INPUT_FILE_BYTES:,} bytes while it was read; "
+                               "split it into smaller files")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "named pipe"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def _decode(data: bytes, path: Path) -> str:
@@ -213,20 +267,22 @@ def _csv_rows(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if any(v is None for v in record.values()):
                 raise InvalidInputFile(f"{path.name}: line {lineno}: fewer cells than header columns")
             raw: dict[str, Any] = {k: (v if v.strip() else None) for k, v in record.items()}
-            if raw.get("paraphrases") is not None:
-                raw["paraphrases"] = _csv_paraphrases(raw["paraphrases"], path, lineno)
+            for name in ("paraphrases", "aliases"):
+                if raw.get(name) is not None:
+                    raw[name] = _csv_list(raw[name], name, path, lineno)
             rows.append((lineno, raw))
     except csv.Error as exc:
         raise InvalidInputFile(f"{path.name}: line {reader.line_num}: bad CSV ({exc})") from None
     return iter(rows)
 
 
-def _csv_paraphrases(cell: str, path: Path, lineno: int) -> list[Any]:
+def _csv_list(cell: str, name: str, path: Path, lineno: int) -> list[Any]:
+    """A CSV cell holding several values: a JSON array, or the values separated by "|"."""
     if cell.lstrip().startswith("["):
         try:
             value = json.loads(cell)
         except json.JSONDecodeError as exc:
-            raise InvalidInputFile(f"{path.name}: line {lineno}: field 'paraphrases': malformed JSON array "
+            raise InvalidInputFile(f"{path.name}: line {lineno}: field {name!r}: malformed JSON array "
                                    f"({exc.msg})") from None
         return value if isinstance(value, list) else [value]
     return [p for p in cell.split(CSV_PARAPHRASE_SEP)]
