@@ -30,6 +30,7 @@ REQUIRED = ("subject", "prompt", "target")
 TEXT_FIELDS = ("subject", "prompt", "target", "target_true", "source", "author", "note")
 MAX_PARAPHRASES = 50
 MAX_ALIASES = 50
+MAX_INPUT_FILE_BYTES = 64 * 2**20  # `add --from`: larger files are refused before reading (split them)
 CSV_PARAPHRASE_SEP = "|"  # CSV cells hold several paraphrases (or aliases) as a JSON array or separated by "|"
 
 
@@ -174,7 +175,11 @@ def read_edit_file(path: str | Path) -> list[EditSpec]:
                                "name the file .jsonl or .csv")
     data = _read_regular_file(path)
     text = _decode(data, path)
-    rows = _jsonl_rows(text, path) if ext != ".csv" else _csv_rows(text, path)
+    try:
+        rows = _jsonl_rows(text, path) if ext != ".csv" else _csv_rows(text, path)
+    except RecursionError:  # JSON nested thousands deep: the decoder recurses once per level
+        raise InvalidInputFile(f"{path.name}: JSON nested too deeply; an edit is one object of text fields "
+                               "(paraphrases, aliases: lists of strings)") from None
     return [validate_edit(raw, where=f"{path.name}: line {lineno}") for lineno, raw in rows]
 
 
@@ -229,16 +234,36 @@ def _jsonl_rows(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidInputFile(f"{path.name}: line {lineno}: malformed JSON ({exc.msg} at column {exc.colno}); "
-                                   "each line must be one JSON object") from None
+        obj = _loads(line, f"{path.name}: line {lineno}")
         if not isinstance(obj, dict):
             raise InvalidInputFile(f"{path.name}: line {lineno}: a JSON {type(obj).__name__}, not an object; "
                                    "each line must be one JSON object with the fields " + ", ".join(FIELDS))
         rows.append((lineno, obj))
     return iter(rows)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def _loads(text: str, where: str) -> Any:
+    """One JSON value; a key given twice in one object is refused (never last-one-wins)."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputFile(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); "
+                               "each line must be one JSON object") from None
+    except _DuplicateKey as exc:
+        raise InvalidInputFile(f"{where}: field {exc.args[0]!r} is given twice in one object; keep one") from None
 
 
 def _csv_rows(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -249,6 +274,9 @@ def _csv_rows(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise InvalidInputFile(f"{path.name}: line 1: bad CSV header ({exc})") from None
     header = [h.strip() for h in header]
     reader.fieldnames = header
+    twice = [h for i, h in enumerate(header) if h in header[:i]]
+    if twice:
+        raise InvalidInputFile(f"{path.name}: line 1: column {twice[0]!r} appears twice in the header; keep one")
     missing = [f for f in REQUIRED if f not in header]
     if missing:
         raise InvalidInputFile(f"{path.name}: line 1: missing column(s) {', '.join(missing)}; the header needs "
