@@ -29,6 +29,9 @@ import click
 
 from ledger.config import Settings, load_settings
 from ledger.errors import LedgerError
+from ledger.files import make_dir, process_umask
+from ledger.params import BATCH_ID, EDIT_ID, LIMIT, PROTECTED_ID
+from ledger.text import for_terminal
 
 LAZY_COMMANDS = {
     "hypernet": "horse.cli:hypernet", "eval": "horse.evalcli:eval_cmd", "model": "horse.evalcli:model",
@@ -59,7 +62,7 @@ class AppContext:
             path = self.settings.db_path
             default = f"sqlite:///{Path(self.settings.data_dir) / 'ledger.db'}"
             if path is not None and self.settings.db_url == default:
-                path.parent.mkdir(parents=True, exist_ok=True)  # only the default location is created
+                make_dir(path.parent, is_group=self.settings.file_mode_group)  # only the default location is created
             self._store = Store(self.settings.db_url, auto_upgrade=upgrade)
             click.get_current_context().call_on_close(self._store.close)
         return self._store
@@ -178,7 +181,7 @@ def _fmt_time(value: datetime | None) -> str:
 
 
 def _clip(text: str | None, width: int) -> str:
-    text = "-" if text is None or text == "" else str(text)
+    text = "-" if text is None or text == "" else for_terminal(str(text))
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -220,7 +223,9 @@ def _version() -> str:
 @click.pass_context
 def cli(ctx: click.Context, db_url: str | None, config_path: Path | None, debug: bool) -> None:
     """horse-ledger: submit fact edits, audit them, and keep a language model's facts up to date."""
-    ctx.obj = AppContext(settings=load_settings(config_path=config_path, db_url=db_url), debug=debug)
+    settings = load_settings(config_path=config_path, db_url=db_url)
+    ctx.with_resource(process_umask(settings.file_mode_group))  # files private (or group) by default: ledger/files.py
+    ctx.obj = AppContext(settings=settings, debug=debug)
 
 
 pass_app = click.make_pass_decorator(AppContext)
@@ -332,7 +337,7 @@ def _add_file(app: AppContext, path: Path, as_json: bool) -> None:
               help="Only edits in this status (repeatable).")
 @click.option("--subject", metavar="TEXT", help="Only edits whose subject contains TEXT (case-insensitive).")
 @click.option("--since", type=click.DateTime(DATE_FORMATS), metavar="DATE", help="Submitted on or after DATE (UTC).")
-@click.option("--limit", type=click.IntRange(1), default=50, show_default=True, help="At most N edits, newest first.")
+@click.option("--limit", type=LIMIT, default=50, show_default=True, help="At most N edits, newest first.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_app
 def list_cmd(app: AppContext, status: tuple[str, ...], subject: str | None, since: datetime | None, limit: int,
@@ -351,7 +356,7 @@ def list_cmd(app: AppContext, status: tuple[str, ...], subject: str | None, sinc
 
 
 @cli.command()
-@click.argument("edit_id", metavar="ID", type=int)
+@click.argument("edit_id", metavar="ID", type=EDIT_ID)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_app
 def show(app: AppContext, edit_id: int, as_json: bool) -> None:
@@ -373,7 +378,7 @@ def show(app: AppContext, edit_id: int, as_json: bool) -> None:
     click.echo(f"edit {edit.id}")
     for name, value in rows:
         if value is not None and value != "":
-            click.echo(f"  {name:<14}{value}")
+            click.echo(f"  {name:<14}{for_terminal(str(value))}")
     click.echo("history")
     for ev in history:
         _echo_event(ev, indent="  ")
@@ -382,15 +387,15 @@ def show(app: AppContext, edit_id: int, as_json: bool) -> None:
 def _echo_event(ev: Any, indent: str = "") -> None:
     ids = " ".join(f"{k}={v}" for k, v in (("edit", ev.edit_id), ("batch", ev.batch_id),
                                            ("snapshot", ev.snapshot_id)) if v is not None)
-    reason = f"  {ev.reason}" if ev.reason else ""
+    reason = f"  {for_terminal(ev.reason)}" if ev.reason else ""
     click.echo(f"{indent}{_fmt_time(ev.at)}  {ev.kind:<18} {ids:<20} {ev.actor}{reason}".rstrip())
 
 
 @cli.command()
-@click.option("--edit", "edit_id", type=int, metavar="ID", help="Only events of this edit.")
-@click.option("--batch", "batch_id", type=int, metavar="ID", help="Only events of this batch.")
+@click.option("--edit", "edit_id", type=EDIT_ID, metavar="ID", help="Only events of this edit.")
+@click.option("--batch", "batch_id", type=BATCH_ID, metavar="ID", help="Only events of this batch.")
 @click.option("--since", type=click.DateTime(DATE_FORMATS), metavar="DATE", help="On or after DATE (UTC).")
-@click.option("--limit", type=click.IntRange(1), default=50, show_default=True, help="At most N events.")
+@click.option("--limit", type=LIMIT, default=50, show_default=True, help="At most N events.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_app
 def log(app: AppContext, edit_id: int | None, batch_id: int | None, since: datetime | None, limit: int,
@@ -437,7 +442,7 @@ def status(app: AppContext, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("edit_id", metavar="ID", type=int)
+@click.argument("edit_id", metavar="ID", type=EDIT_ID)
 @click.option("--reason", help="Why (kept in the audit trail).")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
 @pass_app
@@ -458,7 +463,8 @@ def db() -> None:
 
 
 @db.command("upgrade")
-@click.option("--revision", default="head", show_default=True, help="Target revision.")
+@click.option("--revision", default="head", show_default=True, callback=lambda _c, p, v: _known_revision(v, p),
+              help="Target revision (an id from migrations/versions, or head).")
 @pass_app
 def db_upgrade(app: AppContext, revision: str) -> None:
     """Upgrade the schema (a fresh database is also upgraded on first use)."""
@@ -466,6 +472,27 @@ def db_upgrade(app: AppContext, revision: str) -> None:
 
     rev = app.store(upgrade=False).upgrade(revision)
     click.echo(f"{rev}{' (head)' if rev == head_revision() else ''}")
+
+
+def _known_revision(revision: str, param: click.Parameter) -> str:
+    """`db upgrade --revision`: a revision id (or head / a prefix) that the migrations know, else exit 2."""
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    from migrations import alembic_config
+
+    script = ScriptDirectory.from_config(alembic_config())
+    try:
+        found = script.get_revisions(revision)
+    except (CommandError, KeyError, ValueError) as exc:
+        found, reason = (), str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    else:
+        reason = "no such revision"
+    if not found:
+        known = ", ".join(r.revision for r in script.walk_revisions())
+        raise click.BadParameter(f"{revision!r} is not a revision of this schema ({reason}); give head or one of "
+                                 f"{known}", param=param)
+    return revision
 
 
 @db.command("current")
@@ -522,7 +549,7 @@ def protect_list(app: AppContext, as_json: bool) -> None:
 
 
 @protect.command("remove")
-@click.argument("protected_id", metavar="ID", type=int)
+@click.argument("protected_id", metavar="ID", type=PROTECTED_ID)
 @pass_app
 def protect_remove(app: AppContext, protected_id: int) -> None:
     """Stop protecting a fact."""

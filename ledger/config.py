@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from ledger.config_checks import check_values
 from ledger.errors import ConfigError
 
 APP_NAME = "horse-ledger"
@@ -46,6 +48,10 @@ class Settings:
     data_dir: str = _opt("", "path", "where the ledger keeps its files; default $XDG_DATA_HOME/horse-ledger")
     snapshot_dir: str = _opt("", "path", "weight-delta snapshot files; default <data_dir>/snapshots")
     cache_dir: str = _opt("", "path", "downloaded / converted models; default $XDG_CACHE_HOME/horse-ledger")
+    file_mode_group: bool = _opt(False, "true|false", "files the ledger creates (SQLite database, snapshots, caches, "
+                                 "measurements, exports, config from `init`): false = private to the user who runs "
+                                 "it (files 0600, directories 0700); true = shared with the owner's group as well "
+                                 "(0660 / 0770: give the service and its operators one group)")
     # engine
     model: str = _opt("smollm2-135m", "name or dir", "base model to edit (tiny-gpt2, tiny-llama, smollm2-135m, or a dir)")
     engine: str = _opt("hypernet", "hypernet|finetune|memit",
@@ -178,9 +184,16 @@ class Settings:
         """Every field as {name, value, unit, env, help}, for `--help`-like listings."""
         rows = []
         for f in fields(self):
-            rows.append({"name": f.name, "value": str(getattr(self, f.name)), "unit": f.metadata["unit"],
+            value = masked_url(self.db_url) if f.name == "db_url" else str(getattr(self, f.name))
+            rows.append({"name": f.name, "value": value, "unit": f.metadata["unit"],
                          "env": env_var(f.name), "help": f.metadata["help"]})
         return rows
+
+
+def masked_url(url: str) -> str:
+    """`url` with any password replaced by *** (user:secret@host, ?password=secret): for printing and logs."""
+    url = re.sub(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^/?#@:]*:)[^/?#]*@", r"\1***@", url)
+    return re.sub(r"([?&](?:password|passwd|pwd)=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
 
 
 def env_var(name: str) -> str:
@@ -225,6 +238,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
             data = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; create it or drop --config / {ENV_CONFIG}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start}); save it as UTF-8") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc}; fix the file") from exc
     table = data.get(APP_NAME, data)
@@ -363,6 +379,7 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
                  "finetune_swap_weight", "finetune_rehearsal", "finetune_preserve_weight"):
         if values.get(name, 0.0) < 0:
             raise ConfigError(f"{name} = {values[name]} is negative; give a value ≥ 0")
+    check_values(values)
     settings = dataclasses.replace(Settings(), **values)
     if settings.hypernet_from_consolidation:
         if settings.engine != "hypernet":
@@ -389,6 +406,13 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
     return settings
 
 
-if __name__ == "__main__":  # python -m ledger.config: print the effective settings
-    for row in load_settings().describe():
+if __name__ == "__main__":  # python -m ledger.config: print the effective settings (the password masked)
+    import sys
+
+    try:
+        described = load_settings().describe()
+    except ConfigError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for row in described:
         print(f"{row['name']:28} = {row['value']!s:40} [{row['unit']}] {row['env']}: {row['help']}")

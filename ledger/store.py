@@ -667,15 +667,10 @@ class Store:
     def add_protected(self, *, prompt: str, target: str, subject: str | None = None, note: str | None = None,
                       actor: str) -> ProtectedFactRecord:
         """Add a fact the gate must keep true. Raises InvalidEdit on bad text (same rules as edits)."""
-        from ledger.errors import InvalidEdit
+        from ledger.validate import validate_protected
 
-        subject = check_text(subject, "subject", where=None, required=False)
-        prompt = check_text(prompt, "prompt", where=None, required=True)
-        target = check_text(target, "target", where=None, required=True)
-        note = check_text(note, "note", where=None, required=False)
-        if "{}" in prompt and not subject:
-            raise InvalidEdit("has a '{}' slot but no subject was given; pass --subject or write the subject "
-                              "into the prompt", field="prompt")
+        checked = validate_protected(prompt=prompt, target=target, subject=subject, note=note)
+        subject, prompt, target, note = checked["subject"], checked["prompt"], checked["target"], checked["note"]
         with self.session() as s:
             row = ProtectedFact(subject=subject, prompt=prompt, target=target, note=note, author=actor,
                                 created_at=utcnow())

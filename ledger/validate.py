@@ -31,6 +31,7 @@ TEXT_FIELDS = ("subject", "prompt", "target", "target_true", "source", "author",
 MAX_PARAPHRASES = 50
 MAX_ALIASES = 50
 MAX_INPUT_FILE_BYTES = 64 * 2**20  # `add --from`: larger files are refused before reading (split them)
+MAX_INPUT_FILE_BYTES = 64 * 2**20  # `add --from`: larger files are refused before reading (split them)
 CSV_PARAPHRASE_SEP = "|"  # CSV cells hold several paraphrases (or aliases) as a JSON array or separated by "|"
 
 
@@ -107,13 +108,7 @@ def validate_edit(raw: Mapping[str, Any], *, where: str | None = None) -> EditSp
                           where=where, field=unknown[0])
     text = {name: check_text(raw.get(name), name, where=where, required=name in REQUIRED) for name in TEXT_FIELDS}
     subject, prompt, target = text["subject"], text["prompt"], text["target"]
-    n_slots = prompt.count("{}")
-    if n_slots > 1:
-        raise InvalidEdit(f"has {n_slots} '{{}}' slots; use one '{{}}' where the subject goes",
-                          where=where, field="prompt")
-    if n_slots == 0 and subject not in prompt:
-        raise InvalidEdit(f"{prompt!r} neither has a '{{}}' slot nor contains the subject {subject!r}; "
-                          "write '{}' where the subject goes", where=where, field="prompt")
+    check_slots(prompt, subject, where=where)
     if text["target_true"] is not None and text["target_true"].casefold() == target.casefold():
         raise InvalidEdit(f"target {target!r} equals target_true; an edit must change the answer",
                           where=where, field="target")
@@ -122,6 +117,41 @@ def validate_edit(raw: Mapping[str, Any], *, where: str | None = None) -> EditSp
     return EditSpec(subject=subject, prompt=prompt, target_new=target, target_true=text["target_true"],
                     paraphrases=paraphrases, source=text["source"], author=text["author"], note=text["note"],
                     aliases=aliases)
+
+
+def check_slots(prompt: str, subject: str | None, *, where: str | None) -> None:
+    """The prompt names its subject once: one '{}' slot, or (no slot) the subject written into it. A protected
+    fact may have no subject; then its prompt has no slot.
+
+    Raises:
+        InvalidEdit: field 'prompt'.
+    """
+    n_slots = prompt.count("{}")
+    if n_slots > 1:
+        raise InvalidEdit(f"has {n_slots} '{{}}' slots; use one '{{}}' where the subject goes",
+                          where=where, field="prompt")
+    if n_slots == 1 and not subject:
+        raise InvalidEdit("has a '{}' slot but no subject was given; pass --subject or write the subject "
+                          "into the prompt", where=where, field="prompt")
+    if n_slots == 0 and subject and subject not in prompt:
+        raise InvalidEdit(f"{prompt!r} neither has a '{{}}' slot nor contains the subject {subject!r}; "
+                          "write '{}' where the subject goes", where=where, field="prompt")
+
+
+def validate_protected(*, prompt: Any, target: Any, subject: Any = None, note: Any = None,
+                       where: str | None = None) -> dict[str, str | None]:
+    """A protected fact checked by the rules of an edit (text, length, '{}' slot / subject in the prompt);
+    the subject is optional ("Water boils at" → "100 °C"). Returns the trimmed fields by name.
+
+    Raises:
+        InvalidEdit: naming the field.
+    """
+    out = {"subject": check_text(subject, "subject", where=where, required=False),
+           "prompt": check_text(prompt, "prompt", where=where, required=True),
+           "target": check_text(target, "target", where=where, required=True),
+           "note": check_text(note, "note", where=where, required=False)}
+    check_slots(out["prompt"], out["subject"], where=where)
+    return out
 
 
 def _check_paraphrases(value: Any, *, where: str | None) -> tuple[str, ...]:
@@ -266,6 +296,30 @@ def _loads(text: str, where: str) -> Any:
         raise InvalidInputFile(f"{where}: field {exc.args[0]!r} is given twice in one object; keep one") from None
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def _loads(text: str, where: str) -> Any:
+    """One JSON value; a key given twice in one object is refused (never last-one-wins)."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputFile(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); "
+                               "each line must be one JSON object") from None
+    except _DuplicateKey as exc:
+        raise InvalidInputFile(f"{where}: field {exc.args[0]!r} is given twice in one object; keep one") from None
+
+
 def _csv_rows(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     try:
@@ -274,6 +328,9 @@ def _csv_rows(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise InvalidInputFile(f"{path.name}: line 1: bad CSV header ({exc})") from None
     header = [h.strip() for h in header]
     reader.fieldnames = header
+    twice = [h for i, h in enumerate(header) if h in header[:i]]
+    if twice:
+        raise InvalidInputFile(f"{path.name}: line 1: column {twice[0]!r} appears twice in the header; keep one")
     twice = [h for i, h in enumerate(header) if h in header[:i]]
     if twice:
         raise InvalidInputFile(f"{path.name}: line 1: column {twice[0]!r} appears twice in the header; keep one")
