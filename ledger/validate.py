@@ -31,7 +31,6 @@ TEXT_FIELDS = ("subject", "prompt", "target", "target_true", "source", "author",
 MAX_PARAPHRASES = 50
 MAX_ALIASES = 50
 MAX_INPUT_FILE_BYTES = 64 * 2**20  # `add --from`: larger files are refused before reading (split them)
-MAX_INPUT_FILE_BYTES = 64 * 2**20  # `add --from`: larger files are refused before reading (split them)
 CSV_PARAPHRASE_SEP = "|"  # CSV cells hold several paraphrases (or aliases) as a JSON array or separated by "|"
 
 
@@ -296,30 +295,6 @@ def _loads(text: str, where: str) -> Any:
         raise InvalidInputFile(f"{where}: field {exc.args[0]!r} is given twice in one object; keep one") from None
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _DuplicateKey(key)
-        seen[key] = value
-    return seen
-
-
-def _loads(text: str, where: str) -> Any:
-    """One JSON value; a key given twice in one object is refused (never last-one-wins)."""
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicates)
-    except json.JSONDecodeError as exc:
-        raise InvalidInputFile(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); "
-                               "each line must be one JSON object") from None
-    except _DuplicateKey as exc:
-        raise InvalidInputFile(f"{where}: field {exc.args[0]!r} is given twice in one object; keep one") from None
-
-
 def _csv_rows(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     try:
@@ -328,9 +303,6 @@ def _csv_rows(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise InvalidInputFile(f"{path.name}: line 1: bad CSV header ({exc})") from None
     header = [h.strip() for h in header]
     reader.fieldnames = header
-    twice = [h for i, h in enumerate(header) if h in header[:i]]
-    if twice:
-        raise InvalidInputFile(f"{path.name}: line 1: column {twice[0]!r} appears twice in the header; keep one")
     twice = [h for i, h in enumerate(header) if h in header[:i]]
     if twice:
         raise InvalidInputFile(f"{path.name}: line 1: column {twice[0]!r} appears twice in the header; keep one")
