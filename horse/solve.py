@@ -200,3 +200,28 @@ def ridge_backward(
     grad_resid_NV, coef_NV = sol.split([grad_delta_KV.shape[1], resid_NV.shape[1]], dim=1)
     grad_lam = -(grad_resid_NV * coef_NV).sum()
     return grad_resid_NV, grad_lam
+
+
+def prior_cholesky(prior_KK: torch.Tensor | None, lam: float | torch.Tensor, d_k: int,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """The Cholesky factor (K×K, float64) of A = λI + P (P = 0 when None): what `factored_solve` takes, computed
+    once per prior and shared by every subject's solve with that prior."""
+    if prior_KK is None:
+        prior_KK = torch.zeros(d_k, d_k, dtype=torch.float64, device=device)
+    p64 = prior_KK.to(torch.float64)
+    return torch.linalg.cholesky(_ridge_system(p64, _lam_tensor(lam, torch.float64, p64.device)))
+
+
+def factored_solve(keys_NK: torch.Tensor, resid_NV: torch.Tensor,
+                   chol_KK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`preserving_solve` in its factored form for a given Cholesky factor of A = λI + P:
+    ΔW = A⁻¹Kᵀ (I + K A⁻¹ Kᵀ)⁻¹ R̂ = left_NKᵀ · coef_NV. Always factored (a subject's few answer tokens).
+
+    Returns:
+        (left_NK = (A⁻¹Kᵀ)ᵀ, coef_NV), float32.
+    """
+    k64, r64 = keys_NK.to(chol_KK), resid_NV.to(chol_KK)
+    adj_KN = torch.cholesky_solve(k64.T, chol_KK)
+    inner_NN = _ridge_system(k64 @ adj_KN, torch.ones((), dtype=torch.float64, device=k64.device))
+    coef_NV = torch.linalg.solve(inner_NN, r64)
+    return adj_KN.T.float().contiguous(), coef_NV.float().contiguous()
