@@ -26,6 +26,7 @@ import click
 
 from daemon.logs import configure_logging
 from ledger.cli import AppContext
+from ledger.params import NEW_DIR, PROMPT, SNAPSHOT_REF, SNAPSHOT_REF_NO_HEAD
 
 pass_app = click.make_pass_decorator(AppContext)
 
@@ -58,6 +59,13 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return fmt_float(value, digits)
 
 
+def _parent_of(snapshot_id: int) -> str:
+    """"parent 5", or "no parent: from the base" for a snapshot derived from the base (the row, not the old head)."""
+    store = click.get_current_context().find_object(AppContext).store()
+    parent = store.get_snapshot(snapshot_id).parent_id
+    return "no parent: from the base" if parent is None else f"parent {parent}"
+
+
 def _print_batch(result) -> None:
     r = result
     m = r.metrics or {}
@@ -68,7 +76,7 @@ def _print_batch(result) -> None:
     if r.status == "abandoned":
         click.echo(f"batch {r.batch_id}: abandoned; {len(r.released)} edits back to pending")
         return
-    what = {"published": f"published snapshot {r.snapshot_id} (parent {r.parent_snapshot_id or 'base'})",
+    what = {"published": f"published snapshot {r.snapshot_id} ({_parent_of(r.snapshot_id)})",
             "dry-run": f"dry run on head {r.parent_snapshot_id or 'base'}: would publish {len(r.applied)} edits",
             "rejected": "nothing published (gate)", "failed": "nothing published (no edit took)"}[r.status]
     label = "batch" if r.batch_id is None else f"batch {r.batch_id}"
@@ -157,7 +165,7 @@ def daemon(app: AppContext, once: bool) -> None:
 
 
 @click.command()
-@click.argument("snapshot")
+@click.argument("snapshot", type=SNAPSHOT_REF_NO_HEAD)
 @click.option("--requeue", is_flag=True, help="Put the rolled-back edits back to pending, to be applied again.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_app
@@ -212,8 +220,8 @@ def snapshots(app: AppContext, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("a")
-@click.argument("b")
+@click.argument("a", type=SNAPSHOT_REF)
+@click.argument("b", type=SNAPSHOT_REF)
 @click.option("--json", "as_json", is_flag=True, help="Print the diff as JSON.")
 @pass_app
 def diff(app: AppContext, a: str, b: str, as_json: bool) -> None:
@@ -243,7 +251,7 @@ def diff(app: AppContext, a: str, b: str, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("snapshot", required=False)
+@click.argument("snapshot", required=False, type=SNAPSHOT_REF)
 @click.option("--no-materialise", is_flag=True, help="Check files only (skip loading the model).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @pass_app
@@ -270,8 +278,8 @@ def verify(app: AppContext, snapshot: str | None, no_materialise: bool, as_json:
 
 
 @click.command()
-@click.argument("snapshot")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.argument("snapshot", type=SNAPSHOT_REF)
+@click.option("--out", "out_dir", type=NEW_DIR, required=True,
               help="Directory to write (must be new or empty unless --force).")
 @click.option("--deltas-only", is_flag=True, help="Write the chain's delta files and a manifest.json instead.")
 @click.option("--force", is_flag=True, help="Write into a non-empty directory.")
@@ -289,8 +297,8 @@ def export(app: AppContext, snapshot: str, out_dir: Path, deltas_only: bool, for
 
 
 @click.command()
-@click.argument("prompt")
-@click.option("--snapshot", "snapshot", default=None, help="Snapshot id, `head` (default) or `base`.")
+@click.argument("prompt", type=PROMPT)
+@click.option("--snapshot", "snapshot", default=None, type=SNAPSHOT_REF, help="Snapshot id, `head` (default) or `base`.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 512), default=20, show_default=True)
 @click.option("--top", "top_k", type=click.IntRange(1, 50), default=5, show_default=True,
               help="How many most likely next tokens to show.")
@@ -315,7 +323,7 @@ def ask(app: AppContext, prompt: str, snapshot: str | None, max_new_tokens: int,
 
 def default_config_text(settings) -> str:
     """A commented TOML config with every setting at its default (paths shown as they resolve here)."""
-    from ledger.config import Settings, env_var
+    from ledger.config import Settings, env_var, masked_url
 
     defaults = Settings()
     lines = ["# horse-ledger configuration (TOML). Every key is optional; the value shown is the default.",
@@ -333,7 +341,7 @@ def default_config_text(settings) -> str:
         lines.append(f"# {meta.get('help', '')} [{meta.get('unit', '')}; env {env_var(f.name)}]")
         value = getattr(defaults, f.name)
         if value == "" and getattr(settings, f.name, ""):
-            lines.append(f"# {f.name} = {json.dumps(getattr(settings, f.name))}")
+            lines.append(f"# {f.name} = {json.dumps(masked_url(getattr(settings, f.name)))}")
         else:
             lines.append(f"{f.name} = {json.dumps(value)}")
         lines.append("")
@@ -347,12 +355,12 @@ def default_config_text(settings) -> str:
 def init(app: AppContext, path: Path | None, force: bool) -> None:
     """Write a commented default config file to PATH (default: ~/.config/horse-ledger/config.toml)."""
     from daemon.errors import DaemonError
+    from ledger.files import write_file
 
     path = path or Path(click.get_app_dir("horse-ledger", force_posix=False)) / "config.toml"
     if path.exists() and not force:
         raise DaemonError(f"{path} already exists; edit it, or pass --force to overwrite it with the defaults")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(default_config_text(app.settings))
+    write_file(path, default_config_text(app.settings), is_group=False)  # 0600: a config may hold a db password
     click.echo(f"wrote {path}; edit it, then run `horse-ledger --config {path} apply --dry-run`")
 
 
