@@ -125,6 +125,10 @@ def apply(app: AppContext, max_edits: int | None, dry_run: bool, as_json: bool) 
                            actor=f"apply:{app.actor}")
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if not dry_run:
+        from daemon.metrics_export import write_night_textfile
+
+        write_night_textfile(app.settings, app.store(), result)
     if as_json:
         _echo_json(result.to_dict())
     else:
@@ -138,15 +142,24 @@ def daemon(app: AppContext, once: bool) -> None:
     """Run batches on the configured schedule (schedule_cron) until SIGTERM."""
     from daemon.cycle import run_batch
     from daemon.errors import ApplierBusy
+    from daemon.metrics_export import write_night_textfile
     from daemon.scheduler import run_daemon
+    from daemon.sdnotify import Notifier, describe_night
 
     _logging(app)
     log = logging.getLogger("daemon.cli")
     settings, store = app.settings, app.store()
+    notifier = Notifier.from_environment()
+
+    def after(result: Any) -> None:  # after each night: the metrics textfile, systemd's STATUS line
+        write_night_textfile(settings, store, result)
+        notifier.status(describe_night(result))
 
     def job(stop: threading.Event) -> Any:
+        notifier.status("night running: starting")
         try:
-            result = run_batch(settings, store, stop=stop)
+            result = run_batch(settings, store, stop=stop,
+                               on_stage=lambda stage: notifier.status(f"night running: {stage}"))
         except ApplierBusy as exc:
             log.warning("skipping this run: %s", exc)
             return None
@@ -159,9 +172,10 @@ def daemon(app: AppContext, once: bool) -> None:
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         result = run_batch(settings, store, stop=stop)
+        after(result)
         _print_batch(result)
         return
-    run_daemon(settings, job)
+    run_daemon(settings, job, after=after, notifier=notifier)
 
 
 @click.command()

@@ -25,6 +25,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from daemon.errors import DaemonError
+from daemon.sdnotify import Notifier
 from ledger.config import Settings
 
 log = logging.getLogger("daemon.scheduler")
@@ -48,8 +49,10 @@ def cron_trigger(expression: str, timezone: tzinfo | str | None = None) -> CronT
 class BatchRunner:
     """Runs the batch job, one at a time, and lets the shutdown path wait for the one in progress."""
 
-    def __init__(self, job: Callable[[threading.Event], Any]) -> None:
+    def __init__(self, job: Callable[[threading.Event], Any], *,
+                 after: Callable[[Any], None] | None = None) -> None:
         self.job = job
+        self.after = after  # called with what each job returned (metrics textfile, sd_notify STATUS)
         self.stop = threading.Event()
         self._busy = threading.Lock()
         self.runs = 0
@@ -61,10 +64,16 @@ class BatchRunner:
         with self._busy:
             self.runs += 1
             try:
-                return self.job(self.stop)
+                result = self.job(self.stop)
             except Exception:  # noqa: BLE001 - a failed night must not kill the daemon; it is logged
                 log.exception("batch job failed; the next scheduled run will try again")
-                return None
+                result = None
+            if self.after is not None:
+                try:
+                    self.after(result)
+                except Exception:  # noqa: BLE001 - reporting must not kill the daemon either
+                    log.exception("reporting the batch (metrics, systemd status) failed")
+            return result
 
     def wait_idle(self, timeout_s: float | None = None) -> bool:
         """Block until no batch is running (True) or the timeout passes (False)."""
@@ -94,17 +103,24 @@ def build_scheduler(settings: Settings, runner: Callable[[], Any], *,
 
 
 def run_daemon(settings: Settings, job: Callable[[threading.Event], Any], *,
-               timezone: tzinfo | str | None = None, install_signals: bool = True) -> BatchRunner:
+               timezone: tzinfo | str | None = None, install_signals: bool = True,
+               after: Callable[[Any], None] | None = None, notifier: Notifier | None = None) -> BatchRunner:
     """Run `job(stop_event)` on the configured schedule until SIGTERM / SIGINT, then wait for it to end.
 
+    Args:
+        after: called with each job's result once it returns (None when it raised).
+        notifier: systemd notifications (READY=1 once scheduled, STOPPING=1, the watchdog); default: from
+            the environment (a no-op outside systemd).
     Returns:
         The BatchRunner (tests read `.runs`).
     """
-    runner = BatchRunner(job)
+    runner = BatchRunner(job, after=after)
     scheduler = build_scheduler(settings, runner, timezone=timezone)
+    notifier = notifier or Notifier.from_environment()
 
     def _on_signal(signum: int, _frame: Any) -> None:
         log.info("received %s; finishing or abandoning the current batch", signal.Signals(signum).name)
+        notifier.stopping("stopping: finishing or abandoning the current night")
         runner.stop.set()
         scheduler.shutdown(wait=False)
 
@@ -115,7 +131,9 @@ def run_daemon(settings: Settings, job: Callable[[threading.Event], Any], *,
     log.info("daemon started", extra={"schedule_cron": settings.schedule_cron,
                                       "next_run": str(getattr(job_obj, "next_run_time", None) or "on start"),
                                       "misfire_grace_s": settings.misfire_grace_s})
-    scheduler.start()  # blocks until shutdown
-    runner.wait_idle()
+    notifier.ready(f"idle; next night {getattr(job_obj, 'next_run_time', None) or 'on start'}")
+    with notifier.watchdog():
+        scheduler.start()  # blocks until shutdown
+        runner.wait_idle()
     log.info("daemon stopped", extra={"batches_run": runner.runs})
     return runner

@@ -38,7 +38,7 @@ LAZY_COMMANDS = {
     "apply": "daemon.cli:apply", "rollback": "daemon.cli:rollback", "snapshots": "daemon.cli:snapshots",
     "diff": "daemon.cli:diff", "verify": "daemon.cli:verify", "export": "daemon.cli:export",
     "ask": "daemon.cli:ask", "daemon": "daemon.cli:daemon", "init": "daemon.cli:init",
-    "consolidate": "daemon.cli:consolidate",
+    "consolidate": "daemon.cli:consolidate", "serve": "daemon.web:serve", "config": "ledger.configcli:config",
 }
 DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M"]
 PROGRESS_MIN_ROWS = 1000
@@ -141,21 +141,10 @@ class LedgerGroup(click.Group):
         return cmd
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        # Help must not import the engine: lazy commands not yet loaded get a pointer instead of their help.
-        rows = []
-        for name in self.list_commands(ctx):
-            if name in self.commands:
-                cmd = self.commands[name]
-                if not cmd.hidden:
-                    rows.append((name, cmd.get_short_help_str(formatter.width - 6 - len(name))))
-            elif LAZY_COMMANDS[name].split(":")[0] in sys.modules:
-                cmd = self.get_command(ctx, name)
-                rows.append((name, cmd.get_short_help_str() if cmd else ""))
-            else:
-                rows.append((name, f"(see `horse-ledger {name} --help`)"))
-        if rows:
-            with formatter.section("Commands"):
-                formatter.write_dl(rows)
+        # Grouped, with the one-line help of lazy commands from ledger.clihelp: help never imports the engine.
+        from ledger.clihelp import format_grouped_commands
+
+        format_grouped_commands(self, ctx, formatter)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
