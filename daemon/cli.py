@@ -206,11 +206,20 @@ def rollback(app: AppContext, snapshot: str, requeue: bool, as_json: bool) -> No
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the snapshots as JSON.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Also draw canary agreement, retention, NS, perplexity and delta norms against snapshots and "
+                   "edits carried into FILE (.png, .svg or .pdf).")
 @pass_app
-def snapshots(app: AppContext, as_json: bool) -> None:
+def snapshots(app: AppContext, as_json: bool, plot_file: Path | None) -> None:
     """List the snapshots of the configured model, oldest first; `*` marks the head."""
     from daemon.audit import snapshot_rows
 
+    if plot_file is not None:
+        from daemon.plots import plot_snapshots
+        from ledger.queries import snapshot_series
+
+        plot_snapshots(snapshot_series(app.store(), app.settings.model), plot_file, title=app.settings.model)
+        click.echo(f"plotted to {plot_file}", err=True)
     rows = snapshot_rows(app.store(), app.settings.model)
     if as_json:
         _echo_json(rows)
