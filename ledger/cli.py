@@ -472,7 +472,7 @@ def _known_revision(revision: str, param: click.Parameter) -> str:
 
     script = ScriptDirectory.from_config(alembic_config())
     try:
-        found = script.get_revisions(revision)
+        found = script.get_revisions(revision) if revision.strip() else ()
     except (CommandError, KeyError, ValueError) as exc:
         found, reason = (), str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     else:

@@ -245,7 +245,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {exc}; fix the file") from exc
     table = data.get(APP_NAME, data)
     if not isinstance(table, dict):
-        raise ConfigError(f"config file {path}: [{APP_NAME}] must be a table")
+        raise ConfigError(f"config file {path}: [{APP_NAME}] must be a table; write the settings under "
+                          f"[{APP_NAME}] or at the top level of the file")
     return table
 
 
@@ -336,7 +337,8 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
     if path is not None:
         for key, raw in _read_toml(path).items():
             if key not in by_name:
-                raise ConfigError(f"config file {path}: unknown key {key!r}; known keys: {', '.join(by_name)}")
+                raise ConfigError(f"config file {path}: unknown key {key!r}; use one of the known keys: "
+                                  f"{', '.join(by_name)}")
             values[key] = _coerce(key, kinds[key], raw, f"config file {path}")
 
     for name in by_name:
@@ -359,6 +361,7 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
         values["snapshot_dir"] = str(data_dir / "snapshots")
     if not values.get("cache_dir"):
         values["cache_dir"] = str(_xdg("XDG_CACHE_HOME", ".cache", env) / APP_NAME)
+    check_values(values)  # ranges, NaN, enums, device, cron: ledger/config_checks.py
     for name, empty_ok in (("engine", False), ("consolidate_engine", True)):
         value = values.get(name, "" if empty_ok else "hypernet")
         if value not in ENGINES and not (empty_ok and value == ""):
@@ -379,7 +382,6 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
                  "finetune_swap_weight", "finetune_rehearsal", "finetune_preserve_weight"):
         if values.get(name, 0.0) < 0:
             raise ConfigError(f"{name} = {values[name]} is negative; give a value ≥ 0")
-    check_values(values)
     settings = dataclasses.replace(Settings(), **values)
     if settings.hypernet_from_consolidation:
         if settings.engine != "hypernet":

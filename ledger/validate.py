@@ -79,14 +79,14 @@ def check_text(value: Any, name: str, *, where: str | None, required: bool) -> s
             raise InvalidEdit(f"is missing; give a non-empty {name}", where=where, field=name)
         return None
     if not isinstance(value, str):
-        raise InvalidEdit(f"must be text, not {type(value).__name__} {value!r}", where=where, field=name)
+        raise InvalidEdit(f"must be text, not {type(value).__name__} {value!r}; give a string", where=where, field=name)
     text = value.strip()
     if not text:
         if required:
             raise InvalidEdit("is empty or only whitespace; give a non-empty value", where=where, field=name)
         return None
     if len(text) > MAX_FIELD_CHARS:
-        raise InvalidEdit(f"is {len(text):,} characters long; the limit is {MAX_FIELD_CHARS:,}",
+        raise InvalidEdit(f"is {len(text):,} characters long; the limit is {MAX_FIELD_CHARS:,}: shorten it",
                           where=where, field=name)
     problem = text_problem(text)
     if problem:
@@ -103,13 +103,13 @@ def validate_edit(raw: Mapping[str, Any], *, where: str | None = None) -> EditSp
     """
     unknown = [k for k in raw if k not in FIELDS]
     if unknown:
-        raise InvalidEdit(f"unknown field {unknown[0]!r}; the fields are {', '.join(FIELDS)}",
+        raise InvalidEdit(f"unknown field {unknown[0]!r}; use the fields {', '.join(FIELDS)}",
                           where=where, field=unknown[0])
     text = {name: check_text(raw.get(name), name, where=where, required=name in REQUIRED) for name in TEXT_FIELDS}
     subject, prompt, target = text["subject"], text["prompt"], text["target"]
     check_slots(prompt, subject, where=where)
     if text["target_true"] is not None and text["target_true"].casefold() == target.casefold():
-        raise InvalidEdit(f"target {target!r} equals target_true; an edit must change the answer",
+        raise InvalidEdit(f"target {target!r} equals target_true; an edit must change the answer: give another target",
                           where=where, field="target")
     paraphrases = _check_paraphrases(raw.get("paraphrases"), where=where)
     aliases = check_aliases(raw.get("aliases"), subject, where=where)
@@ -159,9 +159,10 @@ def _check_paraphrases(value: Any, *, where: str | None) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)):
-        raise InvalidEdit(f"must be a list of strings, not {type(value).__name__}", where=where, field="paraphrases")
+        raise InvalidEdit(f"must be a list of strings, not {type(value).__name__}; give a list of strings", where=where,
+                          field="paraphrases")
     if len(value) > MAX_PARAPHRASES:
-        raise InvalidEdit(f"has {len(value)} entries; the limit is {MAX_PARAPHRASES}", where=where,
+        raise InvalidEdit(f"has {len(value)} entries; the limit is {MAX_PARAPHRASES}: keep the best ones", where=where,
                           field="paraphrases")
     out = []
     for i, item in enumerate(value):
@@ -181,9 +182,11 @@ def check_aliases(value: Any, subject: str, *, where: str | None) -> tuple[str, 
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)):
-        raise InvalidEdit(f"must be a list of strings, not {type(value).__name__}", where=where, field="aliases")
+        raise InvalidEdit(f"must be a list of strings, not {type(value).__name__}; give a list of strings", where=where,
+                          field="aliases")
     if len(value) > MAX_ALIASES:
-        raise InvalidEdit(f"has {len(value)} entries; the limit is {MAX_ALIASES}", where=where, field="aliases")
+        raise InvalidEdit(f"has {len(value)} entries; the limit is {MAX_ALIASES}: keep the best ones", where=where,
+                          field="aliases")
     out = [check_text(item, f"aliases[{i}]", where=where, required=True) for i, item in enumerate(value)]
     return tuple(a for a in dict.fromkeys(out) if a != subject)
 
@@ -207,7 +210,7 @@ def read_edit_file(path: str | Path) -> list[EditSpec]:
     try:
         rows = _jsonl_rows(text, path) if ext != ".csv" else _csv_rows(text, path)
     except RecursionError:  # JSON nested thousands deep: the decoder recurses once per level
-        raise InvalidInputFile(f"{path.name}: JSON nested too deeply; an edit is one object of text fields "
+        raise InvalidInputFile(f"{path.name}: JSON nested too deeply; write each edit as one object of text fields "
                                "(paraphrases, aliases: lists of strings)") from None
     return [validate_edit(raw, where=f"{path.name}: line {lineno}") for lineno, raw in rows]
 
@@ -266,7 +269,7 @@ def _jsonl_rows(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         obj = _loads(line, f"{path.name}: line {lineno}")
         if not isinstance(obj, dict):
             raise InvalidInputFile(f"{path.name}: line {lineno}: a JSON {type(obj).__name__}, not an object; "
-                                   "each line must be one JSON object with the fields " + ", ".join(FIELDS))
+                                   "write one JSON object per line, with the fields " + ", ".join(FIELDS))
         rows.append((lineno, obj))
     return iter(rows)
 
@@ -290,7 +293,7 @@ def _loads(text: str, where: str) -> Any:
         return json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
         raise InvalidInputFile(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); "
-                               "each line must be one JSON object") from None
+                               "fix it: each line must be one JSON object") from None
     except _DuplicateKey as exc:
         raise InvalidInputFile(f"{where}: field {exc.args[0]!r} is given twice in one object; keep one") from None
 
@@ -308,11 +311,11 @@ def _csv_rows(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise InvalidInputFile(f"{path.name}: line 1: column {twice[0]!r} appears twice in the header; keep one")
     missing = [f for f in REQUIRED if f not in header]
     if missing:
-        raise InvalidInputFile(f"{path.name}: line 1: missing column(s) {', '.join(missing)}; the header needs "
+        raise InvalidInputFile(f"{path.name}: line 1: missing column(s) {', '.join(missing)}; give a header with "
                                f"{', '.join(REQUIRED)} (optional: {', '.join(FIELDS[3:])})")
     unknown = [h for h in header if h not in FIELDS]
     if unknown:
-        raise InvalidInputFile(f"{path.name}: line 1: unknown column {unknown[0]!r}; the columns are "
+        raise InvalidInputFile(f"{path.name}: line 1: unknown column {unknown[0]!r}; use the columns "
                                f"{', '.join(FIELDS)}")
     rows = []
     try:
@@ -322,7 +325,8 @@ def _csv_rows(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 raise InvalidInputFile(f"{path.name}: line {lineno}: more cells than header columns; "
                                        "quote cells that contain commas")
             if any(v is None for v in record.values()):
-                raise InvalidInputFile(f"{path.name}: line {lineno}: fewer cells than header columns")
+                raise InvalidInputFile(f"{path.name}: line {lineno}: fewer cells than header columns; give "
+                                       "every column a cell (an empty one is fine)")
             raw: dict[str, Any] = {k: (v if v.strip() else None) for k, v in record.items()}
             for name in ("paraphrases", "aliases"):
                 if raw.get(name) is not None:
@@ -340,6 +344,7 @@ def _csv_list(cell: str, name: str, path: Path, lineno: int) -> list[Any]:
             value = json.loads(cell)
         except json.JSONDecodeError as exc:
             raise InvalidInputFile(f"{path.name}: line {lineno}: field {name!r}: malformed JSON array "
-                                   f"({exc.msg})") from None
+                                   f"({exc.msg}); write a JSON array of strings, or separate the values with "
+                                   f"{CSV_PARAPHRASE_SEP!r}") from None
         return value if isinstance(value, list) else [value]
     return [p for p in cell.split(CSV_PARAPHRASE_SEP)]
