@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from daemon.locks import model_slug
 
 FORMAT = "horse-ledger/snapshot/1"
 TMP_SUFFIX = ".tmp"
+# the stems cycle.py (b<batch>-<token>) and consolidate.py (c<head>-<uuid>) give, with the files beside them
+SNAPSHOT_NAME = re.compile(r"^\.?[bc]\d{6,}-[0-9a-f]{8}(\.normaliser)?\.safetensors(\.tmp)?$")
 
 
 @dataclass(frozen=True)
@@ -41,9 +44,31 @@ def model_dir(snapshot_dir: str | os.PathLike[str], base_model: str) -> Path:
 
 
 def resolve(snapshot_dir: str | os.PathLike[str], rel_path: str) -> Path:
-    """The absolute path of a snapshot row's file (rows written with an absolute path are kept as is)."""
+    """The path of a snapshot row's file, confined to `snapshot_dir` (loading, verifying and deleting go through
+    here).
+
+    Raises:
+        SnapshotCorrupt: the stored path is absolute, has a `..` part, or leads out of snapshot_dir through a
+            symlink: a row edited by hand or a hostile database must not make the daemon read or delete files
+            elsewhere.
+    """
     path = Path(rel_path)
-    return path if path.is_absolute() else Path(snapshot_dir) / path
+    if not str(rel_path) or path.is_absolute() or ".." in path.parts:
+        raise SnapshotCorrupt(f"snapshot path {str(rel_path)!r} is not inside the snapshot directory (absolute, or "
+                              "with '..'); a snapshot row stores a path relative to snapshot_dir: restore the row's "
+                              "path, then run `horse-ledger verify`")
+    full = Path(snapshot_dir) / path
+    root = Path(snapshot_dir).resolve()
+    if not full.resolve().is_relative_to(root):
+        raise SnapshotCorrupt(f"snapshot path {str(rel_path)!r} leads out of the snapshot directory {root} through a "
+                              "symlink; replace the link with the file, then run `horse-ledger verify`")
+    return full
+
+
+def is_snapshot_file_name(name: str) -> bool:
+    """Whether `name` is one the daemon writes into a model's snapshot directory: `b000012-1a2b3c4d.safetensors`
+    (a night), `c000012-….safetensors` (a consolidation), their `.normaliser.safetensors` and `.….tmp` files."""
+    return SNAPSHOT_NAME.match(name) is not None
 
 
 def snapshot_metadata(*, base_model: str, base_fingerprint: str, hypernet_fingerprint: str,
@@ -172,7 +197,8 @@ def hash_file(path: str | os.PathLike[str], *, chunk_bytes: int = 1 << 20) -> st
 
 
 def remove_orphans(snapshot_dir: str | os.PathLike[str], base_model: str, referenced: Iterable[str]) -> list[Path]:
-    """Delete files in the model's snapshot directory that no snapshot row names. Call under the applier lock.
+    """Delete files in the model's snapshot directory that no snapshot row names and whose name is one the
+    daemon writes (`is_snapshot_file_name`; other files are left alone). Call under the applier lock.
 
     Args:
         referenced: the `path` of every snapshot row of this base model (any status).
@@ -182,13 +208,18 @@ def remove_orphans(snapshot_dir: str | os.PathLike[str], base_model: str, refere
     directory = model_dir(snapshot_dir, base_model)
     if not directory.is_dir():
         return []
-    keep = {resolve(snapshot_dir, p).resolve() for p in referenced}
-    keep |= {normaliser_path(snapshot_dir, p).resolve() for p in referenced}
+    keep: set[Path] = set()
+    for p in referenced:
+        try:
+            keep |= {resolve(snapshot_dir, p).resolve(), normaliser_path(snapshot_dir, p).resolve()}
+        except SnapshotCorrupt:  # a row that points outside names nothing here; `verify` reports it
+            continue
     removed = []
     for path in sorted(directory.iterdir()):
-        if not path.is_file() or path.resolve() in keep:
+        # only regular files (not symlinks) with the project's own names: nothing else is ever deleted
+        if path.is_symlink() or not path.is_file() or not is_snapshot_file_name(path.name):
             continue
-        if path.name.endswith(TMP_SUFFIX) or path.suffix == ".safetensors" or ".tmp" in path.name:
+        if path.resolve() not in keep:
             path.unlink(missing_ok=True)
             removed.append(path)
     if removed:

@@ -41,15 +41,16 @@ def test_a_crash_mid_write_leaves_a_temp_file_that_cleanup_removes(tmp_path):
     def crash(stage):
         raise Crash(stage)
 
-    keep = snapshots.write_snapshot(tmp_path, "m", "keep", _deltas(), {"a": "b"})
+    keep = snapshots.write_snapshot(tmp_path, "m", "b000001-0000aaaa", _deltas(), {"a": "b"})
     with pytest.raises(Crash):
-        snapshots.write_snapshot(tmp_path, "m", "partial", _deltas(), {"a": "b"}, on_stage=crash)
-    uncommitted = snapshots.write_snapshot(tmp_path, "m", "uncommitted", _deltas(), {"a": "b"})
+        snapshots.write_snapshot(tmp_path, "m", "b000002-0000bbbb", _deltas(), {"a": "b"}, on_stage=crash)
+    uncommitted = snapshots.write_snapshot(tmp_path, "m", "c000003-0000cccc", _deltas(), {"a": "b"})
+    (tmp_path / "m" / "notes.safetensors").write_bytes(b"a user's file")  # not our name: never deleted
     names = sorted(p.name for p in (tmp_path / "m").iterdir())
-    assert ".partial.safetensors.tmp" in names and "uncommitted.safetensors" in names
+    assert ".b000002-0000bbbb.safetensors.tmp" in names and "c000003-0000cccc.safetensors" in names
     removed = snapshots.remove_orphans(tmp_path, "m", [keep.rel_path])
-    assert sorted(p.name for p in removed) == [".partial.safetensors.tmp", "uncommitted.safetensors"]
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["keep.safetensors"]
+    assert sorted(p.name for p in removed) == [".b000002-0000bbbb.safetensors.tmp", "c000003-0000cccc.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["b000001-0000aaaa.safetensors", "notes.safetensors"]
     assert uncommitted.rel_path not in [p.name for p in (tmp_path / "m").iterdir()]
 
 
@@ -84,3 +85,32 @@ def test_log_lines_are_json_with_batch_ids():
             logging.getLogger("daemon.cycle").info("published", extra={"bytes": 10})
     line = json.loads(buf.getvalue().strip().splitlines()[-1])
     assert (line["msg"], line["batch_id"], line["snapshot_id"], line["bytes"]) == ("published", 12, 3, 10)
+
+
+@pytest.mark.parametrize("stored", ["/etc/passwd", "../outside.safetensors", "m/../../outside.safetensors", ""])
+def test_a_stored_path_outside_the_snapshot_dir_is_refused(tmp_path, stored):
+    with pytest.raises(SnapshotCorrupt, match="run `horse-ledger verify`"):
+        snapshots.resolve(tmp_path / "snaps", stored)
+    with pytest.raises(SnapshotCorrupt):
+        snapshots.read_snapshot(tmp_path / "snaps", stored)
+
+
+def test_a_symlink_out_of_the_snapshot_dir_is_refused_and_never_deleted(tmp_path):
+    outside = tmp_path / "precious.safetensors"
+    outside.write_bytes(b"x")
+    (tmp_path / "snaps" / "m").mkdir(parents=True)
+    link = tmp_path / "snaps" / "m" / "b000001-0000aaaa.safetensors"
+    link.symlink_to(outside)
+    with pytest.raises(SnapshotCorrupt, match="symlink"):
+        snapshots.resolve(tmp_path / "snaps", "m/b000001-0000aaaa.safetensors")
+    assert snapshots.remove_orphans(tmp_path / "snaps", "m", ["/etc/passwd", "../x"]) == []
+    assert outside.exists() and link.is_symlink()
+
+
+def test_orphan_cleanup_deletes_only_the_project_names():
+    ok = ["b000012-1a2b3c4d.safetensors", ".b000012-1a2b3c4d.safetensors.tmp", "c000003-deadbeef.safetensors",
+          "b1234567-00000000.normaliser.safetensors", ".b000012-1a2b3c4d.normaliser.safetensors.tmp"]
+    not_ours = ["model.safetensors", "b12-1a2b3c4d.safetensors", "b000012-1A2B3C4D.safetensors", "notes.txt",
+                "b000012-1a2b3c4d.safetensors.bak", "x.tmp", "b000012-1a2b3c4d.safetensors/evil"]
+    assert all(snapshots.is_snapshot_file_name(n) for n in ok)
+    assert not any(snapshots.is_snapshot_file_name(n) for n in not_ours)
