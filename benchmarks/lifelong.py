@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import sys
@@ -47,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT / "data" / "counterfact" / "counterfact-edit.json"
 CANARY = ROOT / "daemon" / "assets" / "canary.jsonl"
+log = logging.getLogger("lifelong")
 
 
 def measure(settings, store, requests, first, canary, base_next, ppl_texts, batch_size: int = 32,
@@ -144,8 +146,15 @@ def main() -> None:
         report(args.out)
         return
     torch.set_num_threads(args.threads)
+    handler = logging.StreamHandler(sys.stderr)  # checkpoints and the engine's progress (fine-tunes, covariance)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    for name in ("lifelong", "horse"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
 
     from tqdm.auto import tqdm
+
+    from horse.progress import is_terminal, log_stage
 
     from daemon.cycle import run_batch
     from horse.cli import file_sha256
@@ -250,10 +259,14 @@ def main() -> None:
     done_nights = max((r["night"] for r in rows), default=0)  # a night is done once its row is written
     def checkpoint(row: dict, head: int | None = None) -> None:
         """Measure snapshot `head` (default: the head now) over every edit up to `row`'s night; store it on the row."""
+        n_edits, t_measure = row["night"] * args.edits_per_night, time.perf_counter()
+        log_stage(log, f"checkpoint of night {row['night']}: measuring", edits=n_edits, head=head)
         row.update(measure(settings, store, requests[:row["night"] * args.edits_per_night], args.edits_per_night,
                            canary, base_next, ppl_texts, args.eval_batch_size, head=head,
                            canary_groups=canary_groups, scoped=args.scoped))
         row["perplexity_ratio"] = row["perplexity"] / base_row["perplexity"]
+        log_stage(log, f"checkpoint of night {row['night']}: measured", edits=n_edits,
+                  seconds=round(time.perf_counter() - t_measure, 1))
 
     if args.measure_night:  # the process --measure-aside started: one checkpoint of a given snapshot, then exit
         row = {"night": args.measure_night}
@@ -303,7 +316,8 @@ def main() -> None:
         for r in with_measured(out, rows):
             if "head_snapshot" in r and "retention_token" not in r and not measuring(out, r["night"]):
                 measure_aside(r)
-    bar = tqdm(range(done_nights, args.nights), desc=run, unit="night", initial=done_nights, total=args.nights)
+    bar = tqdm(range(done_nights, args.nights), desc=run, unit="night", initial=done_nights, total=args.nights,
+               disable=not is_terminal())  # off the terminal, the nights' log lines say how far it got
     t_start = time.perf_counter()
     for night in bar:
         if args.deadline_min and time.perf_counter() - t_start > 60 * args.deadline_min:
@@ -326,6 +340,8 @@ def main() -> None:
         started = time.perf_counter()
         result = run_batch(settings, store, actor="benchmark")
         wall = time.perf_counter() - started
+        log_stage(log, f"night {night + 1} of {args.nights}: {result.status}", applied=len(result.applied),
+                  seconds=round(wall, 1))
         row = {"night": night + 1, "status": result.status, "applied": len(result.applied), "night_s": wall,
                "threads": args.threads,
                "efficacy": (result.metrics or {}).get("efficacy_mean"),  # the night's edits on the new head

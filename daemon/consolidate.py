@@ -51,6 +51,7 @@ from daemon.cycle import (ACTOR, keep_fold_moments, keep_measurements, kept_meas
 from daemon.errors import BatchRefused, DaemonError
 from daemon.locks import applier_lock
 from daemon.materialise import chain, head_id, links, load_base, materialise, scope_index, scoped, weights_digest
+from horse.progress import log_stage
 from ledger.config import Settings
 from ledger.events import record_event
 from ledger.models import Edit, Snapshot, SnapshotEdit, utcnow
@@ -168,6 +169,7 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
         now = time.perf_counter()
         timings[key] = round(now - t, 4)
         t = now
+        log_stage(log, f"fold: {key} done", seconds=timings[key], elapsed_s=round(now - t0, 1), edits=len(edits))
 
     with applier_lock(settings, base_model):
         with store.session(write=False) as s:
@@ -188,6 +190,7 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
             return result
 
         # one edit of every carried edit, from the unedited base
+        log_stage(log, "fold: started", edits=len(edits), chain_length=n_chain, head=head)
         model, tokenizer = load_base(settings)
         fold = consolidation_settings(settings)
         result.engine = fold.engine

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -38,6 +39,9 @@ from torch import nn
 
 from horse.arch import get_module, module_shape_KV
 from horse.errors import EngineError
+from horse.progress import Progress, log_stage
+
+log = logging.getLogger("horse.covariance")
 
 CORPUS_NAME = "counterfact-train(prompt,rephrase,locality)+zsre-train(src,rephrase,loc)"
 CORPUS_SEED = 0
@@ -219,7 +223,8 @@ def estimate_second_moments(model: nn.Module, names: Sequence[str], ids_BT: torc
     sums = {n: torch.zeros(k, k, dtype=torch.float64, device=device) for n, k in widths.items()}
     deepest = max(names, key=_layer_index)
     n_total = 0
-    with _input_hooks(model, names, sums, stop_at=deepest):
+    with _input_hooks(model, names, sums, stop_at=deepest), \
+            Progress(f"covariance of {len(names)} layers", int(ids_BT.numel()), unit="tok", logger=log) as progress:
         for start in range(0, ids_BT.shape[0], batch_size):
             ids = ids_BT[start:start + batch_size].to(device)
             n_total += ids.numel()
@@ -227,6 +232,7 @@ def estimate_second_moments(model: nn.Module, names: Sequence[str], ids_BT: torc
                 model(input_ids=ids, use_cache=False)
             except _StopForward:
                 pass
+            progress.set(n_total)
     return {n: (s / n_total).float().cpu() for n, s in sums.items()}
 
 
@@ -315,6 +321,8 @@ def layer_second_moments(model: nn.Module, tok, layers: Sequence[str], *, cache_
             out[layer] = _load(path)
         else:
             missing.append(layer)
+    log_stage(log, "covariance: cache", cached=len(layers) - len(missing), to_compute=len(missing),
+              tokens=int(ids_BT.numel()))
     if missing:
         fresh = estimate_second_moments(model, missing, ids_BT, batch_size=batch_size)
         for layer, cov in fresh.items():

@@ -44,6 +44,7 @@ Run the tests with `pytest tests/horse/test_finetune.py`.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -58,11 +59,14 @@ from horse.arch import default_target_modules, get_module, model_device, module_
 from horse.deltas import Deltas, LayerDelta, add_deltas_, apply_deltas, fingerprint_modules
 from horse.errors import EngineError
 from horse.metrics import logits_at
+from horse.progress import Progress, log_stage
 from horse.hooks import record_keys
 from horse.replay import (BlockInput, block_path, capture_block_input, first_block, head_logits, prefix_matches,
                           replay_hidden_BTH, replayable)
 from horse.tokens import PromptBatch, TokenizedBatch, chunked, tokenize_prompts, tokenize_requests
 from horse.types import EditRequest
+
+log = logging.getLogger("horse.finetune")
 
 
 @dataclass(frozen=True)
@@ -501,6 +505,7 @@ class FineTuner:
             opt = torch.optim.Adam(params, lr=cfg.lr if init is None else cfg.warm_lr)
             visit = list(range(len(parts)))
             steps, epochs, hits = 0, 0, 0
+            progress = Progress("fine-tune", cfg.epochs * len(visit) if order else 0, unit="step", logger=log)
             for epoch in range(cfg.epochs if order else 0):
                 swaps, swap_targets = swap_sets[epoch % len(swap_sets)], target_sets[epoch % len(swap_sets)]
                 rng.shuffle(visit)
@@ -527,8 +532,12 @@ class FineTuner:
                     loss.backward()
                     opt.step()
                     steps += 1
+                    progress.update()
+                log_stage(log, f"fine-tune: epoch {epochs} of at most {cfg.epochs}", edits=len(order),
+                          recalled=hits)
                 if hits == len(order):
                     break
+            progress.close()
             timings["train"] = time.perf_counter() - t0 - timings["prepare"]
             deltas = {}
             with torch.no_grad():
