@@ -29,7 +29,7 @@ import click
 
 from ledger.config import Settings, load_settings
 from ledger.errors import LedgerError
-from ledger.files import make_dir, process_umask
+from ledger.files import create_file, make_dir, process_umask
 from ledger.params import BATCH_ID, EDIT_ID, LIMIT, PROTECTED_ID
 from ledger.text import for_terminal
 
@@ -63,6 +63,8 @@ class AppContext:
             default = f"sqlite:///{Path(self.settings.data_dir) / 'ledger.db'}"
             if path is not None and self.settings.db_url == default:
                 make_dir(path.parent, is_group=self.settings.file_mode_group)  # only the default location is created
+            if path is not None and path.parent.is_dir():  # SQLite would create it 0644 & ~umask; its WAL copies it
+                create_file(path, is_group=self.settings.file_mode_group)
             self._store = Store(self.settings.db_url, auto_upgrade=upgrade)
             click.get_current_context().call_on_close(self._store.close)
         return self._store
@@ -473,6 +475,27 @@ def _known_revision(revision: str, param: click.Parameter) -> str:
     script = ScriptDirectory.from_config(alembic_config())
     try:
         found = script.get_revisions(revision) if revision.strip() else ()
+    except (CommandError, KeyError, ValueError) as exc:
+        found, reason = (), str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    else:
+        reason = "no such revision"
+    if not found:
+        known = ", ".join(r.revision for r in script.walk_revisions())
+        raise click.BadParameter(f"{revision!r} is not a revision of this schema ({reason}); give head or one of "
+                                 f"{known}", param=param)
+    return revision
+
+
+def _known_revision(revision: str, param: click.Parameter) -> str:
+    """`db upgrade --revision`: a revision id (or head / a prefix) that the migrations know, else exit 2."""
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    from migrations import alembic_config
+
+    script = ScriptDirectory.from_config(alembic_config())
+    try:
+        found = script.get_revisions(revision)
     except (CommandError, KeyError, ValueError) as exc:
         found, reason = (), str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     else:
