@@ -1,8 +1,9 @@
 """The root `horse-ledger --help`: every command with its one-line help, in groups, without importing torch.
 
 Owns COMMAND_GROUPS (which section a command is listed in) and LAZY_HELP (the one-line help of the commands
-`ledger.cli` loads lazily, so that `--help` needs no engine import; tests/ledger/test_clihelp.py checks that
-each line is the command's own). A command in no group is listed under "other commands".
+`ledger.cli` loads lazily from horse/ or daemon/, so that `--help` needs no engine import;
+tests/ledger/test_clihelp.py checks that each line is the command's own). A lazy command of ledger/ without a
+line here is imported for its help. A command in no group is listed under "Other commands".
 """
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from typing import Any
 import click
 
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
-    "Ledger (submit and audit edits)": ("add", "list", "show", "log", "status", "cancel", "protect", "db",
-                                        "config", "init"),
+    "Ledger (submit and audit edits)": ("add", "list", "show", "log", "status", "cancel", "review", "protect",
+                                        "db", "config", "init"),
     "Nights (apply edits, snapshots, monitoring)": ("apply", "daemon", "snapshots", "diff", "verify",
                                                     "rollback", "consolidate", "serve"),
     "Model (use the edited model)": ("ask", "export", "model"),

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+import signal
 from types import SimpleNamespace
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.metrics_export import render_metrics, write_night_textfile
@@ -55,3 +57,31 @@ def test_textfile_off_by_default_and_never_fatal(store, tmp_path, caplog) -> Non
     with caplog.at_level(logging.WARNING, logger="daemon.metrics"):
         assert write_night_textfile(bad, store, None) is None
     assert "fix metrics_textfile" in caplog.text
+
+
+@pytest.mark.parametrize("command", [["apply"], ["daemon", "--once"]])
+def test_apply_and_the_daemon_write_the_textfile_after_a_night(store, run_cli, tmp_path, monkeypatch,
+                                                               command) -> None:
+    import daemon.cycle
+    from daemon.cycle import BatchResult
+
+    populate(store)
+    nights = []
+
+    def fake_run_batch(settings, store, **kwargs):  # the night itself is tested end to end elsewhere
+        nights.append(kwargs)
+        return BatchResult(status="empty")
+
+    monkeypatch.setattr(daemon.cycle, "run_batch", fake_run_batch)
+    path = tmp_path / "m.prom"
+    monkeypatch.setenv("HORSE_LEDGER_METRICS_TEXTFILE", str(path))
+    saved = signal.getsignal(signal.SIGTERM)
+    try:
+        result = run_cli(*command)
+    finally:
+        signal.signal(signal.SIGTERM, saved)  # `daemon --once` installs its own
+    assert result.exit_code == 0, result.output
+    assert len(nights) == 1
+    got = samples(path.read_text())
+    assert got[("horse_ledger_last_run_timestamp_seconds", (("status", "empty"),))] > 0
+    assert got[("horse_ledger_edits", (("status", "applied"),))] == 5

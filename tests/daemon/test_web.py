@@ -194,3 +194,31 @@ def test_chromium_renders_the_ledger_charts_and_hostile_text(browser, server_url
     line = browser.find_element(By.CSS_SELECTOR, "#chart-canary_agreement path.series")
     assert browser.execute_script("return arguments[0].getTotalLength()", line) > 50  # a line was drawn
     assert len(browser.find_elements(By.CSS_SELECTOR, "#chart-canary_agreement circle")) == 3
+
+
+def test_serve_command_listens_on_loopback_and_refuses_a_busy_port(db_url, ledger, tmp_path) -> None:
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "ledger", "--db", db_url, "serve", "--port", "0"],
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        line = proc.stderr.readline()
+        assert "serving the ledger read-only on http://127.0.0.1:" in line, line
+        url = line.split(" on ", 1)[1].split("/ ", 1)[0]
+        with urllib.request.urlopen(f"{url}/api/edits?per_page=2", timeout=30) as resp:
+            assert json.loads(resp.read())["total"] == 7
+            assert "script-src" not in resp.headers["Content-Security-Policy"]  # default-src 'none' covers it
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "ledger", "--db", db_url, "serve", "--port", str(port)],
+                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in out.stderr
+    assert "Traceback" not in out.stderr

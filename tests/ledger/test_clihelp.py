@@ -30,11 +30,13 @@ def test_root_help_lists_every_command_with_its_own_line_in_groups_without_impor
 
 
 def test_lazy_help_lines_are_the_commands_own() -> None:
-    assert set(LAZY_HELP) == set(LAZY_COMMANDS)
     grouped = {n for members in COMMAND_GROUPS.values() for n in members}
     assert set(cli.list_commands(None)) <= grouped  # nothing lands in "Other commands"
     for name, target in LAZY_COMMANDS.items():
         module, attr = target.split(":")
+        if name not in LAZY_HELP:  # imported for --help: only ledger's own modules may be (no torch)
+            assert module.startswith("ledger."), f"add the one-line help of {name} to ledger.clihelp.LAZY_HELP"
+            continue
         cmd = getattr(importlib.import_module(module), attr)
         assert cmd.get_short_help_str(1000) == LAZY_HELP[name], name
 
