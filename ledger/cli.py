@@ -34,6 +34,7 @@ from ledger.params import BATCH_ID, EDIT_ID, LIMIT, PROTECTED_ID
 from ledger.text import for_terminal
 
 LAZY_COMMANDS = {
+    "review": "ledger.review_cli:review",
     "hypernet": "horse.cli:hypernet", "eval": "horse.evalcli:eval_cmd", "model": "horse.evalcli:model",
     "apply": "daemon.cli:apply", "rollback": "daemon.cli:rollback", "snapshots": "daemon.cli:snapshots",
     "diff": "daemon.cli:diff", "verify": "daemon.cli:verify", "export": "daemon.cli:export",
@@ -65,7 +66,8 @@ class AppContext:
                 make_dir(path.parent, is_group=self.settings.file_mode_group)  # only the default location is created
             if path is not None and path.parent.is_dir():  # SQLite would create it 0644 & ~umask; its WAL copies it
                 create_file(path, is_group=self.settings.file_mode_group)
-            self._store = Store(self.settings.db_url, auto_upgrade=upgrade)
+            self._store = Store(self.settings.db_url, auto_upgrade=upgrade,
+                                night_cap_per_identity=self.settings.review_max_edits_per_night)
             click.get_current_context().call_on_close(self._store.close)
         return self._store
 
@@ -272,9 +274,12 @@ def add(app: AppContext, subject: str | None, prompt: str | None, target: str | 
         raise click.UsageError(f"missing {', '.join(missing)} (or give --from FILE)")
     spec = validate_edit({**{k: v for k, v in flags.items() if v is not None}, "paraphrases": list(paraphrases),
                           "aliases": list(aliases)})
+    from ledger.review_cli import announce_review, submission_intake
+
     store = app.store()
-    (result,) = store.add_edits([spec], actor=app.actor)
+    (result,) = store.add_edits([spec], actor=app.actor, intake=submission_intake(app))
     record = store.get_edit(result.id)
+    announce_review([result])
     if as_json:
         _echo_json({**record.to_dict(), "created": result.created, "superseded_id": result.superseded_id})
     else:
@@ -287,6 +292,7 @@ def add(app: AppContext, subject: str | None, prompt: str | None, target: str | 
 
 def _add_file(app: AppContext, path: Path, as_json: bool) -> None:
     from ledger.errors import InvalidEdit
+    from ledger.review_cli import announce_review, submission_intake
     from ledger.validate import read_edit_file
 
     try:
@@ -302,9 +308,10 @@ def _add_file(app: AppContext, path: Path, as_json: bool) -> None:
                 bar.update(n - done[0])
                 done[0] = n
 
-            results = store.add_edits(specs, actor=app.actor, progress=progress)
+            results = store.add_edits(specs, actor=app.actor, progress=progress, intake=submission_intake(app))
     else:
-        results = store.add_edits(specs, actor=app.actor)
+        results = store.add_edits(specs, actor=app.actor, intake=submission_intake(app))
+    announce_review(results)
     created = [r for r in results if r.created]
     superseded = sorted({r.superseded_id for r in results if r.superseded_id is not None})
     existing = len(results) - len(created)
@@ -323,7 +330,8 @@ def _add_file(app: AppContext, path: Path, as_json: bool) -> None:
 # ------------------------------------------------------------------------------------- list / show
 
 @cli.command("list")
-@click.option("--status", type=click.Choice(["pending", "claimed", "applied", "failed", "rejected", "cancelled",
+@click.option("--status", type=click.Choice(["proposed", "pending", "claimed", "applied", "failed", "rejected",
+                                             "cancelled",
                                              "superseded", "rolled_back"]), multiple=True,
               help="Only edits in this status (repeatable).")
 @click.option("--subject", metavar="TEXT", help="Only edits whose subject contains TEXT (case-insensitive).")
@@ -341,9 +349,12 @@ def list_cmd(app: AppContext, status: tuple[str, ...], subject: str | None, sinc
     if not edits:
         click.echo("no edits match", err=True)
         return
-    _table(["ID", "STATUS", "SUBMITTED", "SUBJECT", "PROMPT", "TARGET"],
+    from ledger.review import review_state
+
+    reviewed = any(review_state(e) != "-" for e in edits)  # a REVIEW column only when there is something to show
+    _table(["ID", "STATUS", "SUBMITTED", "SUBJECT", "PROMPT", "TARGET"] + ["REVIEW"] * reviewed,
            [(e.id, e.status, _fmt_time(e.submitted_at), _clip(e.subject, 24), _clip(e.rendered_prompt, 44),
-             _clip(e.target_new, 20)) for e in edits])
+             _clip(e.target_new, 20)) + (_clip(review_state(e), 30),) * reviewed for e in edits])
 
 
 @cli.command()
@@ -366,6 +377,9 @@ def show(app: AppContext, edit_id: int, as_json: bool) -> None:
             ("submitted", _fmt_time(edit.submitted_at)), ("attempts", edit.attempts), ("batch", edit.batch_id),
             ("snapshot", edit.snapshot_id), ("last_error", edit.last_error),
             ("supersedes", edit.supersedes_id), ("superseded_by", edit.superseded_by_id)]
+    from ledger.review_cli import review_rows
+
+    rows[1:1] = review_rows(edit)
     click.echo(f"edit {edit.id}")
     for name, value in rows:
         if value is not None and value != "":
@@ -387,12 +401,13 @@ def _echo_event(ev: Any, indent: str = "") -> None:
 @click.option("--batch", "batch_id", type=BATCH_ID, metavar="ID", help="Only events of this batch.")
 @click.option("--since", type=click.DateTime(DATE_FORMATS), metavar="DATE", help="On or after DATE (UTC).")
 @click.option("--limit", type=LIMIT, default=50, show_default=True, help="At most N events.")
+@click.option("--actor", metavar="IDENTITY", help="Only events by this identity (also cli:IDENTITY, policy:NAME).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_app
 def log(app: AppContext, edit_id: int | None, batch_id: int | None, since: datetime | None, limit: int,
-        as_json: bool) -> None:
+        actor: str | None, as_json: bool) -> None:
     """The audit trail, newest first."""
-    events = app.store().events(edit_id=edit_id, batch_id=batch_id, since=_since(since), limit=limit)
+    events = app.store().events(edit_id=edit_id, batch_id=batch_id, since=_since(since), limit=limit, actor=actor)
     if as_json:
         _echo_json([ev.to_dict() for ev in events])
         return
@@ -411,11 +426,15 @@ def status(app: AppContext, as_json: bool) -> None:
     counts = store.status_counts()
     heads = store.heads()
     last = store.last_batch()
+    from ledger.review_cli import status_review_lines
+
+    review = status_review_lines(app, counts)
     if as_json:
         _echo_json({"counts": counts, "total": sum(counts.values()), "heads": heads,
-                    "last_batch": last.to_dict() if last else None})
+                    "last_batch": last.to_dict() if last else None, "review": review})
         return
     click.echo(f"edits: {sum(counts.values())}")
+    click.echo(f"review: {'on' if review['required'] else 'off'}, {review['awaiting']} awaiting")
     for name, n in counts.items():
         click.echo(f"  {name:<12}{n:>8}")
     if heads:

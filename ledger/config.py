@@ -27,6 +27,7 @@ ENV_CONFIG = "HORSE_LEDGER_CONFIG"
 ENV_DB = "HORSE_LEDGER_DB"
 ENGINES = ("hypernet", "finetune", "memit")
 SCOPES = ("off", "subject")
+REVIEW_MODES = ("auto", "on", "off")
 
 
 def _opt(default: Any, unit: str, help: str, env: str | None = None) -> Any:
@@ -168,9 +169,40 @@ class Settings:
                                    "every consolidate_every_nights nights")
     # logging and monitoring
     log_json: str = _opt("auto", "auto|true|false", "JSON log lines; auto = when stderr is not a terminal")
+    # review and trust policy (ledger/review.py)
+    review: str = _opt("auto", "auto|on|off", "on = a new edit is `proposed` until someone other than its submitter "
+                       "approves it (`horse-ledger review`); auto = on for PostgreSQL ledgers (several people, "
+                       "identities the database enforces), off for the embedded SQLite one (one user: nobody else "
+                       "could approve, and anyone who can write the file can write anything)")
+    review_policy_name: str = _opt("trust-policy", "name", "who auto-approvals are recorded as: policy:<name>")
+    review_auto_approve_identities: str = _opt("", "comma-separated identities", "submitters (OS users / "
+                                               "PostgreSQL roles) whose edits the policy approves at submission")
+    review_auto_approve_sources: str = _opt("", "comma-separated sources", "edit sources the policy approves at "
+                                            "submission (exact, or a prefix ending in *); the source is text the "
+                                            "submitter types: prefer identities where that matters")
+    review_always_subjects: str = _opt("", "comma-separated subjects", "subjects (or aliases) that always need a "
+                                       "person's review, even from a trusted identity or source (case-insensitive)")
+    review_protected_subjects: bool = _opt(True, "true|false", "the protected facts' subjects always need a "
+                                           "person's review too")
+    review_max_edits_per_day: int = _opt(0, "edits / 24 h", "most new edits one identity may submit in any 24 "
+                                         "hours; 0 = no limit")
+    review_max_edits_per_night: int = _opt(0, "edits / batch", "most edits of one identity claimed into one "
+                                           "nightly batch (the rest wait for the next night); 0 = no limit")
     metrics_textfile: str = _opt("", "path", "Prometheus text file rewritten after every night by `apply` and "
                                  "`daemon` (for node_exporter's textfile collector, e.g. /var/lib/node_exporter/"
                                  "textfile_collector/horse_ledger.prom); empty = off")
+
+    @property
+    def review_required(self) -> bool:
+        """Whether new edits need review: `review`, with auto = on for a PostgreSQL ledger, off otherwise."""
+        if self.review == "auto":
+            return self.db_url.startswith("postgresql")
+        return self.review == "on"
+
+    @staticmethod
+    def split_list(value: str) -> tuple[str, ...]:
+        """A comma-separated setting as its stripped, non-empty items."""
+        return tuple(item.strip() for item in value.split(",") if item.strip())
 
     @property
     def db_path(self) -> Path | None:
@@ -382,6 +414,11 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
                  "finetune_swap_weight", "finetune_rehearsal", "finetune_preserve_weight"):
         if values.get(name, 0.0) < 0:
             raise ConfigError(f"{name} = {values[name]} is negative; give a value ≥ 0")
+    if values.get("review", "auto") not in REVIEW_MODES:
+        raise ConfigError(f"review = {values['review']!r} is not known; give one of {', '.join(REVIEW_MODES)}")
+    for name in ("review_max_edits_per_day", "review_max_edits_per_night"):
+        if values.get(name, 0) < 0:
+            raise ConfigError(f"{name} = {values[name]} is negative; give a number of edits, or 0 for no limit")
     settings = dataclasses.replace(Settings(), **values)
     if settings.hypernet_from_consolidation:
         if settings.engine != "hypernet":

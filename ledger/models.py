@@ -26,7 +26,9 @@ NAMING_CONVENTION = {
 }
 
 MAX_FIELD_CHARS = 2000
-EDIT_STATUSES = ("pending", "claimed", "applied", "failed", "rejected", "cancelled", "superseded", "rolled_back")
+EDIT_STATUSES = ("pending", "claimed", "applied", "failed", "rejected", "cancelled", "superseded", "rolled_back",
+                 "proposed")
+REVIEW_DECISIONS = ("approved", "rejected")
 SNAPSHOT_STATUSES = ("published", "rolled_back")
 SNAPSHOT_KINDS = ("incremental", "consolidated")
 
@@ -115,6 +117,12 @@ class Edit(Base):
     author: Mapped[str | None] = mapped_column(String(MAX_FIELD_CHARS))
     note: Mapped[str | None] = mapped_column(String(MAX_FIELD_CHARS))
     submitted_at: Mapped[datetime]
+    # review (migration 0003): who submitted (OS user / PostgreSQL current_user, never typed in), the decision
+    # (approved | rejected, NULL = not reviewed), who made it (an identity, or policy:<name>) and when
+    submitted_by: Mapped[str | None] = mapped_column(String(200))
+    review: Mapped[str | None] = mapped_column(String(16))
+    reviewed_by: Mapped[str | None] = mapped_column(String(200))
+    reviewed_at: Mapped[datetime | None]
     # sha256 of the fact (subject, prompt, target_new, target_true): same hash while active = same edit
     content_hash: Mapped[str] = mapped_column(String(64), index=True)
     # sha256 of (subject, prompt): a new edit with the same key supersedes an older pending one
@@ -140,6 +148,9 @@ class Edit(Base):
         # sweep_stale: claimed edits by heartbeat age
         Index("ix_edits_status_heartbeat_at", "status", "heartbeat_at"),
         Index("ix_edits_submitted_at", "submitted_at"),
+        # the per-identity quota counts an identity's recent edits
+        Index("ix_edits_submitted_by_submitted_at", "submitted_by", "submitted_at"),
+        CheckConstraint("review IS NULL OR " + _in("review", REVIEW_DECISIONS), name="review"),
     )
 
     @property

@@ -5,6 +5,7 @@
 asked for, it raises `IllegalTransition` naming the ids and their current status, and the caller's
 transaction rolls back. Every moved edit gets one event (kind `edit.<dst>`) in the same transaction.
 
+    proposed ──► pending | rejected | cancelled      (review: `horse-ledger review approve|reject`)
     pending ──► claimed ──► applied ──► rolled_back ──► pending (requeue)
        │           │  └──► failed ──► pending (retry)        applied ──► superseded ──► applied
        │           ├──► rejected
@@ -13,6 +14,7 @@ transaction rolls back. Every moved edit gets one event (kind `edit.<dst>`) in t
 
 An applied edit is superseded when a later night publishes a new edit of the same subject and prompt; it
 becomes applied again when that newer edit is rolled back while its own snapshot stays on the chain.
+With review on (ledger/review.py), `add` creates `proposed` edits; only `pending` ones are ever claimed.
 """
 from __future__ import annotations
 
@@ -37,10 +39,12 @@ class EditStatus(StrEnum):
     CANCELLED = "cancelled"
     SUPERSEDED = "superseded"
     ROLLED_BACK = "rolled_back"
+    PROPOSED = "proposed"  # awaiting review (ledger/review.py)
 
 
 S = EditStatus
 ALLOWED: dict[EditStatus, frozenset[EditStatus]] = {
+    S.PROPOSED: frozenset({S.PENDING, S.REJECTED, S.CANCELLED}),  # review: approve, reject, withdraw
     S.PENDING: frozenset({S.CLAIMED, S.CANCELLED, S.SUPERSEDED}),
     S.CLAIMED: frozenset({S.APPLIED, S.FAILED, S.REJECTED, S.PENDING}),
     S.APPLIED: frozenset({S.ROLLED_BACK, S.SUPERSEDED}),
@@ -51,7 +55,7 @@ ALLOWED: dict[EditStatus, frozenset[EditStatus]] = {
     S.SUPERSEDED: frozenset({S.APPLIED}),  # only by rollback, for an edit whose snapshot is still on the chain
 }
 # A second submission of the same fact while one of these holds it returns the existing edit.
-ACTIVE: frozenset[EditStatus] = frozenset({S.PENDING, S.CLAIMED, S.APPLIED})
+ACTIVE: frozenset[EditStatus] = frozenset({S.PROPOSED, S.PENDING, S.CLAIMED, S.APPLIED})
 
 # Columns transition() owns or that a move must not smuggle in through `values`.
 _RESERVED = frozenset({"status", "id", "updated_at"})
@@ -59,6 +63,7 @@ _CHUNK = 500  # ids per UPDATE: well under SQLite's bound-parameter limit
 
 # What to do next, by the status an edit is stuck in (for the IllegalTransition message).
 _HINTS = {
+    S.PROPOSED: "it awaits review: `horse-ledger review approve ID` (by someone other than its submitter)",
     S.APPLIED: "run `horse-ledger rollback <snapshot>` first",
     S.CLAIMED: "wait for the running batch to finish, or for the stale-claim sweep",
     S.FAILED: "it is retried automatically until max_attempts",

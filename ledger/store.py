@@ -28,6 +28,8 @@ from ledger.errors import (BatchNotFound, DatabaseUnavailable, EditNotFound, Led
 from ledger.events import event_row, record_event
 from ledger.models import (Batch, Edit, Event, Head, ProtectedFact, Snapshot, SnapshotEdit, as_utc,
                            render_prompt, utcnow)
+from ledger.review import (Intake, check_daily_quota, intake_decider, night_cap_clause, record_policy_approvals,
+                           session_identity)
 from ledger.status import ACTIVE, EditStatus, transition
 from ledger.validate import EditSpec, check_text
 
@@ -69,6 +71,11 @@ class EditRecord:
     supersedes_id: int | None
     superseded_by_id: int | None
     aliases: tuple[str, ...] = ()  # other names of the subject; not part of the fact's hashes
+    # review (ledger/review.py): the submitting identity, the decision, who made it (identity or policy:<name>)
+    submitted_by: str | None = None
+    review: str | None = None
+    reviewed_by: str | None = None
+    reviewed_at: datetime | None = None
 
     @property
     def rendered_prompt(self) -> str:
@@ -85,7 +92,7 @@ class EditRecord:
         """From an Edit ORM object or a Core row of the edits table."""
         get = row._mapping.__getitem__ if hasattr(row, "_mapping") else row.__getattribute__
         values = {name: get(name) for name in _EDIT_FIELDS}
-        for name in ("submitted_at", "updated_at", "claimed_at", "heartbeat_at"):
+        for name in ("submitted_at", "updated_at", "claimed_at", "heartbeat_at", "reviewed_at"):
             values[name] = as_utc(values[name])
         values["paraphrases"] = list(values["paraphrases"] or [])
         values["aliases"] = tuple(values["aliases"] or ())
@@ -193,6 +200,14 @@ class ProtectedFactRecord:
         return out
 
 
+def _created_payload(spec: EditSpec, decision: dict[str, Any]) -> dict[str, Any] | None:
+    """The `edit.created` event's payload: the source, and the status the edit starts in when review is on."""
+    out = {"source": spec.source} if spec.source else {}
+    if decision["status"] != EditStatus.PENDING.value or decision["review"]:
+        out.update(status=decision["status"], review=decision["review"], reviewed_by=decision["reviewed_by"])
+    return out or None
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, datetime):
         return as_utc(value).isoformat().replace("+00:00", "Z")
@@ -253,8 +268,11 @@ def _safe(url: str) -> str:
 class Store:
     """The ledger database. Thread-safe to share; open one per process."""
 
-    def __init__(self, url: str, *, auto_upgrade: bool = True, echo: bool = False) -> None:
+    def __init__(self, url: str, *, auto_upgrade: bool = True, echo: bool = False,
+                 night_cap_per_identity: int = 0) -> None:
         self.url = url
+        # claim_batch claims at most this many edits of one submitter (0 = no cap): Settings.review_max_edits_per_night
+        self.night_cap_per_identity = night_cap_per_identity
         self.engine = open_engine(url, echo=echo)
         self.dialect = self.engine.dialect.name
         # SQLite writers take the write lock up front (BEGIN IMMEDIATE): no deadlock on lock upgrade.
@@ -317,15 +335,20 @@ class Store:
 
     # ---- submitting
     def add_edits(self, specs: Sequence[EditSpec], *, actor: str,
-                  progress: Callable[[int], None] | None = None) -> list[AddResult]:
+                  progress: Callable[[int], None] | None = None, intake: Intake | None = None) -> list[AddResult]:
         """Add edits in one transaction, in order.
 
-        A spec whose fact (content hash) is already held by an active edit (pending, claimed, applied),
-        or by an earlier spec of the same call, returns that edit with created=False. A new edit for the
-        same subject and prompt as a pending one supersedes it (linked both ways, event on the old one).
+        A spec whose fact (content hash) is already held by an active edit (proposed, pending, claimed,
+        applied), or by an earlier spec of the same call, returns that edit with created=False. A new pending
+        edit for the same subject and prompt as a pending one supersedes it (linked both ways, event on the
+        old one); a proposed one supersedes it only when approved (ledger/review.py).
 
         Args:
             progress: called with the number of specs handled so far, now and then.
+            intake: who submits and whether new edits need review (ledger.review.Intake); None = the
+                current identity, no review. Its daily quota is checked here, before anything is written.
+        Raises:
+            QuotaExceeded: the identity's limit of edits per 24 hours.
         Returns:
             one AddResult per spec, in order.
         """
@@ -351,6 +374,9 @@ class Store:
                     pending_by_key[k] = i
 
             now = utcnow()
+            intake = intake or Intake(identity=session_identity(s))
+            decide = intake_decider(s, intake, now)
+            decisions: list[dict[str, Any]] = []  # review columns of each new edit, by its index
             # plan: which specs are new, and which earlier edit each new one supersedes (by spec index
             # for edits created in this call, by id for edits already in the table)
             plan: list[tuple[str, Any]] = []  # ("old", id) | ("new", (spec, supersedes_ref))
@@ -365,11 +391,15 @@ class Store:
                 if h in new_index_by_hash:
                     plan.append(("dup", new_index_by_hash[h]))
                     continue
-                ref = pending_ref_by_key.get(sp.key_hash)
+                decisions.append(decide(sp))
+                is_pending = decisions[-1]["status"] == EditStatus.PENDING.value  # proposed: supersedes on approval
+                ref = pending_ref_by_key.get(sp.key_hash) if is_pending else None
                 plan.append(("new", (sp, ref, n_new)))
                 new_index_by_hash[h] = n_new
-                pending_ref_by_key[sp.key_hash] = ("new", n_new)
+                if is_pending:
+                    pending_ref_by_key[sp.key_hash] = ("new", n_new)
                 n_new += 1
+            check_daily_quota(s, intake, n_new, now)
 
             new_rows = [p[1] for p in plan if p[0] == "new"]
             ids = self._allocate_edit_ids(s, len(new_rows))
@@ -383,13 +413,13 @@ class Store:
                     "aliases": list(sp.aliases),
                     "author": sp.author, "note": sp.note, "submitted_at": now, "updated_at": now,
                     "content_hash": sp.content_hash, "key_hash": sp.key_hash,
-                    "status": EditStatus.PENDING.value, "attempts": 0,
-                    "supersedes_id": ref[1] if ref and ref[0] == "id" else None,
-                } for edit_id, (sp, ref, _) in zip(got, part)]
+                    "attempts": 0, "supersedes_id": ref[1] if ref and ref[0] == "id" else None,
+                    **{k: v for k, v in decisions[n].items() if not k.startswith("_")},
+                } for edit_id, (sp, ref, n) in zip(got, part)]
                 s.execute(Edit.__table__.insert(), values)
                 s.execute(Event.__table__.insert(), [event_row("edit.created", actor=actor, edit_id=i, at=now,
-                                                    payload={"source": sp.source} if sp.source else None)
-                                          for i, (sp, _, _) in zip(got, part)])
+                                                    payload=_created_payload(sp, decisions[n]))
+                                          for i, (sp, _, n) in zip(got, part)])
                 if progress:
                     progress(min(len(specs), start + len(part)))
 
@@ -408,6 +438,8 @@ class Store:
                 inner = [{"id": n, "supersedes_id": o} for o, n in links.items()]
                 s.execute(update(Edit), inner)
 
+            record_policy_approvals(s, intake, {ids[n]: d["_rule"] for n, d in enumerate(decisions) if "_rule" in d},
+                                    now)
             superseded_by_new = {n: o for o, n in links.items()}
             final_status = {o: EditStatus.SUPERSEDED.value for o in links}
             for kind, value in plan:
@@ -415,11 +447,11 @@ class Store:
                     results.append(AddResult(id=value[0], created=False, status=value[1]))
                 elif kind == "dup":
                     i = ids[value]
-                    results.append(AddResult(id=i, created=False, status=final_status.get(i, "pending")))
+                    results.append(AddResult(id=i, created=False, status=final_status.get(i, decisions[value]["status"])))
                 else:
                     i = ids[value[2]]
                     results.append(AddResult(id=i, created=True, superseded_id=superseded_by_new.get(i),
-                                             status=final_status.get(i, "pending")))
+                                             status=final_status.get(i, decisions[value[2]]["status"])))
         if progress:
             progress(len(specs))
         return results
@@ -436,10 +468,11 @@ class Store:
         return list(range(start, start + n))
 
     def cancel(self, edit_id: int, *, actor: str, reason: str | None = None) -> EditRecord:
-        """pending → cancelled."""
+        """pending (or proposed) → cancelled."""
         with self.session() as s:
-            self._require_edit(s, edit_id)
-            transition(s, [edit_id], EditStatus.PENDING, EditStatus.CANCELLED, actor=actor,
+            row = self._require_edit(s, edit_id)
+            src = EditStatus.PROPOSED if row.status == EditStatus.PROPOSED.value else EditStatus.PENDING
+            transition(s, [edit_id], src, EditStatus.CANCELLED, actor=actor,
                        reason=reason or "cancelled on request")
         return self.get_edit(edit_id)
 
@@ -448,7 +481,9 @@ class Store:
         """Atomically claim up to n oldest pending edits into a new batch (status "claimed").
 
         Each edit gets the batch's claim_token, claimed_at = heartbeat_at = now, attempts += 1, batch_id.
-        Returns None (and creates no batch) when nothing is pending.
+        Only `pending` edits are claimed (never `proposed` ones), and at most `night_cap_per_identity` of any
+        one submitter (the rest wait for the next batch). Returns None (and creates no batch) when nothing is
+        pending.
         """
         if n <= 0:
             return None
@@ -456,6 +491,8 @@ class Store:
         now = utcnow()
         with self.session() as s:
             q = (select(Edit.id).where(Edit.status == EditStatus.PENDING.value).order_by(Edit.id).limit(n))
+            if self.night_cap_per_identity > 0:
+                q = q.where(night_cap_clause(self.night_cap_per_identity))
             if self.dialect == "postgresql":
                 q = q.with_for_update(skip_locked=True)
             ids = list(s.execute(q).scalars())
@@ -591,9 +628,12 @@ class Store:
 
     def events(self, *, edit_id: int | None = None, batch_id: int | None = None, snapshot_id: int | None = None,
                kind_prefix: str | None = None, since: datetime | None = None, limit: int | None = 100,
-               oldest_first: bool = False) -> list[EventRecord]:
-        """The audit trail, newest first (or oldest first), filtered."""
+               oldest_first: bool = False, actor: str | None = None) -> list[EventRecord]:
+        """The audit trail, newest first (or oldest first), filtered; `actor` matches the identity itself
+        and any prefixed form of it (cli:alice, apply:cli:alice for alice)."""
         q = select(Event)
+        if actor:
+            q = q.where(or_(Event.actor == actor, Event.actor.endswith(":" + actor, autoescape=True)))
         if edit_id is not None:
             q = q.where(Event.edit_id == edit_id)
         if batch_id is not None:

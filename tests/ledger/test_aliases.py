@@ -111,7 +111,9 @@ def test_migration_0002_backfills_and_downgrades_with_data(empty_db_url):
             "status, updated_at, attempts, supersedes_id) VALUES (2, 'A', '{} x', 'z', '[]', :t, 'h2', 'k', "
             "'pending', :t, 0, 1)"), {"t": "2026-01-01 00:00:00"})
     store.upgrade("0002")
-    assert store.get_edit(1).aliases == () and store.get_edit(2).names == ("A",)
+    with store.engine.connect() as conn:  # raw SQL: the models are at the head, the schema at 0002
+        got = conn.execute(text("SELECT id, aliases FROM edits ORDER BY id")).all()
+    assert [(i, json.loads(a) if isinstance(a, str) else a) for i, a in got] == [(1, []), (2, [])]
     with store.engine.begin() as conn:
         migrations.downgrade(conn, "0001")
     engine = create_engine(empty_db_url)

@@ -123,6 +123,7 @@ def test_usage_errors_exit_2(run_cli):
 
 def test_lazy_commands_are_the_contract():
     assert LAZY_COMMANDS == {
+        "review": "ledger.review_cli:review",
         "hypernet": "horse.cli:hypernet", "eval": "horse.evalcli:eval_cmd", "model": "horse.evalcli:model",
         "apply": "daemon.cli:apply", "rollback": "daemon.cli:rollback", "snapshots": "daemon.cli:snapshots",
         "diff": "daemon.cli:diff", "verify": "daemon.cli:verify", "export": "daemon.cli:export",

@@ -14,13 +14,14 @@ from ledger.status import ACTIVE, ALLOWED, EditStatus, is_allowed, transition
 def test_table_covers_every_status_and_matches_the_schema():
     assert set(ALLOWED) == set(EditStatus)
     assert tuple(s.value for s in EditStatus) == EDIT_STATUSES
-    assert ACTIVE == {EditStatus.PENDING, EditStatus.CLAIMED, EditStatus.APPLIED}
+    assert ACTIVE == {EditStatus.PROPOSED, EditStatus.PENDING, EditStatus.CLAIMED, EditStatus.APPLIED}
     assert not any(s in dsts for s, dsts in ALLOWED.items())  # no self-loops
     # the moves the architecture lists, and nothing else
     expected = {("pending", "claimed"), ("pending", "cancelled"), ("pending", "superseded"),
                 ("claimed", "applied"), ("claimed", "failed"), ("claimed", "rejected"), ("claimed", "pending"),
                 ("failed", "pending"), ("applied", "rolled_back"), ("applied", "superseded"),
-                ("rolled_back", "pending"), ("superseded", "applied")}
+                ("rolled_back", "pending"), ("superseded", "applied"),
+                ("proposed", "pending"), ("proposed", "rejected"), ("proposed", "cancelled")}  # review
     assert {(s.value, d.value) for s, dsts in ALLOWED.items() for d in dsts} == expected
 
 
