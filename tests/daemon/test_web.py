@@ -12,6 +12,7 @@ import os
 import shutil
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,8 @@ import pytest
 from daemon.web import WebApp, make_server, show
 from ledger.config import load_settings
 from tests.daemon.ledger_nights import HOSTILE, MODEL, REJECT_REASON, populate
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # `python -m ledger` from here runs this checkout
 
 
 @pytest.fixture
@@ -196,14 +199,14 @@ def test_chromium_renders_the_ledger_charts_and_hostile_text(browser, server_url
     assert len(browser.find_elements(By.CSS_SELECTOR, "#chart-canary_agreement circle")) == 3
 
 
-def test_serve_command_listens_on_loopback_and_refuses_a_busy_port(db_url, ledger, tmp_path) -> None:
+def test_serve_command_listens_on_loopback_and_refuses_a_busy_port(db_url, ledger) -> None:
     import socket
     import subprocess
     import sys
     import urllib.request
 
     proc = subprocess.Popen([sys.executable, "-m", "ledger", "--db", db_url, "serve", "--port", "0"],
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
     try:
         line = proc.stderr.readline()
         assert "serving the ledger read-only on http://127.0.0.1:" in line, line
@@ -219,6 +222,6 @@ def test_serve_command_listens_on_loopback_and_refuses_a_busy_port(db_url, ledge
         busy.listen()
         port = busy.getsockname()[1]
         out = subprocess.run([sys.executable, "-m", "ledger", "--db", db_url, "serve", "--port", str(port)],
-                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
+                             capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert out.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in out.stderr
     assert "Traceback" not in out.stderr
