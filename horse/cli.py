@@ -80,6 +80,10 @@ def hypernet() -> None:
               help="Stop cleanly after the step that passes this many minutes (the best validation state is kept).")
 @click.option("--loc-coef", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Weight of the locality loss against the generalisation loss.")
+@click.option("--train-lambda/--fixed-lambda", default=False, show_default=True,
+              help="Also train λ (the ridge regulariser, one per layer); the reference (MALMEN) keeps it fixed.")
+@click.option("--max-nonfinite-steps", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Stop after N steps whose capture or gradient was NaN/Inf (each is skipped; 0: never stop).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N.")
 @click.option("--dtype", type=click.Choice(("float32", "bfloat16")), default="float32", show_default=True,
               help="Model weights dtype (the editor math is fp32).")
@@ -91,8 +95,8 @@ def hypernet() -> None:
 def train_cmd(model_name: str, data_path: Path, out_path: Path, variant: str, spread: str | None, n_edits: int,
               steps: int, rank: int, blocks: int, lr: float, eta_init: float, lm_batch_size: int, limit: int | None,
               val_data: Path | None, val_every: int, val_edits: int, patience: int, checkpoint_every: int,
-              time_limit: float | None, loc_coef: float, device: str, dtype: str, cache_dir: Path | None,
-              resume: bool, seed: int, quiet: bool) -> None:
+              time_limit: float | None, loc_coef: float, train_lambda: bool, max_nonfinite_steps: int, device: str,
+              dtype: str, cache_dir: Path | None, resume: bool, seed: int, quiet: bool) -> None:
     """Meta-train a hypernet on a training split and write it to --out."""
     import torch
 
@@ -110,8 +114,8 @@ def train_cmd(model_name: str, data_path: Path, out_path: Path, variant: str, sp
                         loc_coef=loc_coef, seed=seed)
     train = TrainConfig(steps=steps, n_edits=n_edits, lr=lr, lm_batch_size=lm_batch_size,
                         checkpoint_every=checkpoint_every, val_every=val_every if val_requests else 0,
-                        val_edits=val_edits, patience=patience, seed=seed,
-                        time_limit_s=time_limit * 60 if time_limit else None)
+                        val_edits=val_edits, patience=patience, seed=seed, train_lambda=train_lambda,
+                        max_nonfinite_steps=max_nonfinite_steps, time_limit_s=time_limit * 60 if time_limit else None)
     train_hypernet(model, tok, train_requests, hyper=hyper, train=train, out_path=out_path,
                    val_requests=val_requests, resume=resume, data_sha256=file_sha256(data_path),
                    progress=not quiet)

@@ -23,3 +23,8 @@ class ModelNotFound(EngineError):
 
 class NonFiniteDelta(EngineError):
     """A weight delta holds NaN or Inf; the batch is refused and nothing was written."""
+
+
+class NonFiniteCapture(EngineError):
+    """A captured key or output gradient holds NaN or Inf; it was kept out of the hypernet's normaliser. Check the
+    model's weights (`horse-ledger verify`) and the request's text."""

@@ -21,7 +21,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from horse.errors import EngineError
+from horse.errors import EngineError, NonFiniteCapture
 from horse.spread import Spread, check_spread
 
 Variant = Literal["horse", "malmen"]
@@ -103,8 +103,15 @@ class RunningNormaliser(nn.Module):
 
     @torch.no_grad()
     def update(self, x_ND: torch.Tensor) -> None:
-        """Merge a batch of rows into the running statistics."""
+        """Merge a batch of rows into the running statistics.
+
+        Raises:
+            NonFiniteCapture: a row holds NaN or Inf (one such row would poison the statistics for good).
+        """
         x = x_ND.detach().to(torch.float64)
+        if not bool(torch.isfinite(x).all()):
+            raise NonFiniteCapture(f"{int((~torch.isfinite(x)).any(-1).sum())} of {x.shape[0]} rows given to the "
+                                   "hypernet's input normaliser are not finite; the normaliser was left unchanged")
         m = x.shape[0]
         if m == 0:
             return

@@ -45,7 +45,7 @@ from transformers import PreTrainedTokenizerBase
 
 from horse.editor import Editor, Prediction, atomic_write, eval_mode, lm_batches, model_device
 from horse.errors import BadCheckpoint, EngineError
-from horse.hooks import answer_ce, answer_logits, delta_hooks, frozen_parameters
+from horse.hooks import Captured, answer_ce, answer_logits, delta_hooks, frozen_parameters
 from horse.hypernet import HyperConfig, layer_residuals
 from horse.solve import ridge_backward
 from horse.spread import spread_backward
@@ -72,6 +72,9 @@ class TrainConfig:
         val_edits: validation requests per evaluation (the first ones of the split, fixed).
         patience: stop after this many evaluations without a better validation loss (0: never stop).
         update_normaliser: merge every batch into the running normaliser (the reference does).
+        train_lambda: also train λ's log per layer (`lamda_L`); the reference keeps λ fixed at exp(lamda_init).
+        max_nonfinite_steps: stop after this many steps whose capture or hypernet gradient was not finite (each
+            is skipped before the normaliser or the optimizer sees it; 0: never stop); the card says "non-finite".
         seed: data order and hypernet initialisation.
         time_limit_s: stop cleanly after the step that ends past this many seconds of this run (None: no
             limit); the best validation state is kept as at any other stop, and the card says "time-limit".
@@ -87,6 +90,8 @@ class TrainConfig:
     val_edits: int = 100
     patience: int = 0
     update_normaliser: bool = True
+    train_lambda: bool = False
+    max_nonfinite_steps: int = 10
     seed: int = 0
     time_limit_s: float | None = None
 
@@ -167,6 +172,7 @@ class StepResult:
     loc_loss: float
     grad_norm: float = float("nan")
     timings_s: dict[str, float] = field(default_factory=dict)
+    is_finite: bool = True  # False: the capture held NaN/Inf and the step was skipped before the normaliser
 
     @property
     def loss(self) -> float:
@@ -199,7 +205,8 @@ def edited_model_gradients(
     return gammas, totals["gen"], totals["loc"]
 
 
-def hypernet_backward(editor: Editor, prediction: Prediction, gammas_KV: Sequence[torch.Tensor]) -> None:
+def hypernet_backward(editor: Editor, prediction: Prediction, gammas_KV: Sequence[torch.Tensor], *,
+                      train_lambda: bool = False) -> None:
     """Stage 2: chain Γ^l back to the hypernet parameters and accumulate their `.grad`.
 
     ∂L/∂R̂^l and ∂L/∂λ_l from the ridge adjoint, ∂L/∂R^l through the spread, then the residuals are
@@ -220,8 +227,8 @@ def hypernet_backward(editor: Editor, prediction: Prediction, gammas_KV: Sequenc
     for name, k, g, g_r, g_lam, lam in zip(names, keys, grads, grad_resids, grad_lams, prediction.lams):
         net, layer = editor.nets.net_for(name)
         stats = prediction.stats[editor.nets.slots[name][0]]
-        # λ = exp(lamda): ∂L/∂lamda = λ · ∂L/∂λ
-        (g_lam.detach().to(net.lamda_L.dtype) * lam.to(net.lamda_L.dtype) * net.lamda_L[layer]).backward()
+        if train_lambda:  # λ = exp(lamda): ∂L/∂lamda = λ · ∂L/∂λ (MALMEN's reference never trains λ)
+            (g_lam.detach().to(net.lamda_L.dtype) * lam.to(net.lamda_L.dtype) * net.lamda_L[layer]).backward()
         for s in range(0, k.shape[0], chunk):
             r = layer_residuals(net, layer, k[s : s + chunk], g[s : s + chunk], stats, chunk)
             (g_r[s : s + chunk].to(r.dtype) * r).sum().backward()
@@ -229,7 +236,7 @@ def hypernet_backward(editor: Editor, prediction: Prediction, gammas_KV: Sequenc
 
 def meta_step(
     editor: Editor, model: nn.Module, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], *,
-    lm_batch_size: int = 25, update_normaliser: bool = True,
+    lm_batch_size: int = 25, update_normaliser: bool = True, train_lambda: bool = False,
 ) -> StepResult:
     """One two-stage meta-gradient: fills `.grad` of the editor's parameters (zeroed first), steps nothing.
 
@@ -244,6 +251,8 @@ def meta_step(
     editor.nets.zero_grad(set_to_none=True)
     captured = editor.capture(model, tok, requests, lm_batch_size=lm_batch_size)
     timings: dict[str, float] = {"capture": time.perf_counter() - t0}
+    if not is_finite_capture(captured):  # refused before the normaliser merges it: one NaN would poison it for good
+        return StepResult(float("nan"), float("nan"), timings_s=timings, is_finite=False)
     prediction = editor.predict(captured, update_normaliser=update_normaliser, timings_s=timings)
     batch = encode_meta_batch(tok, requests, lm_batch_size, model_device(model))
     t1 = time.perf_counter()
@@ -251,9 +260,14 @@ def meta_step(
         model, prediction, editor.module_names, batch, variant=editor.config.variant, loc_coef=editor.config.loc_coef
     )
     t2 = time.perf_counter()
-    hypernet_backward(editor, prediction, gammas)
+    hypernet_backward(editor, prediction, gammas, train_lambda=train_lambda)
     timings.update(edited_lm=t2 - t1, hypernet_backward=time.perf_counter() - t2)
     return StepResult(gen, loc, timings_s=timings)
+
+
+def is_finite_capture(captured: Captured) -> bool:
+    """Whether every captured key and output gradient is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in [*captured.keys_NK.values(), *captured.grads_NV.values()])
 
 
 @torch.no_grad()
@@ -404,16 +418,21 @@ def train_hypernet(
                total=train.steps)
     step = start_step
     stop_reason = "final"
+    n_nonfinite = 0
     started = time.perf_counter()
     for step in bar:
         batch = [train_requests[i] for i in _schedule(len(train_requests), n_edits, train.seed, step)]
         result = meta_step(editor, model, tok, batch, lm_batch_size=train.lm_batch_size,
-                           update_normaliser=train.update_normaliser)
-        result.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm))
-        if math.isfinite(result.grad_norm):
+                           update_normaliser=train.update_normaliser, train_lambda=train.train_lambda)
+        if result.is_finite:
+            result.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm))
+        if result.is_finite and math.isfinite(result.grad_norm):
             opt.step()
         else:
-            log.warning("step %d: non-finite hypernet gradient, update skipped", step + 1)
+            n_nonfinite += 1
+            log.warning("step %d: non-finite %s, update skipped (%d of at most %s)", step + 1,
+                        "hypernet gradient" if result.is_finite else "capture (kept out of the normaliser)",
+                        n_nonfinite, train.max_nonfinite_steps or "unlimited")
         record = {"step": step + 1, "gen_loss": result.gen_loss, "loc_loss": result.loc_loss,
                   "grad_norm": result.grad_norm, **{f"time_{k}_s": v for k, v in result.timings_s.items()}}
         if val_requests and train.val_every and (step + 1) % train.val_every == 0:
@@ -433,6 +452,10 @@ def train_hypernet(
                 f.write(json.dumps(record) + "\n")
         if train.checkpoint_every and (step + 1) % train.checkpoint_every == 0 and step + 1 < train.steps:
             save(step + 1, "periodic")
+        if train.max_nonfinite_steps and n_nonfinite >= train.max_nonfinite_steps:
+            log.error("stopping at step %d: %d non-finite steps; check the model and the data", step + 1, n_nonfinite)
+            stop_reason = "non-finite"
+            break
         if train.patience and evals_without_gain >= train.patience:
             log.info("early stop at step %d: no validation gain in %d evaluations", step + 1, train.patience)
             stop_reason = "early-stop"

@@ -122,7 +122,7 @@ def test_two_stage_gradient_equals_autograd(models, model_name: str, spread: str
     expected_form = "dual" if model_name == "tiny-gpt2" else "primal"
     assert choose_form(captured.n_tokens, d_k) == expected_form
 
-    meta_step(editor, model, tok, requests, lm_batch_size=4, update_normaliser=False)
+    meta_step(editor, model, tok, requests, lm_batch_size=4, update_normaliser=False, train_lambda=True)
     engine = [p.grad.detach().clone() for p in editor.nets.parameters()]
     reference = _reference_grads(editor, model, tok, requests, captured)
 

@@ -111,6 +111,53 @@ def test_time_limit_stops_cleanly_with_the_best_state(llama, tmp_path) -> None:
     assert card["training"]["train"]["time_limit_s"] == 1e-9
 
 
+def test_lambda_is_trained_only_with_train_lambda(llama) -> None:
+    """The reference (MALMEN) keeps λ = exp(lamda_init) fixed; --train-lambda trains its log per layer."""
+    model, tok = llama
+    facts = synthetic_facts(8, seed=3)
+    lamdas = {}
+    for train_lambda in (False, True):
+        cfg = TrainConfig(steps=2, n_edits=4, lr=1e-2, lm_batch_size=4, checkpoint_every=0,
+                          train_lambda=train_lambda)
+        editor = train_hypernet(model, tok, facts, hyper=HyperConfig(rank=4, seed=0), train=cfg, progress=False)
+        lamdas[train_lambda] = torch.cat([net.lamda_L.detach() for net in editor.nets.nets.values()])
+        others = [p for n, p in editor.nets.named_parameters() if not n.endswith("lamda_L")]
+        assert any(float(p.detach().abs().sum()) > 0 for p in others)
+    assert torch.equal(lamdas[False], torch.zeros_like(lamdas[False]))  # lamda_init = 0: untouched
+    assert not torch.equal(lamdas[True], lamdas[False])
+
+
+def test_a_nonfinite_capture_never_reaches_the_normaliser_and_stops_training(llama, tmp_path, monkeypatch) -> None:
+    from horse.errors import NonFiniteCapture
+    from horse.hooks import Captured
+
+    model, tok = llama
+    facts = synthetic_facts(8, seed=4)
+    editor = Editor.new(model, HyperConfig(rank=4))
+    real_capture = Editor.capture
+
+    def poisoned(self, *args, **kwargs):
+        cap = real_capture(self, *args, **kwargs)
+        keys = {n: k.clone() for n, k in cap.keys_NK.items()}
+        next(iter(keys.values()))[0, 0] = float("nan")
+        return Captured(keys, cap.grads_NV, cap.loss_per_batch)
+
+    monkeypatch.setattr(Editor, "capture", poisoned)
+    before = {k: v.clone() for k, v in editor.nets.state_dict().items()}
+    cfg = TrainConfig(steps=20, n_edits=4, lr=1e-2, lm_batch_size=4, checkpoint_every=0, max_nonfinite_steps=3)
+    out = tmp_path / "n.safetensors"
+    train_hypernet(model, tok, facts, train=cfg, editor=editor, out_path=out, progress=False)
+    after = editor.nets.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # normaliser and weights untouched
+    assert all(float(net.normaliser.count) == 0 for net in editor.nets.nets.values())
+    card = json.loads((tmp_path / "n.safetensors.json").read_text())
+    assert card["training"]["reason"] == "non-finite" and card["training"]["step"] == 3
+    net = next(iter(editor.nets.nets.values()))
+    with pytest.raises(NonFiniteCapture, match="normaliser was left unchanged"):
+        net.normaliser.update(torch.full((2, net.d_k + net.d_v), float("inf")))
+    assert float(net.normaliser.count) == 0
+
+
 @pytest.mark.slow
 def test_meta_training_learns_to_edit_held_out_facts(llama) -> None:
     """tiny-llama (random weights, width 64), 300 training facts, 200 meta-steps × 10 edits, 1 thread:
@@ -160,5 +207,11 @@ def test_cli_train_resume_and_info(tmp_path) -> None:
     assert result.exit_code == 0 and "malmen / none" in result.output and "trained steps" in result.output
     card = json.loads(CliRunner().invoke(hypernet, ["info", "--json", str(out)]).output)
     assert card["training"]["step"] == 2 and card["config"]["loc_coef"] == 2.5
+    assert card["training"]["train"]["train_lambda"] is False  # the reference's default
+    result = CliRunner().invoke(hypernet, [*args, "--steps", "1", "--train-lambda", "--max-nonfinite-steps", "2",
+                                           "--out", str(tmp_path / "l.safetensors")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    train = json.loads((tmp_path / "l.safetensors.json").read_text())["training"]["train"]
+    assert (train["train_lambda"], train["max_nonfinite_steps"]) == (True, 2)
     result = CliRunner().invoke(hypernet, [*args, "--steps", "1", "--time-limit", "0"])
     assert result.exit_code == 2 and "--time-limit" in result.output
