@@ -73,11 +73,11 @@ def charts(rows: Sequence[dict[str, Any]]) -> list[Chart]:
     return out
 
 
-def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
+def _ticks(lo: float, hi: float, n: int = 4, *, integer: bool = False) -> list[float]:
     if hi <= lo:
         return [lo]
     raw = (hi - lo) / n
-    step = 10 ** math.floor(math.log10(raw))
+    step = max(10 ** math.floor(math.log10(raw)), 1.0 if integer else 0.0)
     step *= next(m for m in (1, 2, 5, 10) if m * step >= raw)
     first = math.ceil(lo / step) * step
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
@@ -89,7 +89,7 @@ def _fmt(v: float) -> str:
 
 def line_svg(points: Sequence[tuple[float, float]], *, title: str, x_label: str, width: int = 420,
              height: int = 220) -> str:
-    """An SVG line chart (a string of markup, every text escaped) of `points`, sorted by x.
+    """An SVG line chart (a string of markup, every text escaped) of `points`, joined in the order given.
 
     An empty `points` draws the frame and "no measurements yet".
     """
@@ -101,7 +101,7 @@ def line_svg(points: Sequence[tuple[float, float]], *, title: str, x_label: str,
              f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>',
              f'<text x="{left + pw / 2:.1f}" y="{height - 6}" font-size="11" text-anchor="middle" '
              f'fill="#444">{escape(x_label)}</text>']
-    pts = sorted(points)
+    pts = list(points)
     if not pts:
         parts.append(f'<text x="{left + pw / 2:.1f}" y="{top + ph / 2:.1f}" font-size="12" text-anchor="middle" '
                      'fill="#777">no measurements yet</text></svg>')
@@ -119,7 +119,7 @@ def line_svg(points: Sequence[tuple[float, float]], *, title: str, x_label: str,
         parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>'
                      f'<text x="{left - 4}" y="{sy(t) + 4:.1f}" font-size="10" text-anchor="end" '
                      f'fill="#444">{_fmt(t)}</text>')
-    for t in _ticks(x0, x1):
+    for t in _ticks(x0, x1, integer=True):
         parts.append(f'<text x="{sx(t):.1f}" y="{top + ph + 14}" font-size="10" text-anchor="middle" '
                      f'fill="#444">{_fmt(t)}</text>')
     path = " ".join(f"{'M' if i == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}" for i, (x, y) in enumerate(pts))

@@ -35,6 +35,7 @@ def plot_snapshots(rows: Sequence[dict[str, Any]], path: Path, *, title: str) ->
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     drawn = charts(rows)
     fig, axes = plt.subplots(len(drawn), 2, figsize=(11, 2.6 * len(drawn)), squeeze=False)
@@ -42,7 +43,7 @@ def plot_snapshots(rows: Sequence[dict[str, Any]], path: Path, *, title: str) ->
         for ax, x_axis in zip(row, X_AXES):
             points = chart.points(x_axis)
             if points:
-                xs, ys = zip(*sorted(points))
+                xs, ys = zip(*points)  # in snapshot order, so the line follows time
                 ax.plot(xs, ys, marker="o", color="#1f5fbf", linewidth=1.8, markersize=4)
             else:
                 ax.text(0.5, 0.5, "no measurements yet", ha="center", va="center", transform=ax.transAxes,
@@ -50,6 +51,7 @@ def plot_snapshots(rows: Sequence[dict[str, Any]], path: Path, *, title: str) ->
             ax.set_title(chart.title, fontsize=10, loc="left")
             ax.set_xlabel(X_AXES[x_axis][1], fontsize=9)
             ax.grid(True, color="#eee")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{title}: {len(rows)} snapshot{'s' * (len(rows) != 1)}", fontsize=12)
     fig.tight_layout()
     try:

@@ -30,6 +30,13 @@ Query = Mapping[str, Sequence[str]]
 DATE_FORMATS = ("%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S")
 
 
+PRIVATE_KEYS = frozenset({"token", "claim_token"})  # the daemon's claim tokens: not for readers
+
+
+def _public(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k not in PRIVATE_KEYS}
+
+
 class BadRequest(Exception):
     """A query-string value the view cannot use; the message names it and says what to give instead."""
 
@@ -81,7 +88,7 @@ def overview(settings: Settings, store: Store, query: Query) -> View:
     lengths = chain_lengths(store)
     heads = [{"base_model": m, "snapshot_id": sid, "chain_length": lengths.get(m, 0)}
              for m, sid in store.heads().items()]
-    nights = [n.to_dict() for n in list_nights(store, limit=10)]
+    nights = [_public(n.to_dict()) for n in list_nights(store, limit=10)]
     return View("overview.html", {"counts": counts, "total": sum(counts.values()), "heads": heads,
                                   "nights": nights, "model": settings.model})
 
@@ -106,14 +113,16 @@ def edits(settings: Settings, store: Store, query: Query) -> View:
         filters[key] = _one(query, key)
     keep = [(k, v) for k in ("q", "subject", "source", "author", "since", "until", "per_page", "status")
             for v in query.get(k, []) if v.strip()]
-    return View("edits.html", {"filters": filters, "statuses": list(EDIT_STATUSES), **page.to_dict(),
+    listed = page.to_dict()
+    listed["edits"] = [_public(e) for e in listed["edits"]]
+    return View("edits.html", {"filters": filters, "statuses": list(EDIT_STATUSES), **listed,
                                "_pager_query": urlencode(keep) + ("&" if keep else "")})
 
 
 def edit(settings: Settings, store: Store, query: Query, edit_id: int) -> View:
     record = store.get_edit(edit_id)
     history = store.events(edit_id=edit_id, limit=None, oldest_first=True)
-    return View("edit.html", {"edit": record.to_dict(), "events": [e.to_dict() for e in history]})
+    return View("edit.html", {"edit": _public(record.to_dict()), "events": [e.to_dict() for e in history]})
 
 
 def snapshots(settings: Settings, store: Store, query: Query) -> View:
@@ -125,13 +134,14 @@ def snapshots(settings: Settings, store: Store, query: Query) -> View:
     while current is not None and current in by_id and current not in chain:
         chain.append(current)
         current = by_id[current]["parent_id"] if by_id[current]["kind"] != "consolidated" else None
-    nights = [n.to_dict() for n in list_nights(store, limit=_int(query, "nights", 30, 1, 1000), base_model=model)]
+    nights = [_public(n.to_dict())
+              for n in list_nights(store, limit=_int(query, "nights", 30, 1, 1000), base_model=model)]
     return View("snapshots.html", {"model": model, "models": models, "head": head, "chain": chain[::-1],
                                    "snapshots": rows, "nights": nights})
 
 
 def night(settings: Settings, store: Store, query: Query, batch_id: int) -> View:
-    return View("night.html", {"night": get_night(store, batch_id).to_dict()})
+    return View("night.html", {"night": _public(get_night(store, batch_id).to_dict())})
 
 
 def protected(settings: Settings, store: Store, query: Query) -> View:

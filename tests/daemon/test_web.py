@@ -53,6 +53,7 @@ def test_every_page_renders_and_its_json_carries_the_same_data(app, ledger) -> N
                  "/charts?x=edits"):
         assert "<html" in get(app, path)
         api(app, path if path != "/" else "")
+    assert "token" not in json.dumps([api(app, "/snapshots"), api(app, "/edits"), api(app, "/nights/2")])
     overview = api(app, "")
     assert overview["counts"]["applied"] == 5 and overview["counts"]["pending"] == 1
     assert overview["heads"] == [{"base_model": MODEL, "snapshot_id": ids["snapshots"][2], "chain_length": 1}]
