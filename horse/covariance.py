@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from horse.arch import get_module, module_shape_KV
-from horse.errors import EngineError
+from horse.errors import CovarianceNotCached, EngineError
 from horse.progress import Progress, log_stage
 
 log = logging.getLogger("horse.covariance")
@@ -302,12 +302,17 @@ def layer_second_moments(model: nn.Module, tok, layers: Sequence[str], *, cache_
         cache_dir: directory of the safetensors cache (a `memit-cov/` subdir is used).
         n_tokens: N, tokens of corpus text to average over.
         fingerprint: model fingerprint for the cache key (default: `model_fingerprint(model)`). Pass the base
-            model's fingerprint to reuse its statistics on an already edited model, as MEMIT does.
+            model's fingerprint to reuse its statistics on an already edited model, as MEMIT does; statistics
+            missing from the cache are then computed only if `model` is that base (its weights hash to it).
         texts: corpus texts (default: `corpus_texts()`); `corpus` names them in the info.
         batch_size: windows per forward.
 
     Returns:
         ({layer: C_KK float32}, CovarianceInfo).
+
+    Raises:
+        CovarianceNotCached: a layer's statistics are missing and `model` is not the model `fingerprint` names
+            (they would be computed on an edited head and stored under the base's key).
     """
     texts = corpus_texts() if texts is None else texts
     ids_BT = corpus_token_ids(tok, texts, n_tokens)
@@ -323,6 +328,11 @@ def layer_second_moments(model: nn.Module, tok, layers: Sequence[str], *, cache_
             missing.append(layer)
     log_stage(log, "covariance: cache", cached=len(layers) - len(missing), to_compute=len(missing),
               tokens=int(ids_BT.numel()))
+    if missing and fingerprint is not None and model_fingerprint(model) != fingerprint:
+        raise CovarianceNotCached(f"the covariance statistics of {len(missing)} layer(s) are not cached for base model "
+                                  f"{fingerprint[:12]}…, and this model is not that base (an edited head); compute "
+                                  "them on the base first (MemitEditor(base, tokenizer=tok, ...) or "
+                                  "MemitEditor.warm_covariance(base, tok)), then edit the head")
     if missing:
         fresh = estimate_second_moments(model, missing, ids_BT, batch_size=batch_size)
         for layer, cov in fresh.items():

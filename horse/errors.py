@@ -28,3 +28,8 @@ class NonFiniteDelta(EngineError):
 class NonFiniteCapture(EngineError):
     """A captured key or output gradient holds NaN or Inf; it was kept out of the hypernet's normaliser. Check the
     model's weights (`horse-ledger verify`) and the request's text."""
+
+
+class CovarianceNotCached(EngineError):
+    """MEMIT's covariance statistics for the base model are not cached and the model given is not the base; compute
+    them on the base model first."""

@@ -646,13 +646,16 @@ class MemitEditor:
     """MEMIT behind the editor interface the daemon uses (`module_names`, `fingerprint`, `compute_deltas`).
 
     Built on the unedited base model: its covariance statistics are keyed by the base's fingerprint, so
-    editing an already edited head reuses them (as MEMIT does).
+    editing an already edited head reuses them (as MEMIT does). They are computed on the base: give `tokenizer`
+    (or call `warm_covariance(base, tok)`) while the model is still the base; a head edited before they are cached
+    is refused (`CovarianceNotCached`) rather than measured and stored under the base's key.
     """
 
     from_base = False
     kind = "memit"
 
-    def __init__(self, model: nn.Module, *, cache_dir: str | os.PathLike[str], config: MemitConfig | None = None) -> None:
+    def __init__(self, model: nn.Module, *, cache_dir: str | os.PathLike[str], config: MemitConfig | None = None,
+                 tokenizer=None) -> None:
         from horse.covariance import model_fingerprint
 
         self.config = config if config is not None else MemitConfig.for_model(model)
@@ -660,6 +663,16 @@ class MemitEditor:
         self.fingerprint = fingerprint_modules(model, self.module_names)
         self.base_fingerprint = model_fingerprint(model)
         self.last_run: dict[str, object] = {}
+        if tokenizer is not None:
+            self.warm_covariance(model, tokenizer)
+
+    def warm_covariance(self, base: nn.Module, tok) -> None:
+        """Compute and cache the covariance statistics on `base` (the unedited model this editor was built on)."""
+        from horse.covariance import layer_second_moments
+
+        d_k = max(module_shape_KV(get_module(base, name))[0] for name in self.module_names)
+        layer_second_moments(base, tok, self.module_names, cache_dir=self.cache_dir,
+                             n_tokens=self.config.cov_tokens_per_dim * d_k, fingerprint=self.base_fingerprint)
 
     @property
     def module_names(self) -> list[str]:

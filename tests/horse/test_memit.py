@@ -221,3 +221,41 @@ def test_smollm2_edit_raises_target_probability(tmp_path):
     print("P(new) before", before.exp().tolist(), "after", after.exp().tolist(), info["total"])
     assert (after - before).min() > 0.5  # every fact's P(target) per token up by > 1.6×
     assert (after - before).mean() > 1.5  # on average up by > 4.5×
+
+
+def test_covariance_keyed_by_the_base_is_computed_only_on_the_base(tiny_model, tmp_path):
+    """A missing cache entry under the base's fingerprint is never computed on an edited head (issue 27)."""
+    from horse.covariance import model_fingerprint
+    from horse.errors import CovarianceNotCached
+    from horse.memit import MemitEditor
+
+    model, tok = tiny_model
+    layers = list(MemitConfig.for_model(model).layers)
+    d_k = module_shape_KV(get_module(model, layers[0]))[0]
+    base_fp = model_fingerprint(model)
+    weight = get_module(model, layers[0]).weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(0.1)  # an edited head
+    try:
+        with pytest.raises(CovarianceNotCached, match="compute them on the base first"):
+            layer_second_moments(model, tok, layers, cache_dir=tmp_path, n_tokens=10 * d_k, texts=TINY_CORPUS,
+                                 fingerprint=base_fp)
+        assert not (tmp_path / "memit-cov").exists()
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    on_base, _ = layer_second_moments(model, tok, layers, cache_dir=tmp_path, n_tokens=10 * d_k, texts=TINY_CORPUS,
+                                      fingerprint=base_fp)
+    with torch.no_grad():
+        weight.add_(0.1)
+    try:
+        reused, info = layer_second_moments(model, tok, layers, cache_dir=tmp_path, n_tokens=10 * d_k,
+                                            texts=TINY_CORPUS, fingerprint=base_fp)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert info.computed_layers == () and all(torch.equal(on_base[n], reused[n]) for n in layers)
+    # the editor warms the cache on the base it is built on when given the tokenizer
+    editor = MemitEditor(model, cache_dir=tmp_path / "warm", tokenizer=tok)
+    assert len(list((tmp_path / "warm" / "memit-cov").glob("*.safetensors"))) == len(editor.module_names)
