@@ -38,6 +38,40 @@ def fake_clock(monkeypatch):
     return clock
 
 
+class Cycles:
+    """Counts the scheduler's job-processing rounds and the jobs it submitted, so a test can wait for a round to
+    *finish* at the fake time instead of sleeping: "nothing fired" then means the scheduler looked and found
+    nothing due, not that the test did not wait long enough."""
+
+    def __init__(self, scheduler) -> None:
+        from apscheduler.events import EVENT_JOB_SUBMITTED
+
+        self.done = 0
+        self.submitted: list[dt.datetime] = []
+        self._cond = threading.Condition()
+        original = scheduler._process_jobs  # the round the main loop runs after each wakeup
+
+        def counted():
+            try:
+                return original()
+            finally:
+                with self._cond:
+                    self.done += 1
+                    self._cond.notify_all()
+
+        scheduler._process_jobs = counted
+        scheduler.add_listener(lambda event: self.submitted.append(event.scheduled_run_times), EVENT_JOB_SUBMITTED)
+        self.scheduler = scheduler
+
+    def one_more_round(self, timeout_s: float = 10.0) -> None:
+        """Wake the scheduler and return once a whole round has run after this call (its events dispatched)."""
+        with self._cond:
+            target = self.done + 1
+        self.scheduler.wakeup()
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.done >= target, timeout_s), "the scheduler did not run a round"
+
+
 def _wait_for(predicate, timeout_s=10.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -52,6 +86,7 @@ def test_cron_job_fires_at_the_scheduled_minute_on_a_fake_clock(fake_clock):
     fired: list[dt.datetime] = []
     runner = BatchRunner(lambda stop: fired.append(fake_clock.now_utc))
     scheduler = build_scheduler(settings, runner, timezone=UTC)
+    cycles = Cycles(scheduler)
     thread = threading.Thread(target=scheduler.start, daemon=True)
     thread.start()
     try:
@@ -59,10 +94,12 @@ def test_cron_job_fires_at_the_scheduled_minute_on_a_fake_clock(fake_clock):
         job = scheduler.get_job("nightly-batch")
         assert job.next_run_time == dt.datetime(2030, 1, 1, 2, 0, tzinfo=UTC)
         assert (job.coalesce, job.max_instances, job.misfire_grace_time) == (True, 1, 600)
-        time.sleep(0.2)
-        assert fired == []  # 01:59: not yet
+        fake_clock.now_utc = dt.datetime(2030, 1, 1, 1, 59, 59, tzinfo=UTC)
+        cycles.one_more_round()  # a full round at 01:59:59 looked at the job and submitted nothing
+        assert cycles.submitted == [] and fired == []
         fake_clock.now_utc = dt.datetime(2030, 1, 1, 2, 0, 1, tzinfo=UTC)
-        scheduler.wakeup()
+        cycles.one_more_round()
+        assert cycles.submitted == [[dt.datetime(2030, 1, 1, 2, 0, tzinfo=UTC)]]
         assert _wait_for(lambda: len(fired) == 1)
         assert scheduler.get_job("nightly-batch").next_run_time == dt.datetime(2030, 1, 2, 2, 0, tzinfo=UTC)
     finally:
@@ -76,14 +113,16 @@ def test_missed_nights_coalesce_into_one_run(fake_clock):
     fired = []
     runner = BatchRunner(lambda stop: fired.append(1))
     scheduler = build_scheduler(settings, runner, timezone=UTC)
+    cycles = Cycles(scheduler)
     thread = threading.Thread(target=scheduler.start, daemon=True)
     thread.start()
     try:
         assert _wait_for(lambda: scheduler.get_job("nightly-batch").next_run_time is not None)
         fake_clock.now_utc = dt.datetime(2030, 1, 3, 12, 0, tzinfo=UTC)  # slept through three nights
-        scheduler.wakeup()
+        cycles.one_more_round()
         assert _wait_for(lambda: len(fired) >= 1)
-        time.sleep(0.3)
+        cycles.one_more_round()  # another full round at the same time: nothing more is due
+        assert cycles.submitted == [[dt.datetime(2030, 1, 3, 2, 0, tzinfo=UTC)]]  # three nights, one run
     finally:
         scheduler.shutdown(wait=True)
         thread.join(5)
