@@ -31,7 +31,7 @@ from ledger.config import Settings, load_settings
 from ledger.errors import LedgerError
 from ledger.files import create_file, make_dir, process_umask
 from ledger.params import BATCH_ID, EDIT_ID, LIMIT, PROTECTED_ID
-from ledger.text import for_terminal
+from ledger.text import for_terminal, json_for_terminal
 
 LAZY_COMMANDS = {
     "review": "ledger.review_cli:review",
@@ -166,7 +166,8 @@ class LedgerGroup(click.Group):
 # ------------------------------------------------------------------------------------------- output
 
 def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, ensure_ascii=False, indent=2, default=str))
+    # control and bidi characters escaped (the same JSON value): the terminal never acts on stored text
+    click.echo(json_for_terminal(json.dumps(data, ensure_ascii=False, indent=2, default=str)))
 
 
 def _fmt_time(value: datetime | None) -> str:
@@ -243,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 @click.option("--alias", "aliases", multiple=True, metavar="NAME",
               help="Another name of the subject, e.g. Messi for Lionel Messi (repeatable).")
 @click.option("--from", "from_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="FILE",
-              help="Add every edit in a JSONL or CSV file (all or nothing).")
+              help="Add every edit in a JSONL or CSV file (all or nothing): a regular file of at most 64 MiB.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole record as JSON.")
 @pass_app
 def add(app: AppContext, subject: str | None, prompt: str | None, target: str | None, target_true: str | None,

@@ -48,3 +48,21 @@ def for_terminal(text: str) -> str:
             cat == "Cf" and ch not in "\u200c\u200d")
         out.append(f"\\u{ord(ch):04x}" if unsafe and ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}" if unsafe else ch)
     return "".join(out)
+
+
+def json_for_terminal(text: str) -> str:
+    """A JSON document with every control, format (bidi, zero-width) and unassigned character written as a
+    \\uXXXX escape: the same JSON value, nothing a terminal would act on. Such characters only occur inside JSON
+    strings, where the escape is equivalent."""
+    if text.isprintable() or all(ch.isprintable() or ch in "\n\t" for ch in text):
+        return text
+    out = []
+    for ch in text:
+        if ch in "\n\t" or ch.isprintable() or ch == " ":
+            out.append(ch)
+        elif ord(ch) > 0xFFFF:  # JSON escapes astral characters as a surrogate pair
+            v = ord(ch) - 0x10000
+            out.append(f"\\u{0xD800 + (v >> 10):04x}\\u{0xDC00 + (v & 0x3FF):04x}")
+        else:
+            out.append(f"\\u{ord(ch):04x}")
+    return "".join(out)

@@ -89,7 +89,10 @@ def test_list_and_show_never_print_raw_control_or_bidi_characters(tmp_path):
     with Store(url) as store:  # an old row, stored before bidi controls were refused
         (res,) = store.add_edits([EditSpec(subject="Eve\u202eil", prompt="{} is \u2066x\u2069", target_new="A\x1bB")],
                                  actor="t")
-    for args in (["list"], ["show", str(res.id)]):
+    for args in (["list"], ["show", str(res.id)], ["list", "--json"], ["show", str(res.id), "--json"]):
         out = CliRunner().invoke(cli, ["--db", url, *args]).output
         assert not any(ch in out for ch in "\u202e\u2066\u2069\x1b"), out
         assert "\\u202e" in out
+        if "--json" in args:  # escaped, the same JSON value
+            data = json.loads(out)
+            assert (data[0] if isinstance(data, list) else data)["subject"] == "Eve\u202eil"
