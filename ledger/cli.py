@@ -506,27 +506,6 @@ def _known_revision(revision: str, param: click.Parameter) -> str:
     return revision
 
 
-def _known_revision(revision: str, param: click.Parameter) -> str:
-    """`db upgrade --revision`: a revision id (or head / a prefix) that the migrations know, else exit 2."""
-    from alembic.script import ScriptDirectory
-    from alembic.util import CommandError
-
-    from migrations import alembic_config
-
-    script = ScriptDirectory.from_config(alembic_config())
-    try:
-        found = script.get_revisions(revision)
-    except (CommandError, KeyError, ValueError) as exc:
-        found, reason = (), str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    else:
-        reason = "no such revision"
-    if not found:
-        known = ", ".join(r.revision for r in script.walk_revisions())
-        raise click.BadParameter(f"{revision!r} is not a revision of this schema ({reason}); give head or one of "
-                                 f"{known}", param=param)
-    return revision
-
-
 @db.command("current")
 @pass_app
 def db_current(app: AppContext) -> None:
