@@ -89,11 +89,13 @@ class BatchResult:
     snapshot_path: str | None = None
     snapshot_bytes: int | None = None
     consolidation: dict[str, Any] | None = None  # when the policy folded the chain after this batch
+    returned: dict[int, str] = field(default_factory=dict)  # undecided by the gate: back to pending (routed)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["failed"] = {str(k): v for k, v in self.failed.items()}
         out["rejected"] = {str(k): v for k, v in self.rejected.items()}
+        out["returned"] = {str(k): v for k, v in self.returned.items()}
         return out
 
 
@@ -320,6 +322,11 @@ def run_batch(settings: Settings, store: Store, *, max_edits: int | None = None,
     Raises:
         ApplierBusy: another process is applying edits to this model.
     """
+    if settings.scope == "routed":  # per-subject deltas: daemon/night/
+        from daemon.night.run import run_night
+
+        return run_night(settings, store, max_edits=max_edits, dry_run=dry_run, stop=stop, on_stage=on_stage,
+                         actor=actor)
     result = _Batch(settings, store, max_edits=max_edits, dry_run=dry_run, stop=stop, on_stage=on_stage,
                     actor=actor).run()
     if result.status == "published":

@@ -20,7 +20,8 @@ from sqlalchemy import select
 
 from daemon import snapshots
 from daemon.errors import DaemonError
-from daemon.materialise import chain, chain_subjects, head_id, links, materialise, scope_index, scoped
+from daemon.materialise import chain, chain_subjects, head_id, links, load_base, materialise, scope_index, scoped
+from daemon.night.routes import head_table, is_routed
 from ledger.config import Settings
 from ledger.errors import SnapshotNotFound
 from ledger.models import Snapshot, SnapshotEdit
@@ -105,7 +106,10 @@ def links_for(store: Store, snapshot_id: int | None):
 def ask(settings: Settings, store: Store, prompt: str, snapshot_id: int | None, *, max_new_tokens: int = 20,
         top_k: int = 5) -> dict[str, Any]:
     """Greedy continuation of `prompt` and the top next tokens, on the model at `snapshot_id` (None = base)."""
-    m = materialise(settings, links_for(store, snapshot_id))
+    chain_links = links_for(store, snapshot_id)
+    if is_routed(chain_links) or (not chain_links and settings.scope == "routed"):
+        return ask_routed(settings, chain_links, prompt, snapshot_id, max_new_tokens=max_new_tokens, top_k=top_k)
+    m = materialise(settings, chain_links)
     model, tok = m.model, m.tokenizer
     with store.session(write=False) as s:
         index = scope_index(settings, tok, chain_subjects(s, m.chain_ids))
@@ -125,5 +129,40 @@ def ask(settings: Settings, store: Store, prompt: str, snapshot_id: int | None, 
         in_scope = bool(scope_mask_BT(enc["input_ids"].cpu(), index).any())
     return {"base_model": settings.model, "snapshot_id": snapshot_id, "prompt": prompt,
             "continuation": continuation, "scope": settings.scope, "in_scope": in_scope,
+            "top_tokens": [{"token": tok.decode([int(i)]), "id": int(i), "prob": float(p)}
+                           for p, i in zip(top.values.tolist(), top.indices.tolist())]}
+
+
+def served_table(settings: Settings, chain_links, tokenizer):
+    """The head's route table, its files checked against their recorded sha256 and the table against the
+    snapshot's recorded digest (`weights_sha256`)."""
+    from horse.route import table_digest
+
+    table = head_table(settings, chain_links, tokenizer, check_sha256=True)
+    if chain_links and chain_links[-1].weights_sha256 and table_digest(table) != chain_links[-1].weights_sha256:
+        raise DaemonError(f"the routes of snapshot {chain_links[-1].id} do not match the digest the ledger recorded; "
+                          f"run `horse-ledger verify {chain_links[-1].id}`")
+    return table
+
+
+@torch.no_grad()
+def ask_routed(settings: Settings, chain_links, prompt: str, snapshot_id: int | None, *, max_new_tokens: int,
+               top_k: int) -> dict[str, Any]:
+    """`ask` on a routed head: the base model with the routes of the subjects the prompt names."""
+    from horse.route import Router, named_in
+
+    model, tok = load_base(settings)
+    table = served_table(settings, chain_links, tok)
+    device = next(model.parameters()).device
+    enc = tok(prompt, return_tensors="pt").to(device)
+    with Router(model, table):
+        probs = torch.softmax(model(**enc).logits[0, -1].float(), dim=-1)
+        top = torch.topk(probs, k=min(top_k, probs.numel()))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    named = sorted(named_in([prompt], tok, table)[0])
+    return {"base_model": settings.model, "snapshot_id": snapshot_id, "prompt": prompt,
+            "continuation": tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True),
+            "scope": "routed", "in_scope": bool(named) if chain_links else None, "subjects": named,
             "top_tokens": [{"token": tok.decode([int(i)]), "id": int(i), "prob": float(p)}
                            for p, i in zip(top.values.tolist(), top.indices.tolist())]}

@@ -90,6 +90,7 @@ class ChainLink:
     sha256: str
     weights_sha256: str | None = None   # digest of the materialised touched modules (snapshot metrics)
     weights_modules: tuple[str, ...] = ()
+    kind: str = "incremental"           # "routed": a route file (daemon/night/routes.py), no weight deltas
 
 
 @dataclass
@@ -191,7 +192,8 @@ def links(session: Session, snapshot_id: int | None) -> list[ChainLink]:
 
 def link_of(snap: Snapshot) -> ChainLink:
     m = snap.metrics or {}
-    return ChainLink(snap.id, snap.path, snap.sha256, m.get("weights_sha256"), tuple(m.get("weights_modules") or ()))
+    return ChainLink(snap.id, snap.path, snap.sha256, m.get("weights_sha256"), tuple(m.get("weights_modules") or ()),
+                     snap.kind)
 
 
 def materialise(settings: Settings, chain_links: Sequence[ChainLink], *, track: Sequence[str] = (),
@@ -233,6 +235,9 @@ def materialise(settings: Settings, chain_links: Sequence[ChainLink], *, track: 
     if keep_after is not None and start == keep_after:
         keep()
     for i, link in enumerate(chain_links[start:], start=start):
+        if link.kind == "routed":  # routes change no weight (daemon/night/routes.py serves them)
+            m.chain_ids.append(link.id)
+            continue
         t1 = time.perf_counter()
         deltas, _meta = snapshots.read_snapshot(settings.snapshot_dir, link.path, sha256=link.sha256)
         t2 = time.perf_counter()

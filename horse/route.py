@@ -45,22 +45,64 @@ class RouteError(ValueError):
 @dataclass(frozen=True)
 class Route:
     """One subject's delta: its names (the subject first, then aliases), the edits it carries, and per module
-    its factors keys_MK (M×K) and coef_MV (M×V), the same M for every module."""
+    its factors keys_MK (M×K) and coef_MV (M×V), the same M for every module. `factors` may be a
+    `FileFactors` that reads them from a route file on first use; `sha256` is `route_digest` of them."""
 
     names: tuple[str, ...]
     edit_ids: tuple[int, ...]
     factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    n_rows: int = -1
+    sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if self.n_rows < 0:
+            rows = next(iter(self.factors.values()))[0].shape[0] if self.factors else 0
+            object.__setattr__(self, "n_rows", int(rows))
+        if not self.sha256:
+            object.__setattr__(self, "sha256", route_digest(self.factors))
 
     @property
     def subject(self) -> str:
         return self.names[0]
 
-    @property
-    def n_rows(self) -> int:
-        return next(iter(self.factors.values()))[0].shape[0] if self.factors else 0
-
     def nbytes(self) -> int:
         return sum(k.numel() * k.element_size() + c.numel() * c.element_size() for k, c in self.factors.values())
+
+
+def route_digest(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
+    """sha256 of a route's factors (module names and fp32 bytes, in module order)."""
+    h = hashlib.sha256()
+    for module in sorted(factors):
+        for t in factors[module]:
+            h.update(module.encode())
+            h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+class FileFactors(Mapping):
+    """A route's factors in a route file, read on first use (rows a:b of each module's stacked factors)."""
+
+    def __init__(self, path: str, modules: Sequence[str], a: int, b: int) -> None:
+        self.path, self.modules, self.a, self.b = str(path), list(modules), a, b
+        self._loaded: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if self._loaded is None:
+            from safetensors import safe_open
+
+            with safe_open(self.path, framework="pt") as fh:
+                self._loaded = {m: (fh.get_slice(f"{m}.keys_MK")[self.a:self.b],
+                                    fh.get_slice(f"{m}.coef_MV")[self.a:self.b]) for m in self.modules}
+        return self._loaded
+
+    def __getitem__(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._load()[key]
+
+    def __iter__(self):
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
 
 
 def subject_key(name: str) -> str:
@@ -125,17 +167,23 @@ class RouteTable:
 
 
 def table_digest(table: RouteTable) -> str:
-    """sha256 of what a table serves: each route's names, edits and factor bytes, in subject order. The
-    snapshot records it (`weights_sha256`); an export's loader checks it."""
+    """sha256 of what a table serves: each route's names, edits and factor digest, in subject order. The
+    snapshot records it (`weights_sha256`); `check_table` recomputes the factors' digests."""
     h = hashlib.sha256(FORMAT.encode())
     for key in sorted(table.routes):
         route = table.routes[key]
-        h.update(json.dumps([key, list(route.names), list(route.edit_ids)]).encode())
-        for module in sorted(route.factors):
-            for t in route.factors[module]:
-                h.update(module.encode())
-                h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+        h.update(json.dumps([key, list(route.names), list(route.edit_ids), route.sha256]).encode())
     return h.hexdigest()
+
+
+def check_table(table: RouteTable) -> None:
+    """Raise RouteError when a route's factors do not match their recorded digest or are not finite."""
+    for key, route in table.routes.items():
+        if route_digest(route.factors) != route.sha256:
+            raise RouteError(f"the factors of {key!r} do not match their recorded sha256; the route file was "
+                             "changed or damaged")
+        if not all(bool(torch.isfinite(t).all()) for pair in route.factors.values() for t in pair):
+            raise RouteError(f"the factors of {key!r} are not finite (NaN/Inf)")
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -155,14 +203,16 @@ def table_tensors(table: RouteTable) -> tuple[dict[str, torch.Tensor], dict[str,
         tensors["word_start_X"] = table.word_start_X.to(torch.uint8)
         tensors["word_end_X"] = table.word_end_X.to(torch.uint8)
     meta = {"format": FORMAT, "modules": json.dumps(modules),
-            "routes": json.dumps([{"key": k, "names": list(table.routes[k].names),
+            "routes": json.dumps([{"key": k, "names": list(table.routes[k].names), "sha256": table.routes[k].sha256,
                                    "edit_ids": list(table.routes[k].edit_ids)} for k in keys]),
             "sequences": json.dumps([[list(s), list(v)] for s, v in sorted(table.sequences.items())])}
     return tensors, meta
 
 
-def table_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> RouteTable:
-    """The inverse of `table_tensors` (raises RouteError on a malformed file)."""
+def table_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], *,
+                       path: str | None = None) -> RouteTable:
+    """The inverse of `table_tensors` (raises RouteError on a malformed file). With `path`, the factors are
+    read from that file on first use (`tensors` then needs only rows_S and the word sets)."""
     try:
         if meta.get("format") != FORMAT:
             raise RouteError(f"not a route table (format {meta.get('format')!r}, expected {FORMAT!r})")
@@ -177,8 +227,12 @@ def table_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, s
         routes = {}
         for i, item in enumerate(listed):
             a, b = starts[i], starts[i + 1]
-            factors = {m: (tensors[f"{m}.keys_MK"][a:b], tensors[f"{m}.coef_MV"][a:b]) for m in modules}
-            routes[item["key"]] = Route(tuple(item["names"]), tuple(int(e) for e in item["edit_ids"]), factors)
+            if path is not None:
+                factors: Mapping = FileFactors(path, modules, a, b)
+            else:
+                factors = {m: (tensors[f"{m}.keys_MK"][a:b], tensors[f"{m}.coef_MV"][a:b]) for m in modules}
+            routes[item["key"]] = Route(tuple(item["names"]), tuple(int(e) for e in item["edit_ids"]), factors,
+                                        n_rows=b - a, sha256=str(item.get("sha256", "")))
         seqs = {tuple(int(t) for t in s): tuple(v) for s, v in json.loads(meta.get("sequences", "[]"))}
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
         if isinstance(exc, RouteError):
@@ -188,23 +242,26 @@ def table_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, s
     return RouteTable(routes, seqs, None if ws is None else ws.bool(), None if we is None else we.bool())
 
 
-def save_table(path, table: RouteTable) -> None:
+def save_table(path, table: RouteTable, metadata: Mapping[str, str] | None = None) -> None:
+    """Write a table (safetensors; `metadata` is added to the table's own str metadata)."""
     from safetensors.torch import save_file
 
     tensors, meta = table_tensors(table)
-    save_file(tensors, str(path), metadata=meta)
+    save_file(tensors, str(path), metadata={**(metadata or {}), **meta})
 
 
-def load_table(path) -> RouteTable:
+def load_table(path, *, lazy: bool = False) -> tuple[RouteTable, dict[str, str]]:
+    """Read a route table and its file's metadata; `lazy`: factors are read when a route is first served."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            names = [k for k in fh.keys() if not lazy or k in ("rows_S", "word_start_X", "word_end_X")]
+            tensors = {k: fh.get_tensor(k) for k in names}
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise RouteError(f"cannot read the route table {path}: {exc}") from exc
-    return table_from_tensors(tensors, meta)
+    return table_from_tensors(tensors, meta, path=str(path) if lazy else None), dict(meta)
 
 
 # ---------------------------------------------------------------------------------------------- matching

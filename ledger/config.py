@@ -26,7 +26,8 @@ ENV_PREFIX = "HORSE_LEDGER_"
 ENV_CONFIG = "HORSE_LEDGER_CONFIG"
 ENV_DB = "HORSE_LEDGER_DB"
 ENGINES = ("hypernet", "finetune", "memit")
-SCOPES = ("off", "subject")
+SCOPES = ("off", "subject", "routed")
+ROUTE_SOLVES = ("alone", "joint-share")
 REVIEW_MODES = ("auto", "on", "off")
 
 
@@ -153,10 +154,19 @@ class Settings:
     gate_prefix_cache: bool = _opt(True, "true|false", "keep what enters the edited blocks for the texts the gate "
                                    "measures every night (canary, protected facts, the retention sample), so that "
                                    "only the edited blocks run on them again (snapshots/<model>/prefix, a few MB)")
-    scope: str = _opt("off", "off|subject", "subject = edits act only in texts that name an edited subject (from "
-                      "its first token on; elsewhere the edited modules give the base model's output): the gate "
-                      "measures, and `ask` serves, the model that way (horse/scope.py); exported plain model dirs "
-                      "cannot carry it. off = the deltas act on every text")
+    scope: str = _opt("off", "routed|subject|off", "routed = every edited subject has a delta of its own and a "
+                      "text gets only the deltas of the subjects it names (elsewhere the model is the base model); "
+                      "subject = one joint delta of all edits, acting only in texts that name some edited subject; "
+                      "off = the joint delta acts on every text. The gate measures, `ask` serves and `export` writes "
+                      "the model that way")
+    route_solve: str = _opt("alone", "alone|joint-share", "scope = routed: how a subject's delta is solved from the "
+                            "night's one batched capture — its edits alone, or its share of one joint solve")
+    same_subject_prompts: int = _opt(8, "prompts", "scope = routed: prompts of other relations asked of each edited "
+                                     "subject (daemon/assets/relations.jsonl) whose next token the gate compares")
+    gate_min_same_subject: float = _opt(0.0, "share 0..1", "scope = routed: of those prompts, the share whose "
+                                        "greedy next token must not change (other facts about an edited subject)")
+    gate_max_measurements: int = _opt(200, "measurements", "scope = routed: gate measurements a night may spend "
+                                      "finding the edits that do harm; an edit left undecided goes back to pending")
     # consolidation of snapshot chains
     consolidate_every_nights: int = _opt(0, "nights", "fold the chain into one snapshot this often; 0 = off")
     consolidate_max_chain: int = _opt(0, "snapshots", "fold when the chain is this long; 0 = off")
@@ -401,6 +411,8 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
                               + (" (or leave it empty: the same as engine)" if empty_ok else ""))
     if values.get("scope", "off") not in SCOPES:
         raise ConfigError(f"scope = {values['scope']!r} is not known; give one of {', '.join(SCOPES)}")
+    if values.get("route_solve", "alone") not in ROUTE_SOLVES:
+        raise ConfigError(f"route_solve = {values['route_solve']!r} is not known; give one of {', '.join(ROUTE_SOLVES)}")
     if values.get("gate_retention_sample", 1) < 1:
         raise ConfigError(f"gate_retention_sample = {values['gate_retention_sample']} must be ≥ 1 (edits measured)")
     lrs = (values.get("finetune_lr", 1.0), values.get("finetune_warm_lr", 1.0))

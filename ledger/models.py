@@ -30,7 +30,7 @@ EDIT_STATUSES = ("pending", "claimed", "applied", "failed", "rejected", "cancell
                  "proposed")
 REVIEW_DECISIONS = ("approved", "rejected")
 SNAPSHOT_STATUSES = ("published", "rolled_back")
-SNAPSHOT_KINDS = ("incremental", "consolidated")
+SNAPSHOT_KINDS = ("incremental", "consolidated", "routed")
 
 
 def utcnow() -> datetime:

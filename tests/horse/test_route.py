@@ -8,7 +8,8 @@ import torch
 from horse import metrics
 from horse.arch import default_target_modules, get_module, module_shape_KV
 from horse.deltas import LayerDelta, apply_deltas
-from horse.route import (Route, RouteError, RouteTable, Router, load_table, named_in, save_table, table_digest)
+from horse.route import (Route, RouteError, RouteTable, Router, check_table, load_table, named_in, save_table,
+                         table_digest)
 
 OUT_OF_SCOPE = ["The capital of Arvenia is", "Mirelda plays the", "Quenvik lives in"]
 
@@ -108,7 +109,10 @@ def test_a_table_survives_its_file_bit_for_bit(tiny_llama, tmp_path):
     table = _table(model, tok, [_route(model, names, "Zorblat", 1, aliases=("Zorb",)),
                                 _route(model, names, "Quenvik", 2, rows=1)])
     save_table(tmp_path / "r.safetensors", table)
-    back = load_table(tmp_path / "r.safetensors")
+    back, _ = load_table(tmp_path / "r.safetensors")
+    lazy, _ = load_table(tmp_path / "r.safetensors", lazy=True)
+    check_table(lazy)
+    assert table_digest(lazy) == table_digest(table)
     assert table_digest(back) == table_digest(table) and back.sequences == table.sequences
     assert torch.equal(back.word_start_X, table.word_start_X)
     changed = table.with_routes({"Quenvik": _route(model, names, "Quenvik", 3, rows=1)})

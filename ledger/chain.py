@@ -1,0 +1,202 @@
+"""The ledger's side of a night: every row a night writes, in one place (the daemon calls these; it writes no rows
+or status strings itself).
+
+- `BatchStatus` and `move_batch`: a batch's status changes only here, along `BATCH_MOVES`.
+- `recover_crashed`: under the applier lock, edits still claimed by a batch of this model go back to pending and
+  the batches that claimed them are abandoned (nobody else can hold them while the lock is held).
+- `publish_night`: ONE transaction — the snapshot row, its edits, the head, applied / failed / rejected /
+  returned edits with their events, supersessions, the batch row.
+- `finish_night`: the same without a snapshot (nothing published).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import insert, select, update
+
+from ledger.errors import LedgerError
+from ledger.events import record_event
+from ledger.models import Batch, Edit, Head, Snapshot, SnapshotEdit, utcnow
+from ledger.status import EditStatus, transition
+from ledger.store import Store, set_head
+
+
+class BatchStatus(StrEnum):
+    CLAIMED = "claimed"
+    RUNNING = "running"
+    PUBLISHED = "published"
+    FAILED = "failed"          # nothing published: every edit failed, or the batch raised
+    REJECTED = "rejected"      # nothing published: the gate rejected what took
+    ABANDONED = "abandoned"    # stopped (SIGTERM) or crashed; its edits went back to pending
+
+
+BATCH_MOVES: dict[BatchStatus, frozenset[BatchStatus]] = {
+    BatchStatus.CLAIMED: frozenset({BatchStatus.RUNNING, BatchStatus.ABANDONED, BatchStatus.FAILED}),
+    BatchStatus.RUNNING: frozenset({BatchStatus.PUBLISHED, BatchStatus.FAILED, BatchStatus.REJECTED,
+                                    BatchStatus.ABANDONED}),
+}
+
+
+class IllegalBatchMove(LedgerError):
+    """A batch status change outside BATCH_MOVES (a bug in the caller, or a batch another process finished)."""
+
+
+class HeadMoved(LedgerError):
+    """The head moved while the night ran; nothing was published and the batch will be retried."""
+
+
+def move_batch(session, batch_id: int, dst: BatchStatus, *, actor: str, reason: str | None = None,
+               metrics: Mapping[str, Any] | None = None) -> None:
+    """Move batch `batch_id` to `dst` (with its event); refuses a move BATCH_MOVES does not allow."""
+    batch = session.get(Batch, batch_id)
+    if batch is None:
+        raise IllegalBatchMove(f"batch {batch_id} does not exist")
+    src = BatchStatus(batch.status)
+    if dst not in BATCH_MOVES.get(src, frozenset()):
+        raise IllegalBatchMove(f"batch {batch_id} is {src.value}; it cannot become {dst.value}")
+    batch.status = dst.value
+    if dst not in (BatchStatus.RUNNING,):
+        batch.finished_at = utcnow()
+    if reason is not None:
+        batch.error = reason[:1900]
+    if metrics is not None:
+        batch.metrics = dict(metrics)
+    record_event(session, f"batch.{dst.value}", actor=actor, batch_id=batch_id, reason=reason)
+
+
+@dataclass(frozen=True)
+class Recovered:
+    edit_ids: list[int]
+    batch_ids: list[int]
+    snapshot_paths: list[str]   # every path a snapshot row of this model names (files not listed are orphans)
+
+
+def recover_crashed(store: Store, base_model: str, *, actor: str) -> Recovered:
+    """Claimed edits of this model's batches back to pending; running or claimed batches abandoned."""
+    with store.session() as s:
+        rows = s.execute(select(Edit.id).join(Batch, Batch.id == Edit.batch_id)
+                         .where(Edit.status == EditStatus.CLAIMED.value, Batch.base_model == base_model)).scalars()
+        dead = sorted(set(rows))
+        transition(s, dead, EditStatus.CLAIMED, EditStatus.PENDING, actor=actor,
+                   reason="recovered: the batch that claimed them ended without finishing (crash)",
+                   values={"claim_token": None})
+        stuck = list(s.execute(select(Batch.id).where(
+            Batch.base_model == base_model,
+            Batch.status.in_((BatchStatus.CLAIMED.value, BatchStatus.RUNNING.value)))).scalars())
+        for batch_id in stuck:
+            move_batch(s, batch_id, BatchStatus.ABANDONED, actor=actor,
+                       reason="the process running it ended without finishing (crash); its edits went back to pending")
+        paths = list(s.execute(select(Snapshot.path).where(Snapshot.base_model == base_model)).scalars())
+    return Recovered(dead, stuck, paths)
+
+
+@dataclass
+class NightOutcome:
+    """What a night decided for its claimed edits (reasons are what `show` prints; payloads go to the events)."""
+
+    applied: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)
+    returned: dict[int, str] = field(default_factory=dict)   # undecided: back to pending, not rejected
+    payloads: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NewSnapshot:
+    parent_id: int | None
+    base_model: str
+    kind: str
+    path: str
+    sha256: str
+    bytes: int
+    metrics: dict[str, Any]
+    carried: list[int]   # every edit the snapshot lists (snapshot_edits)
+
+
+def _settle_edits(s, batch_id: int, outcome: NightOutcome, actor: str) -> None:
+    for ids, dst in ((outcome.failed, EditStatus.FAILED), (outcome.rejected, EditStatus.REJECTED)):
+        for i, reason in sorted(ids.items()):
+            transition(s, [i], EditStatus.CLAIMED, dst, actor=actor, reason=reason, batch_id=batch_id,
+                       payload=outcome.payloads.get(i), values={"claim_token": None, "last_error": reason[:1900]})
+    for i, reason in sorted(outcome.returned.items()):
+        transition(s, [i], EditStatus.CLAIMED, EditStatus.PENDING, actor=actor, reason=reason, batch_id=batch_id,
+                   payload=outcome.payloads.get(i), values={"claim_token": None, "last_error": reason[:1900]})
+
+
+def _supersede(s, batch_id: int, applied: Sequence[int], snapshot_id: int, actor: str) -> list[int]:
+    """Applied edits of the same subject and prompt as a newly applied one become superseded by it."""
+    new_by_key = {e.key_hash: e.id for e in s.execute(select(Edit).where(Edit.id.in_(list(applied)))).scalars()}
+    older = s.execute(select(Edit.id, Edit.key_hash).where(
+        Edit.key_hash.in_(list(new_by_key)), Edit.status == EditStatus.APPLIED.value,
+        Edit.id.not_in(list(applied)))).all()
+    links = {old_id: new_by_key[key] for old_id, key in older}
+    if links:
+        transition(s, sorted(links), EditStatus.APPLIED, EditStatus.SUPERSEDED, actor=actor, batch_id=batch_id,
+                   reason="a newer applied edit of the same subject and prompt replaced it",
+                   payload_by_id={o: {"superseded_by": n, "in_snapshot": snapshot_id} for o, n in links.items()})
+        s.execute(update(Edit), [{"id": o, "superseded_by_id": n} for o, n in links.items()])
+    return sorted(links)
+
+
+def publish_night(store: Store, *, batch_id: int, expected_head: int | None, snapshot: NewSnapshot,
+                  outcome: NightOutcome, batch_metrics: dict[str, Any], actor: str) -> int:
+    """Publish a night's snapshot and settle every claimed edit, in one transaction. Returns the snapshot id.
+
+    Raises:
+        HeadMoved: the head is no longer `expected_head` (another writer published); nothing is written.
+    """
+    with store.session() as s:
+        current = s.execute(select(Head.snapshot_id).where(Head.base_model == snapshot.base_model)).scalar_one_or_none()
+        if current != expected_head:
+            raise HeadMoved(f"the head of {snapshot.base_model} moved from {expected_head} to {current} during batch "
+                            f"{batch_id}; nothing was published, the batch will be retried")
+        snap = Snapshot(parent_id=snapshot.parent_id, batch_id=batch_id, base_model=snapshot.base_model,
+                        kind=snapshot.kind, path=snapshot.path, sha256=snapshot.sha256, bytes=snapshot.bytes,
+                        created_at=utcnow(), status="published", metrics=snapshot.metrics)
+        s.add(snap)
+        s.flush()
+        if snapshot.carried:
+            s.execute(insert(SnapshotEdit), [{"snapshot_id": snap.id, "edit_id": i} for i in snapshot.carried])
+        set_head(s, snapshot.base_model, snap.id, actor=actor, reason=f"batch {batch_id} published")
+        transition(s, outcome.applied, EditStatus.CLAIMED, EditStatus.APPLIED, actor=actor, batch_id=batch_id,
+                   snapshot_id=snap.id, values={"claim_token": None, "last_error": None},
+                   payload_by_id={i: outcome.payloads.get(i) for i in outcome.applied})
+        superseded = _supersede(s, batch_id, outcome.applied, snap.id, actor)
+        _settle_edits(s, batch_id, outcome, actor)
+        move_batch(s, batch_id, BatchStatus.PUBLISHED, actor=actor,
+                   metrics={**batch_metrics, "snapshot_id": snap.id, "superseded": superseded})
+        record_event(s, "snapshot.published", actor=actor, batch_id=batch_id, snapshot_id=snap.id,
+                     payload={"parent": snapshot.parent_id, "path": snapshot.path, "sha256": snapshot.sha256,
+                              "bytes": snapshot.bytes, "n_edits": len(outcome.applied)})
+        return snap.id
+
+
+def finish_night(store: Store, *, batch_id: int, outcome: NightOutcome, batch_metrics: dict[str, Any],
+                 actor: str) -> BatchStatus:
+    """Settle a night that published nothing; the batch becomes rejected (the gate refused something) or
+    failed."""
+    status = BatchStatus.REJECTED if outcome.rejected else BatchStatus.FAILED
+    with store.session() as s:
+        _settle_edits(s, batch_id, outcome, actor)
+        move_batch(s, batch_id, status, actor=actor, metrics=batch_metrics,
+                   reason=(f"nothing published: {len(outcome.failed)} failed, {len(outcome.rejected)} rejected, "
+                           f"{len(outcome.returned)} returned to pending"))
+    return status
+
+
+def fail_batch(store: Store, *, batch_id: int, token: str, reason: str, timings: Mapping[str, float],
+               actor: str) -> list[int]:
+    """An error inside the night: edits still claimed by it become failed (retried up to max_attempts)."""
+    with store.session() as s:
+        ids = list(s.execute(select(Edit.id).where(Edit.claim_token == token,
+                                                   Edit.status == EditStatus.CLAIMED.value)).scalars())
+        transition(s, ids, EditStatus.CLAIMED, EditStatus.FAILED, actor=actor, reason=reason, batch_id=batch_id,
+                   values={"claim_token": None, "last_error": reason})
+        batch = s.get(Batch, batch_id)
+        if batch is not None and batch.status in (BatchStatus.CLAIMED.value, BatchStatus.RUNNING.value):
+            batch.metrics = {**(batch.metrics or {}), "timings_s": dict(timings)}
+            move_batch(s, batch_id, BatchStatus.FAILED, actor=actor, reason=reason)
+    return ids

@@ -1,0 +1,102 @@
+"""The routed night (scope = routed) end to end on tiny-llama with the test hypernet, through the real CLI, on
+both backends: per-subject routes published, served by `ask`, a later night re-solving only its subjects, exact
+rollback, and a gate that rejects only the edit that does harm."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from daemon.materialise import links
+from daemon.night.routes import head_table, read_routes
+from ledger.store import Store
+from tests.daemon.conftest import COLORS, PROMPT, SUBJECTS, fact, write_config
+
+
+def _add(cli_runner, cfg: Path, tmp_path: Path, name: str, facts: list[dict]) -> None:
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(f) + "\n" for f in facts))
+    cli_runner(cfg, "add", "--from", str(path))
+
+
+def _apply(cli_runner, cfg: Path) -> dict:
+    return json.loads(cli_runner(cfg, "apply", "--json", expect=None).stdout)
+
+
+def _table(settings, store, snapshot_id, tok):
+    with store.session(write=False) as s:
+        return head_table(settings, links(s, snapshot_id), tok)
+
+
+def test_a_routed_night_publishes_serves_and_rolls_back_exactly(db_url, daemon_settings, cli_runner, tmp_path):
+    from horse.route import table_digest
+    from horse.zoo import load_model
+
+    settings = daemon_settings(db_url, scope="routed")
+    cfg = write_config(tmp_path / "config.toml", settings)
+    store = Store(db_url)
+    _add(cli_runner, cfg, tmp_path, "night1", [fact(i) for i in range(4)])
+    first = _apply(cli_runner, cfg)
+    assert first["status"] == "published", first
+    s1, taught = first["snapshot_id"], first["applied"]
+    assert len(taught) >= 3 and first["metrics"]["serving"] == "routed"
+    snap = store.get_snapshot(s1)
+    assert snap.kind == "routed" and snap.metrics["routes"]["n_subjects"] == len(taught)
+    _, tok = load_model("tiny-llama", progress=False)
+    table1 = _table(settings, store, s1, tok)
+    assert table_digest(table1) == snap.metrics["weights_sha256"]
+    assert sorted(k for k in table1.routes) == sorted(e.subject for e in store.get_edits(taught))
+
+    # ask: the taught fact where its subject is named; the base model's outputs, exactly, where none is
+    subject = store.get_edits(taught)[0].subject
+    i = SUBJECTS.index(subject)
+    asked = json.loads(cli_runner(cfg, "ask", PROMPT.format(subject) + " ", "--json", "--max-new-tokens", "3").stdout)
+    assert asked["scope"] == "routed" and asked["subjects"] == [subject]
+    assert asked["top_tokens"][0]["token"] == COLORS[i][0], asked
+    other = "The home of Alpha is"
+    routed = json.loads(cli_runner(cfg, "ask", other, "--json").stdout)
+    base = json.loads(cli_runner(cfg, "ask", other, "--snapshot", "base", "--json").stdout)
+    assert routed["in_scope"] is False and routed["top_tokens"] == base["top_tokens"]
+    assert routed["continuation"] == base["continuation"]
+
+    # a second night rewrites one subject: only that subject is solved again, the rest stay as they were
+    _add(cli_runner, cfg, tmp_path, "night2", [fact(i, color=COLORS[(i + 3) % len(COLORS)])])
+    second = _apply(cli_runner, cfg)
+    assert second["status"] == "published", second
+    s2 = second["snapshot_id"]
+    with store.session(write=False) as s:
+        routes2, _ = read_routes(settings, links(s, s2)[-1])
+    assert list(routes2.routes) == [subject]
+    table2 = _table(settings, store, s2, tok)
+    assert set(table2.routes) == set(table1.routes)
+    for key in table1.routes:
+        if key != subject:
+            assert table2.routes[key].sha256 == table1.routes[key].sha256
+    old = [e for e in store.get_edits(taught) if e.subject == subject][0]
+    assert store.get_edits([old.id])[0].status == "superseded"
+    assert old.id not in table2.routes[subject].edit_ids
+    assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
+
+    # rollback to night 1: the table is night 1's, bit for bit; the superseded edit applies again
+    cli_runner(cfg, "rollback", str(s1))
+    assert table_digest(_table(settings, store, s1, tok)) == snap.metrics["weights_sha256"]
+    assert store.get_edits([old.id])[0].status == "applied"
+    store.close()
+
+
+def test_only_the_edit_that_flips_a_protected_fact_is_rejected(db_url, daemon_settings, cli_runner, tmp_path):
+    settings = daemon_settings(db_url, scope="routed")
+    cfg = write_config(tmp_path / "config.toml", settings)
+    store = Store(db_url)
+    _add(cli_runner, cfg, tmp_path, "night1", [fact(0)])
+    assert _apply(cli_runner, cfg)["status"] == "published"
+    # the taught fact is protected; a later edit that rewrites it is the only one rejected
+    cli_runner(cfg, "protect", "add", "--subject", SUBJECTS[0], "--prompt", PROMPT, "--target", COLORS[0])
+    _add(cli_runner, cfg, tmp_path, "night2", [fact(0, color=COLORS[3])] + [fact(i) for i in (4, 5, 6)])
+    result = _apply(cli_runner, cfg)
+    assert result["status"] == "published", result
+    bad = max(int(k) for k in result["rejected"]) if result["rejected"] else None
+    assert list(result["rejected"]) == [str(bad)] and bad == 2, result["rejected"]
+    assert "protected facts flipped" in result["rejected"][str(bad)]
+    assert sorted(result["applied"] + [int(k) for k in result["failed"]]) == [3, 4, 5]
+    assert store.get_edits([1])[0].status == "applied"
+    store.close()
