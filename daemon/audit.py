@@ -162,7 +162,12 @@ def verify(settings: Settings, store: Store, snapshot_id: int | None = None, *, 
     files_ok = True
     for link in chain_links:
         meta_row = info[link.id]
-        path = snapshots.resolve(settings.snapshot_dir, link.path)
+        try:
+            path = snapshots.resolve(settings.snapshot_dir, link.path)
+        except SnapshotCorrupt as exc:  # an absolute path, '..' or a symlink out: never read
+            report.add(link.id, "path inside snapshot_dir", False, str(exc))
+            files_ok = False
+            continue
         if not report.add(link.id, "file exists", path.is_file(), str(path)):
             files_ok = False
             continue
@@ -217,9 +222,15 @@ def _orphans(settings: Settings, base_model: str, referenced: list[str]):
     directory = snapshots.model_dir(settings.snapshot_dir, base_model)
     if not directory.is_dir():
         return []
-    keep = {snapshots.resolve(settings.snapshot_dir, p).resolve() for p in referenced}
-    return [p for p in sorted(directory.iterdir()) if p.is_file() and p.resolve() not in keep
-            and (p.suffix == ".safetensors" or ".tmp" in p.name)]
+    keep = set()
+    for p in referenced:
+        try:
+            keep |= {snapshots.resolve(settings.snapshot_dir, p).resolve(),
+                     snapshots.normaliser_path(settings.snapshot_dir, p).resolve()}
+        except SnapshotCorrupt:  # reported by the chain's checks; names nothing here
+            continue
+    return [p for p in sorted(directory.iterdir()) if p.is_file() and not p.is_symlink() and p.resolve() not in keep
+            and snapshots.is_snapshot_file_name(p.name)]
 
 
 def fmt_float(value: Any, digits: int = 3) -> str:

@@ -114,3 +114,23 @@ def test_orphan_cleanup_deletes_only_the_project_names():
                 "b000012-1a2b3c4d.safetensors.bak", "x.tmp", "b000012-1a2b3c4d.safetensors/evil"]
     assert all(snapshots.is_snapshot_file_name(n) for n in ok)
     assert not any(snapshots.is_snapshot_file_name(n) for n in not_ours)
+
+
+def test_verify_reports_a_stored_path_outside_the_snapshot_dir(tmp_path):
+    from click.testing import CliRunner
+
+    from ledger.cli import cli
+    from ledger.models import Snapshot, utcnow
+    from ledger.store import Store
+
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    with Store(url) as store, store.session() as s:
+        snap = Snapshot(parent_id=None, base_model="tiny-llama", path="../../etc/passwd", sha256="0" * 64,
+                        bytes=10, created_at=utcnow(), metrics={})
+        s.add(snap)
+        s.flush()
+        snap_id = snap.id
+    env = {"HORSE_LEDGER_MODEL": "tiny-llama", "HORSE_LEDGER_SNAPSHOT_DIR": str(tmp_path / "snaps")}
+    r = CliRunner().invoke(cli, ["--db", url, "verify", str(snap_id), "--no-materialise"], env=env)
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output  # a report, not a traceback
+    assert "FAIL" in r.output and "is not inside the snapshot directory" in r.output
