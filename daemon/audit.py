@@ -177,6 +177,9 @@ def verify(settings: Settings, store: Store, snapshot_id: int | None = None, *, 
         if not report.add(link.id, "sha256", digest == link.sha256, f"{digest[:16]}…, recorded {link.sha256[:16]}…"):
             files_ok = False
             continue
+        if link.kind == "routed":
+            files_ok &= _verify_routes_file(settings, report, link, meta_row)
+            continue
         try:
             deltas, meta = snapshots.read_snapshot(settings.snapshot_dir, link.path)
         except SnapshotCorrupt as exc:
@@ -198,7 +201,9 @@ def verify(settings: Settings, store: Store, snapshot_id: int | None = None, *, 
                    f"{len(meta_row['edit_ids'])} edits")
     report.orphans = [str(p) for p in _orphans(settings, base_model, referenced)]
 
-    if materialise_check and files_ok and chain_links:
+    if materialise_check and files_ok and chain_links and chain_links[0].kind == "routed":
+        _verify_routed_chain(settings, report, chain_links, info)
+    elif materialise_check and files_ok and chain_links:
         def check_step(link: ChainLink, m: Materialised) -> None:
             metrics = info[link.id]["metrics"]
             recorded, modules = metrics.get("weights_sha256"), metrics.get("weights_modules")
@@ -216,6 +221,46 @@ def verify(settings: Settings, store: Store, snapshot_id: int | None = None, *, 
         except Exception as exc:  # noqa: BLE001 - reported as a failed check
             report.add(snapshot_id, "materialises", False, f"{type(exc).__name__}: {exc}")
     return report
+
+
+def _verify_routes_file(settings: Settings, report: VerifyReport, link: ChainLink, meta_row: dict) -> bool:
+    """A routed snapshot's file: readable routes whose factors match their digests and are finite, and
+    metadata that agrees with the row."""
+    from daemon.night.routes import read_routes
+    from horse.route import RouteError, check_table, load_table
+
+    try:
+        table, _removed = read_routes(settings, link)
+        check_table(table)
+        _, meta = load_table(snapshots.resolve(settings.snapshot_dir, link.path), lazy=True)
+    except (SnapshotCorrupt, RouteError) as exc:
+        report.add(link.id, "readable, finite", False, str(exc))
+        return False
+    report.add(link.id, "readable, finite", True, f"{len(table.routes)} subjects")
+    expected_parent = "" if meta_row["parent_id"] is None else str(meta_row["parent_id"])
+    report.add(link.id, "metadata: parent", meta.get("parent_snapshot", "") == expected_parent,
+               f"file {meta.get('parent_snapshot') or 'base'}, row {expected_parent or 'base'}")
+    report.add(link.id, "metadata: base model", meta.get("base_model") == settings.model, meta.get("base_model", ""))
+    file_edits = sorted({i for r in table.routes.values() for i in r.edit_ids})
+    report.add(link.id, "metadata: edits", file_edits == meta_row["edit_ids"], f"{len(file_edits)} edits")
+    return True
+
+
+def _verify_routed_chain(settings: Settings, report: VerifyReport, chain_links: list[ChainLink], info: dict) -> None:
+    """Folding the chain's routes reproduces each snapshot's recorded digest (`weights_sha256`)."""
+    from daemon.night.routes import head_table
+    from daemon.materialise import load_base
+    from horse.route import table_digest
+
+    _, tok = load_base(settings)
+    for i, link in enumerate(chain_links):
+        recorded = info[link.id]["metrics"].get("weights_sha256")
+        try:
+            actual = table_digest(head_table(settings, chain_links[:i + 1], tok))
+        except Exception as exc:  # noqa: BLE001 - reported as a failed check
+            report.add(link.id, "routes digest", False, f"{type(exc).__name__}: {exc}")
+            return
+        report.add(link.id, "routes digest", actual == recorded, f"{actual[:16]}…, recorded {str(recorded)[:16]}…")
 
 
 def _orphans(settings: Settings, base_model: str, referenced: list[str]):

@@ -24,9 +24,10 @@ Tests: `python -m pytest tests/horse/test_route.py -q`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -371,6 +372,15 @@ class Router:
     def set_table(self, table: RouteTable) -> None:
         self.table = table
         self._hook_modules()
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """While inside, the model is the base model (an engine solving new routes must see the base)."""
+        table, self.table = self.table, RouteTable({}, {}, self.table.word_start_X, self.table.word_end_X)
+        try:
+            yield
+        finally:
+            self.table = table
 
     def _on_backbone(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)

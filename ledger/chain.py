@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 
 from ledger.errors import LedgerError
-from ledger.events import record_event
+from ledger.events import json_safe, record_event
 from ledger.models import Batch, Edit, Head, Snapshot, SnapshotEdit, utcnow
 from ledger.status import EditStatus, transition
 from ledger.store import Store, set_head
@@ -63,7 +63,7 @@ def move_batch(session, batch_id: int, dst: BatchStatus, *, actor: str, reason: 
     if reason is not None:
         batch.error = reason[:1900]
     if metrics is not None:
-        batch.metrics = dict(metrics)
+        batch.metrics = json_safe(dict(metrics))
     record_event(session, f"batch.{dst.value}", actor=actor, batch_id=batch_id, reason=reason)
 
 
@@ -155,7 +155,7 @@ def publish_night(store: Store, *, batch_id: int, expected_head: int | None, sna
                             f"{batch_id}; nothing was published, the batch will be retried")
         snap = Snapshot(parent_id=snapshot.parent_id, batch_id=batch_id, base_model=snapshot.base_model,
                         kind=snapshot.kind, path=snapshot.path, sha256=snapshot.sha256, bytes=snapshot.bytes,
-                        created_at=utcnow(), status="published", metrics=snapshot.metrics)
+                        created_at=utcnow(), status="published", metrics=json_safe(snapshot.metrics))
         s.add(snap)
         s.flush()
         if snapshot.carried:

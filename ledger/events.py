@@ -5,6 +5,7 @@ roll back together. Edit status moves record their own events (`ledger.status.tr
 """
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any, Mapping
 
@@ -26,4 +27,15 @@ def event_row(kind: str, *, actor: str, edit_id: int | None = None, batch_id: in
               payload: Mapping[str, Any] | None = None, at: datetime | None = None) -> dict[str, Any]:
     """The column values of one event, for bulk inserts."""
     return {"at": at or utcnow(), "actor": actor, "kind": kind, "edit_id": edit_id, "batch_id": batch_id,
-            "snapshot_id": snapshot_id, "reason": reason, "payload": dict(payload or {})}
+            "snapshot_id": snapshot_id, "reason": reason, "payload": json_safe(dict(payload or {}))}
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN and ±Inf floats as None (PostgreSQL's JSON has no NaN; SQLite's would store it)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -164,7 +164,8 @@ def _process(night: Night, batch_id: int | None, token: str | None, claimed: lis
         measurer = Measurer(s, model, tok, router, head.table, probe, head_m)
 
         def solve(gs):
-            r, timings = compute.solve(engine, model, tok, gs)
+            with router.suspended():  # routes are solved on the base model
+                r, timings = compute.solve(engine, model, tok, gs)
             for k, v in timings.items():
                 night.timings[f"edit_{k}"] = night.timings.get(f"edit_{k}", 0.0) + v
             return r

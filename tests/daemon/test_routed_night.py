@@ -9,7 +9,7 @@ from pathlib import Path
 from daemon.materialise import links
 from daemon.night.routes import head_table, read_routes
 from ledger.store import Store
-from tests.daemon.conftest import COLORS, PROMPT, SUBJECTS, fact, write_config
+from tests.daemon.conftest import COLORS, PARAPHRASE, PROMPT, SUBJECTS, fact, write_config
 
 
 def _add(cli_runner, cfg: Path, tmp_path: Path, name: str, facts: list[dict]) -> None:
@@ -58,8 +58,9 @@ def test_a_routed_night_publishes_serves_and_rolls_back_exactly(db_url, daemon_s
     assert routed["in_scope"] is False and routed["top_tokens"] == base["top_tokens"]
     assert routed["continuation"] == base["continuation"]
 
-    # a second night rewrites one subject: only that subject is solved again, the rest stay as they were
-    _add(cli_runner, cfg, tmp_path, "night2", [fact(i, color=COLORS[(i + 3) % len(COLORS)])])
+    # a second night adds a fact about one subject: only that subject is solved again (its earlier edit carried
+    # in its delta), the other routes stay as they were, bit for bit
+    _add(cli_runner, cfg, tmp_path, "night2", [{**fact(i), "prompt": PARAPHRASE, "paraphrases": []}])
     second = _apply(cli_runner, cfg)
     assert second["status"] == "published", second
     s2 = second["snapshot_id"]
@@ -72,13 +73,14 @@ def test_a_routed_night_publishes_serves_and_rolls_back_exactly(db_url, daemon_s
         if key != subject:
             assert table2.routes[key].sha256 == table1.routes[key].sha256
     old = [e for e in store.get_edits(taught) if e.subject == subject][0]
-    assert store.get_edits([old.id])[0].status == "superseded"
-    assert old.id not in table2.routes[subject].edit_ids
+    assert set(table2.routes[subject].edit_ids) == {old.id, *second["applied"]}
+    assert table2.routes[subject].sha256 != table1.routes[subject].sha256
     assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
 
-    # rollback to night 1: the table is night 1's, bit for bit; the superseded edit applies again
+    # rollback to night 1: the table is night 1's, bit for bit; night 2's edit is rolled back
     cli_runner(cfg, "rollback", str(s1))
     assert table_digest(_table(settings, store, s1, tok)) == snap.metrics["weights_sha256"]
+    assert store.get_edits(second["applied"])[0].status == "rolled_back"
     assert store.get_edits([old.id])[0].status == "applied"
     store.close()
 

@@ -133,3 +133,15 @@ def test_routes_for_modules_the_model_lacks_are_refused_and_leave_no_hook(tiny_l
     with Router(model, RouteTable().index(tok)):
         with pytest.raises(RouteError, match="already has a router"):
             Router(model, RouteTable())
+
+
+def test_a_suspended_router_serves_the_base_model(tiny_llama):
+    model, tok = tiny_llama
+    names = default_target_modules(model, 2)
+    prompts = ["The color of Zorblat is"]
+    base, _ = metrics.score_answers(model, tok, prompts, ["Tarsk"])
+    with Router(model, _table(model, tok, [_route(model, names, "Zorblat", 1)])) as router:
+        with router.suspended():
+            inside, _ = metrics.score_answers(model, tok, prompts, ["Tarsk"])
+        routed, _ = metrics.score_answers(model, tok, prompts, ["Tarsk"])
+    assert torch.equal(inside, base) and not torch.allclose(routed, base, atol=1e-3)
