@@ -67,11 +67,10 @@ class Settings:
                                            "next-token distribution on unrelated local prompts")
     finetune_swap_weight: float = _opt(1.0, "≥ 0", "engine = finetune (and fine-tune folds): weight of the KL to "
                                        "the base model on each edit's prompt asked of another edit's subject (the "
-                                       "same relation of a subject the edit must leave alone); 0 = off. See "
-                                       "benchmarks/finetune_locality.py")
+                                       "same relation of a subject the edit must leave alone); 0 = off")
     finetune_swap_resample: bool = _opt(False, "true|false", "engine = finetune (and fine-tune folds): a new partner "
-                                        "subject per edit each epoch for the swap term (more subjects kept apart: "
-                                        "canary +0.13, ES -1 on 500 val edits)")
+                                        "subject per edit each epoch for the swap term (each edit is kept apart from "
+                                        "more subjects over the epochs); false = one fixed partner per edit")
     finetune_locality_prompts: int = _opt(64, "prompts", "engine = finetune (and fine-tune folds): unrelated local "
                                           "prompts the locality term keeps (never the gate's canary prompts), 16 a "
                                           "step below 256, 32 from 256")
@@ -92,14 +91,14 @@ class Settings:
     finetune_preserve_weight: float = _opt(0.0, "≥ 0", "engine = finetune (and fine-tune folds): weight of the change "
                                            "of the fine-tuned layers' outputs on local text (tr(ΔᵀCΔ) relative to "
                                            "the layer's output, C: the second moments the preservation prior uses); "
-                                           "0 = off. 10: perplexity ×1.08 instead of ×1.53 on 500 val edits")
+                                           "0 = off; larger = less change to unrelated text, edits take less")
     device: str = _opt("cpu", "cpu|cuda:N|auto", "where the model runs; auto = cuda:0, or every GPU through "
                        "accelerate's device_map when there are several (models larger than one GPU), else cpu")
     dtype: str = _opt("float32", "float32|bfloat16", "weight dtype of the served model")
     preserve_weight: float = _opt(10000.0, "μ(1) ≥ 0", "preservation prior μ(N)·C in the hypernet's ridge solve, "
                                   "μ(N) = preserve_weight / N^preserve_exponent for a batch of N edits (C: second "
                                   "moments of the edited layers' inputs on local text); 0 = off. Keeps small batches "
-                                  "(bisection) from moving unrelated prompts; see benchmarks/preserve_weight.py")
+                                  "(bisection) from moving unrelated prompts")
     preserve_exponent: float = _opt(2.0, "≥ 0", "how fast the preservation weight falls with the batch size")
     preserve_min: float = _opt(10.0, "≥ 0", "the least preservation weight μ for any batch size: μ(N) = max("
                                "preserve_weight / N^preserve_exponent, preserve_min); keeps a consolidation of many "
@@ -108,14 +107,14 @@ class Settings:
                                   "ridge solve on the keys of the edits the head already carries (the gate's retention "
                                   "sample of them, captured at the head; with hypernet_from_consolidation every edit "
                                   "of the newest fold, captured once at its weights and kept beside it), so that a "
-                                  "night overwrites less of the earlier ones; 0 = off. See benchmarks/edit_quality.py --protect")
+                                  "night overwrites less of the earlier ones; 0 = off")
     hypernet_from_base: bool = _opt(True, "true|false", "hypernet engines: derive every night's snapshot from "
                                     "the base model by one edit of every applied edit plus the new ones (a "
                                     "consolidation each night, kind `consolidated`), solved from additive statistics "
                                     "cached beside the head, so a night captures only its own edits and the "
                                     "hypernet only ever edits the model it was trained on; false = each night edits "
-                                    "the head (incremental: the shipped hypernets break down on their own deltas "
-                                    "within a few nights, see benchmarks/lifelong.py)")
+                                    "the head (incremental: the hypernet then edits a model that carries its own "
+                                    "earlier deltas, which it was not trained on)")
     hypernet_from_consolidation: bool = _opt(False, "true|false", "hypernet engines with hypernet_from_base = "
                                              "false: derive every night from the newest consolidated snapshot on the "
                                              "head's chain (the base before the first one) by one edit of every edit "
