@@ -212,16 +212,25 @@ def prior_cholesky(prior_KK: torch.Tensor | None, lam: float | torch.Tensor, d_k
     return torch.linalg.cholesky(_ridge_system(p64, _lam_tensor(lam, torch.float64, p64.device)))
 
 
-def factored_solve(keys_NK: torch.Tensor, resid_NV: torch.Tensor,
-                   chol_KK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`preserving_solve` in its factored form for a given Cholesky factor of A = λI + P:
-    ΔW = A⁻¹Kᵀ (I + K A⁻¹ Kᵀ)⁻¹ R̂ = left_NKᵀ · coef_NV. Always factored (a subject's few answer tokens).
+def prior_adjoint(keys_NK: torch.Tensor, chol_KK: torch.Tensor) -> torch.Tensor:
+    """A⁻¹Kᵀ (K×N, float64) for a Cholesky factor of A (`prior_cholesky`): one call for the rows of many
+    subjects that share a prior."""
+    return torch.cholesky_solve(keys_NK.to(chol_KK).T, chol_KK)
+
+
+def factored_solve(keys_NK: torch.Tensor, resid_NV: torch.Tensor, chol_KK: torch.Tensor | None = None, *,
+                   adj_KN: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`preserving_solve` in its factored form for A = λI + P, given its Cholesky factor or A⁻¹Kᵀ
+    (`prior_adjoint`): ΔW = A⁻¹Kᵀ (I + K A⁻¹ Kᵀ)⁻¹ R̂ = left_NKᵀ · coef_NV. Always factored (a subject's few
+    answer tokens).
 
     Returns:
         (left_NK = (A⁻¹Kᵀ)ᵀ, coef_NV), float32.
     """
-    k64, r64 = keys_NK.to(chol_KK), resid_NV.to(chol_KK)
-    adj_KN = torch.cholesky_solve(k64.T, chol_KK)
+    if adj_KN is None:
+        assert chol_KK is not None, "give chol_KK or adj_KN"
+        adj_KN = prior_adjoint(keys_NK, chol_KK)
+    k64, r64 = keys_NK.to(adj_KN), resid_NV.to(adj_KN)
     inner_NN = _ridge_system(k64 @ adj_KN, torch.ones((), dtype=torch.float64, device=k64.device))
     coef_NV = torch.linalg.solve(inner_NN, r64)
     return adj_KN.T.float().contiguous(), coef_NV.float().contiguous()

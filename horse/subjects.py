@@ -23,7 +23,7 @@ from horse.arch import model_device
 from horse.editor import Editor, eval_mode, lm_batches
 from horse.errors import EngineError
 from horse.hooks import Captured, capture_batch
-from horse.solve import factored_solve, prior_cholesky
+from horse.solve import factored_solve, prior_adjoint, prior_cholesky
 from horse.spread import spread_residuals
 from horse.types import EditRequest
 
@@ -94,6 +94,25 @@ class PriorFactors:
 SOLVES = ("alone", "joint-share")
 
 
+def _adjoints(editor: Editor, captured: Captured, rows: Sequence[torch.Tensor], n_edits: Sequence[int],
+              chol: PriorFactors) -> dict[str, list[torch.Tensor]]:
+    """Per module, per group: A⁻¹Kᵀ of its rows, computed in one solve for all groups sharing a prior."""
+    by_n: dict[int, list[int]] = {}
+    for g, n in enumerate(n_edits):
+        by_n.setdefault(n, []).append(g)
+    out: dict[str, list[torch.Tensor]] = {m: [torch.empty(0)] * len(rows) for m in editor.module_names}
+    for m in editor.module_names:
+        keys_NK = captured.keys_NK[m].to(editor.device)
+        for n, gs in by_n.items():
+            idx = torch.cat([rows[g] for g in gs]).to(editor.device)
+            adj_KN = prior_adjoint(keys_NK[idx], chol(m, n, keys_NK.shape[1]))
+            start = 0
+            for g in gs:
+                out[m][g] = adj_KN[:, start:start + rows[g].numel()]
+                start += rows[g].numel()
+    return out
+
+
 def subject_factors(editor: Editor, model: nn.Module, tok, groups: Sequence[Sequence[EditRequest]], *,
                     solve: str = "alone", lm_batch_size: int = 25) -> tuple[list[Factors], dict[str, float]]:
     """Factors of each group's delta from one batched capture.
@@ -123,6 +142,7 @@ def subject_factors(editor: Editor, model: nn.Module, tok, groups: Sequence[Sequ
         resids = editor.residuals(captured, stats)
         t2 = time.perf_counter()
         chol = PriorFactors(editor)
+        adjoint = _adjoints(editor, captured, rows, [len(g) for g in groups], chol)
         out: list[Factors] = []
         for g, idx in enumerate(rows):
             idx_d = idx.to(editor.device)
@@ -131,7 +151,7 @@ def subject_factors(editor: Editor, model: nn.Module, tok, groups: Sequence[Sequ
             factors: Factors = {}
             for n, r_MV in zip(editor.module_names, spread):
                 keys_MK = captured.keys_NK[n].to(editor.device)[idx_d]
-                left, coef = factored_solve(keys_MK, r_MV, chol(n, len(groups[g]), keys_MK.shape[1]))
+                left, coef = factored_solve(keys_MK, r_MV, adj_KN=adjoint[n][g])
                 factors[n] = (left.cpu(), coef.cpu())
             out.append(factors)
     t3 = time.perf_counter()
