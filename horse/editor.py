@@ -238,10 +238,10 @@ class Editor:
 
         μ(N) = max(weight / N^exponent, floor) for a batch of N edits. The floor keeps large batches (a
         consolidation of many nights) from losing the prior: one 1,000-edit batch without it multiplied the
-        perplexity of fixed text by 19, with μ = 1 by 4.4 (benchmarks/preserve_weight.py, part 3). The hypernet was trained on batches of ~100 edits,
+        perplexity of fixed text by 19, with μ = 1 by 4.4 (benchmarks/studies/preserve_weight.py, part 3). The hypernet was trained on batches of ~100 edits,
         where the edits share the common directions of the keys between them; a small batch (what the
         daemon's bisection edits) puts its whole residual on those directions and moves every prompt, so it
-        needs a much stronger prior (benchmarks/preserve_weight.py: exponent 2 keeps both regimes).
+        needs a much stronger prior (benchmarks/studies/preserve_weight.py: exponent 2 keeps both regimes).
 
         Args:
             second_moments_KK: per module name, C (K×K) of its inputs on unrelated text, e.g. from

@@ -7,7 +7,7 @@ term that keeps the next-token distribution on fixed unrelated prompts close to 
 prompts come from the local corpus (`horse.covariance.corpus_texts`: training-split prompts), never from the
 gate's canary set. Because every forward of the training is fixed, the input of the first trained block is
 captured once and each step runs only the trained blocks and the LM head at the scored positions
-(`horse/replay.py`; 2× faster than full passes on SmolLM2, `benchmarks/finetune_speed.py`).
+(`horse/replay.py`; 2× faster than full passes on SmolLM2, `benchmarks/studies/finetune_speed.py`).
 
     tuner = FineTuner.new(model, FinetuneConfig(epochs=5))
     deltas, timings = tuner.compute_deltas(model, tok, requests)   # dense K×V deltas; the model is unchanged

@@ -36,7 +36,7 @@ width for an MLP output module).
     deltas, info = memit_deltas(model, tok, requests, MemitConfig.for_model(model), cache_dir=cache)
 
 Run the tests with `pytest tests/horse/test_memit.py`; the SmolLM2 layer sweep with
-`python benchmarks/memit_layers.py`.
+`python benchmarks/studies/memit_layers.py`.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ DEFAULT_CONTEXT_TEMPLATES: tuple[str, ...] = (
     "I read this today. {}",
 )
 
-# Chosen by `benchmarks/memit_layers.py` on the first 50 CounterFact val cases, one batch, λ = 15000
+# Chosen by `benchmarks/studies/memit_layers.py` on the first 50 CounterFact val cases, one batch, λ = 15000
 # (ES / PS / NS / Score % by probability; unedited 36 / 42 / 70 / 45.5): layers 3–8 74 / 74 / 70 / 72.6,
 # 6–11 52 / 50 / 70 / 56.1, 12–17 62 / 56 / 72 / 62.7, 24–29 36 / 42 / 70 / 45.5 (z cannot move the answer:
 # after the last block nothing reads the subject position). Results: benchmarks/results/memit_layers.json.

@@ -1,7 +1,7 @@
 """Locality of fine-tune-the-ledger (and of the hybrid's fine-tune folds): what its locality terms buy.
 
-    python benchmarks/finetune_locality.py                          # 500 val edits, the settings below
-    python benchmarks/finetune_locality.py --edits 300 --grid 1:0,1:1,1:3,3:0 --threads 1
+    python benchmarks/studies/finetune_locality.py                          # 500 val edits, the settings below
+    python benchmarks/studies/finetune_locality.py --edits 300 --grid 1:0,1:1,1:3,3:0 --threads 1
 
 Fine-tune-the-ledger keeps almost every edit and moves the edits' neighbours with them (NS 37–44 against 68.4
 unedited in the lifelong runs): it learns "this relation → the new answer" as much as "this subject's relation →
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 VAL = ROOT / "data" / "counterfact" / "counterfact-val.json"
 CACHE = Path.home() / ".cache" / "horse-ledger" / "variants"

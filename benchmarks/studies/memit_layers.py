@@ -7,7 +7,7 @@ cached. Results go to `benchmarks/results/memit_layers.json` (resumable: windows
 skipped) and a markdown table on stdout. The best window by Score is what `horse.memit.SMOLLM2_135M_LAYERS`
 holds.
 
-    python benchmarks/memit_layers.py --threads 1           # ~50 cases, 4 windows, 3–11 min each on CPU
+    python benchmarks/studies/memit_layers.py --threads 1           # ~50 cases, 4 windows, 3–11 min each on CPU
 
 Result (2026-11-25, 2-core AMD EPYC shared with other jobs, 1 thread; covariance of the 21 layers 379 s,
 N = 30 720 tokens):
@@ -21,7 +21,7 @@ N = 30 720 tokens):
 | 3-8 | 74.0 | 74.0 | 70.0 | 72.6 | 675 |
 
 Chosen: layers 3–8 (`horse.memit.SMOLLM2_135M_LAYERS`).
-    python benchmarks/memit_layers.py --windows 3-8 12-17 --n-cases 20
+    python benchmarks/studies/memit_layers.py --windows 3-8 12-17 --n-cases 20
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from horse.memit import MemitConfig, memit_deltas
 from horse.metrics import evaluate
 from horse.zoo import default_cache_dir, load_model
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_WINDOWS = ("24-29", "12-17", "6-11", "3-8")
 
 

@@ -1,7 +1,7 @@
 """Does a HORSE night work on a fine-tuned head? The question behind the hybrid (`consolidate_engine = finetune`).
 
-    python benchmarks/hybrid_probe.py                         # fold 500 val edits, a night of the next 100
-    python benchmarks/hybrid_probe.py --protect 0,1,10 --threads 1
+    python benchmarks/studies/hybrid_probe.py                         # fold 500 val edits, a night of the next 100
+    python benchmarks/studies/hybrid_probe.py --protect 0,1,10 --threads 1
 
 The hybrid runs cheap HORSE nights on the head (`hypernet_from_base = false`) and folds the ledger every few
 nights by fine-tuning the base on every carried edit (fine-tune-the-ledger as the consolidation engine). It only
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 VAL = ROOT / "data" / "counterfact" / "counterfact-val.json"
 CACHE = Path.home() / ".cache" / "horse-ledger" / "variants"

@@ -1,8 +1,8 @@
 """The preservation prior μ·C of the hypernet's ridge solve (`Editor.set_preservation`) on SmolLM2-135M.
 
-    python benchmarks/preserve_weight.py                 # both parts, CPU, ~25 min
-    python benchmarks/preserve_weight.py --small-only    # part 2 only, ~2 min
-    python benchmarks/preserve_weight.py --large-only    # part 3 only, ~15 min
+    python benchmarks/studies/preserve_weight.py                 # both parts, CPU, ~25 min
+    python benchmarks/studies/preserve_weight.py --small-only    # part 2 only, ~2 min
+    python benchmarks/studies/preserve_weight.py --large-only    # part 3 only, ~15 min
 
 1. Batches of 100 CounterFact *validation* edits (tuning data, never the edit split): for each μ,
    `python -m horse.evalcli --json --data data/counterfact/counterfact-val.json --limit 300 --n-edits 100
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "benchmarks" / "results" / "preserve_weight"
 WEIGHTS = (0, 10, 30, 100, 300, 1000, 10000)

@@ -1,10 +1,10 @@
 """The head that `hypernet_from_base` publishes after N accumulated edits, measured without running N/100 nights.
 
-    python benchmarks/from_base_endpoint.py                                  # HORSE, 1,000 … 8,000 edits
-    python benchmarks/from_base_endpoint.py --method malmen --points 1000,2000,4000
-    python benchmarks/from_base_endpoint.py --points 1000 --sample 1000      # check against lifelong.py
-    python benchmarks/from_base_endpoint.py --points 8000 --preserve-min 100 # a stronger prior at 8,000
-    python benchmarks/from_base_endpoint.py --method finetune --points 8000 --threads 1   # fine-tune-the-ledger
+    python benchmarks/studies/from_base_endpoint.py                                  # HORSE, 1,000 … 8,000 edits
+    python benchmarks/studies/from_base_endpoint.py --method malmen --points 1000,2000,4000
+    python benchmarks/studies/from_base_endpoint.py --points 1000 --sample 1000      # check against lifelong.py
+    python benchmarks/studies/from_base_endpoint.py --points 8000 --preserve-min 100 # a stronger prior at 8,000
+    python benchmarks/studies/from_base_endpoint.py --method finetune --points 8000 --threads 1   # fine-tune-the-ledger
 
 With `hypernet_from_base` every night is one hypernet edit of every applied edit on the base weights, solved
 from additive statistics (`horse.sums`). When every edit is applied (lifelong.py sets every gate bar to 0), the
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT / "data" / "counterfact" / "counterfact-edit.json"
 NIGHT = 100  # edits per night, as in lifelong.py

@@ -1,7 +1,7 @@
 """Speed of fine-tune-the-ledger (and of the hybrid's folds): the replayed trained blocks against full passes.
 
-    python benchmarks/finetune_speed.py                       # 100 val edits, 3 repeats, 1 thread
-    python benchmarks/finetune_speed.py --edits 300 --repeats 5 --threads 2
+    python benchmarks/studies/finetune_speed.py                       # 100 val edits, 3 repeats, 1 thread
+    python benchmarks/studies/finetune_speed.py --edits 300 --repeats 5 --threads 2
 
 `horse.finetune.FineTuner` captures the input of the first trained block once per fixed forward of the
 training and runs only the trained blocks and the LM head at the scored positions on every step
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 VAL = ROOT / "data" / "counterfact" / "counterfact-val.json"
 OUT = ROOT / "benchmarks" / "results" / "edit_quality" / "speed" / "finetune_replay.json"

@@ -1,10 +1,10 @@
 """Two ways to make one large from-base HORSE solve keep more edits, tried on CounterFact val (tuning only).
 
-    python benchmarks/from_base_variants.py refine --passes 3 --mu 10 --mode plain --scale 0.5
-    python benchmarks/from_base_variants.py refine --passes 3 --mu 10 --mode anchored
-    python benchmarks/from_base_variants.py relation-prior --facts 2000 --mu-rel 0,10,100,1000
-    python benchmarks/from_base_variants.py more-layers --first-layer 18 --eta-scale 1,0.7,0.5
-    python benchmarks/from_base_variants.py preserve --edits 1900 --mus 10,30,100,300
+    python benchmarks/studies/from_base_variants.py refine --passes 3 --mu 10 --mode plain --scale 0.5
+    python benchmarks/studies/from_base_variants.py refine --passes 3 --mu 10 --mode anchored
+    python benchmarks/studies/from_base_variants.py relation-prior --facts 2000 --mu-rel 0,10,100,1000
+    python benchmarks/studies/from_base_variants.py more-layers --first-layer 18 --eta-scale 1,0.7,0.5
+    python benchmarks/studies/from_base_variants.py preserve --edits 1900 --mus 10,30,100,300
 
 Both start from the statistics (`horse.sums`) of the first `--edits` val records captured on the base model
 (cached under ~/.cache/horse-ledger/variants/) and the solve with a fixed preservation weight μ:
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 VAL = ROOT / "data" / "counterfact" / "counterfact-val.json"
 TRAIN = ROOT / "data" / "counterfact" / "counterfact-train.json"

@@ -1,6 +1,6 @@
 """Why HORSE applied night after night on its own deltas breaks down (issue 6; README, "Every night from the base").
 
-    python benchmarks/chain_diagnosis.py            # SmolLM2-135M, the shipped HORSE hypernet, CounterFact val
+    python benchmarks/studies/chain_diagnosis.py            # SmolLM2-135M, the shipped HORSE hypernet, CounterFact val
 
 Edits three batches A, B, C of `--n-edits` CounterFact val records one after another (each on the model that
 carries the earlier ones: `Editor.compute_deltas`, then `add_deltas_`, no preservation prior) and prints, for
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
