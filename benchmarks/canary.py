@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-CANARY = Path(__file__).resolve().parents[1] / "daemon" / "assets" / "canary.jsonl"
+CANARY = Path(__file__).resolve().parents[1] / "daemon" / "assets" / "canary-train.jsonl"
 
 
 def canary_rows() -> list[dict]:

@@ -47,7 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT / "data" / "counterfact" / "counterfact-edit.json"
-CANARY = ROOT / "daemon" / "assets" / "canary.jsonl"
+CANARY = ROOT / "daemon" / "assets" / "canary-train.jsonl"
 log = logging.getLogger("lifelong")
 
 

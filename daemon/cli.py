@@ -96,11 +96,18 @@ def _print_batch(result) -> None:
         click.echo(f"  failed   {i}: {reason}")
     for i, reason in sorted(r.rejected.items()):
         click.echo(f"  rejected {i}: {reason}")
+    for i, reason in sorted(r.returned.items()):
+        click.echo(f"  returned {i}: {reason}")
+    if m.get("gate_measurements") is not None:
+        click.echo(f"  gate measurements {m['gate_measurements']} · subjects solved {len(m.get('subjects') or {})}")
     t = r.timings_s
-    parts = [f"{k} {t[k]:.2f}" for k in ("load_model", "materialise", "measure_head", "edit", "verify", "gate",
-                                          "write", "commit") if k in t]
+    parts = [f"{k} {t[k]:.2f}" for k in ("load_model", "materialise", "measure_head", "edit", "edit_and_verify",
+                                          "verify", "gate", "write", "commit") if k in t]
     if "total" in t:
         click.echo(f"  time {t['total']:.2f} s ({', '.join(parts)})")
+
+
+EXIT_NOTHING_PUBLISHED = 3  # `apply`: the night ran and published nothing
 
 
 @click.command()
@@ -110,7 +117,10 @@ def _print_batch(result) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the batch result as JSON.")
 @pass_app
 def apply(app: AppContext, max_edits: int | None, dry_run: bool, as_json: bool) -> None:
-    """Run one batch now: claim pending edits, edit, check, publish a snapshot."""
+    """Run one batch now: claim pending edits, edit, check, publish a snapshot.
+
+    Exit status: 0 when it published (or had nothing to do), 3 when the night ran but published nothing
+    (every edit failed or was rejected: `OnFailure=` in deploy/ can alert), 1 on an error, 2 on a usage error."""
     from daemon.cycle import run_batch
 
     _logging(app)
@@ -133,6 +143,8 @@ def apply(app: AppContext, max_edits: int | None, dry_run: bool, as_json: bool) 
         _echo_json(result.to_dict())
     else:
         _print_batch(result)
+    if result.status in ("failed", "rejected"):
+        raise SystemExit(EXIT_NOTHING_PUBLISHED)
 
 
 @click.command()
@@ -344,29 +356,37 @@ def ask(app: AppContext, prompt: str, snapshot: str | None, max_new_tokens: int,
     click.echo("next token: " + ", ".join(f"{t['token']!r} {t['prob']:.3f}" for t in out["top_tokens"]))
 
 
+INIT_SECTIONS = (
+    ("the recommended profile (the defaults: per-subject deltas served where their subject is named)",
+     ("scope", "route_solve", "engine", "model", "hypernet", "preserve_weight", "preserve_exponent", "preserve_min")),
+    ("the regression gate", ("gate_min_efficacy", "gate_min_canary_agreement", "gate_max_protected_drop",
+                             "gate_min_retention", "gate_min_same_subject", "gate_max_measurements",
+                             "gate_canary_file")),
+    ("nights and storage", ("batch_max_edits", "schedule_cron", "review", "db_url", "snapshot_dir")),
+)
+
+
 def default_config_text(settings) -> str:
-    """A commented TOML config with every setting at its default (paths shown as they resolve here)."""
+    """A short commented TOML config: the recommended profile first, then the gate, nights and storage. Every
+    other setting keeps its default; docs/configuration.md (or `horse-ledger config --verbose`) lists them all."""
     from ledger.config import Settings, env_var, masked_url
 
     defaults = Settings()
+    by_name = {f.name: f for f in fields(Settings)}
     lines = ["# horse-ledger configuration (TOML). Every key is optional; the value shown is the default.",
              "# Precedence: defaults < this file < HORSE_LEDGER_* environment variables < command-line flags.",
-             "# Use it with `horse-ledger --config FILE ...` or HORSE_LEDGER_CONFIG=FILE; "
-             "`python -m ledger.config` prints the effective values.", ""]
-    sections = {"db_url": "storage", "model": "engine", "batch_max_edits": "batches and claims",
-                "schedule_cron": "schedule (the `horse-ledger daemon` service)",
-                "gate_min_efficacy": "the regression gate", "consolidate_every_nights": "consolidation (issue 6)",
-                "log_json": "logging"}
-    for f in fields(Settings):
-        if f.name in sections:
-            lines += [f"# --- {sections[f.name]}"]
-        meta = f.metadata
-        lines.append(f"# {meta.get('help', '')} [{meta.get('unit', '')}; env {env_var(f.name)}]")
-        value = getattr(defaults, f.name)
-        if value == "" and getattr(settings, f.name, ""):
-            lines.append(f"# {f.name} = {json.dumps(masked_url(getattr(settings, f.name)))}")
-        else:
-            lines.append(f"{f.name} = {json.dumps(value)}")
+             "# Every other setting (expert knobs: the joint night, consolidation, fine-tuning, caches) is listed",
+             "# with its help in docs/configuration.md; `horse-ledger config` prints the effective values.", ""]
+    for title, names in INIT_SECTIONS:
+        lines.append(f"# --- {title}")
+        for name in names:
+            meta = by_name[name].metadata
+            lines.append(f"# {meta.get('help', '')} [{meta.get('unit', '')}; env {env_var(name)}]")
+            value, here = getattr(defaults, name), getattr(settings, name, "")
+            if name in ("db_url", "snapshot_dir") or (value == "" and here):
+                lines.append(f"# {name} = {json.dumps(masked_url(here) if name == 'db_url' else here)}")
+            else:
+                lines.append(f"{name} = {json.dumps(value)}")
         lines.append("")
     return "\n".join(lines)
 

@@ -153,7 +153,7 @@ class Settings:
     gate_prefix_cache: bool = _opt(True, "true|false", "keep what enters the edited blocks for the texts the gate "
                                    "measures every night (canary, protected facts, the retention sample), so that "
                                    "only the edited blocks run on them again (snapshots/<model>/prefix, a few MB)")
-    scope: str = _opt("off", "routed|subject|off", "routed = every edited subject has a delta of its own and a "
+    scope: str = _opt("routed", "routed|subject|off", "routed = every edited subject has a delta of its own and a "
                       "text gets only the deltas of the subjects it names (elsewhere the model is the base model); "
                       "subject = one joint delta of all edits, acting only in texts that name some edited subject; "
                       "off = the joint delta acts on every text. The gate measures, `ask` serves and `export` writes "
@@ -408,8 +408,11 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
         if value not in ENGINES and not (empty_ok and value == ""):
             raise ConfigError(f"{name} = {value!r} is not known; give one of {', '.join(ENGINES)}"
                               + (" (or leave it empty: the same as engine)" if empty_ok else ""))
-    if values.get("scope", "off") not in SCOPES:
+    if values.get("scope", "routed") not in SCOPES:
         raise ConfigError(f"scope = {values['scope']!r} is not known; give one of {', '.join(SCOPES)}")
+    if values.get("scope", "routed") == "routed" and values.get("engine", "hypernet") != "hypernet":
+        raise ConfigError(f"scope = 'routed' (the default) needs engine = 'hypernet'; engine = {values['engine']!r} "
+                          "edits one joint delta: set scope = 'subject' (or 'off') with it")
     if values.get("route_solve", "alone") not in ROUTE_SOLVES:
         raise ConfigError(f"route_solve = {values['route_solve']!r} is not known; give one of {', '.join(ROUTE_SOLVES)}")
     if values.get("gate_retention_sample", 1) < 1:

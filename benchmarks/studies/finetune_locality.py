@@ -165,7 +165,7 @@ def main() -> None:
 
     if args.swap_partners == "neighbours":
         horse.finetune.subject_swaps = neighbour_swaps(ROOT / "data" / "counterfact" / "counterfact-train.json",
-                                                       ROOT / "daemon" / "assets" / "canary.jsonl")
+                                                       ROOT / "daemon" / "assets" / "canary-train.jsonl")
     settings = load_settings(environ={})
     model, tok = load_base(settings)
     requests = load_requests(VAL)[:args.edits]
@@ -187,7 +187,7 @@ def main() -> None:
     modules = layer_modules(model, args.layers)
     pool = {"n_locality": args.n_locality, "locality_batch": args.locality_batch or 16} if args.n_locality else {}
     canary_prompts = [json.loads(line)["prompt"]
-                      for line in (ROOT / "daemon" / "assets" / "canary.jsonl").read_text().splitlines()]
+                      for line in (ROOT / "daemon" / "assets" / "canary-train.jsonl").read_text().splitlines()]
     epochs = args.epochs or settings.finetune_epochs
     lr = args.lr or settings.finetune_lr
     for loc, swap in grid:
@@ -197,7 +197,7 @@ def main() -> None:
         tuner = FineTuner.new(model, config, held_out=canary_prompts)  # as the daemon does
         if args.preserve and args.preserve_on == "relations":
             train = train_outside_canary(ROOT / "data" / "counterfact" / "counterfact-train.json",
-                                         ROOT / "daemon" / "assets" / "canary.jsonl")
+                                         ROOT / "daemon" / "assets" / "canary-train.jsonl")
             tuner.set_preservation(relation_moments(model, tok, tuner.module_names,
                                                     [r["prompt"] for r in train[:4000]]))
         elif args.preserve:

@@ -62,7 +62,7 @@ def small_batches() -> list[dict]:
     model, tok = load_model("smollm2-135m", progress=False)
     editor = Editor.from_checkpoint(ROOT / "horse/hypernets/smollm2-135m-horse.safetensors", model)
     moments, _ = preservation_moments(model, tok, editor.module_names, cache_dir=default_cache_dir())
-    canary = [json.loads(line)["prompt"] for line in open(ROOT / "daemon/assets/canary.jsonl")]
+    canary = [json.loads(line)["prompt"] for line in open(ROOT / "daemon/assets/canary-train.jsonl")]
 
     def next_ids() -> torch.Tensor:
         out = []
@@ -106,7 +106,7 @@ def large_batch(n_edits: int = 1000) -> list[dict]:
     model, tok = load_model("smollm2-135m", progress=False)
     editor = Editor.from_checkpoint(ROOT / "horse/hypernets/smollm2-135m-horse.safetensors", model)
     moments, _ = preservation_moments(model, tok, editor.module_names, cache_dir=default_cache_dir())
-    rows_canary = [json.loads(line) for line in open(ROOT / "daemon/assets/canary.jsonl")]
+    rows_canary = [json.loads(line) for line in open(ROOT / "daemon/assets/canary-train.jsonl")]
     canary = [r["prompt"] for r in rows_canary]
     texts = [f"{r['prompt']} {r['answer']}." for r in rows_canary]
     reqs = load_requests(ROOT / "data/counterfact/counterfact-val.json", limit=n_edits)
