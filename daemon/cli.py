@@ -6,7 +6,7 @@
     horse-ledger snapshots [--json]                        the snapshot history, head marked
     horse-ledger diff A B [--json]                         which edits differ, how the gate's numbers moved
     horse-ledger verify [SNAPSHOT] [--json]                hashes, NaN, materialisation; exit 1 on failure
-    horse-ledger export SNAPSHOT --out DIR [--deltas-only] a plain HF model dir (or the delta files)
+    horse-ledger export SNAPSHOT --out DIR [--deltas-only|--merged] [--json]  a HF model dir (or deltas)
     horse-ledger ask "PROMPT" [--snapshot S]               greedy continuation and top next tokens
     horse-ledger init [PATH]                               a commented default config file
 
@@ -316,19 +316,30 @@ def verify(app: AppContext, snapshot: str | None, no_materialise: bool, as_json:
 @click.argument("snapshot", type=SNAPSHOT_REF)
 @click.option("--out", "out_dir", type=NEW_DIR, required=True,
               help="Directory to write (must be new or empty unless --force).")
-@click.option("--deltas-only", is_flag=True, help="Write the chain's delta files and a manifest.json instead.")
+@click.option("--deltas-only", is_flag=True, help="Write the delta files (routed: the routes) and a manifest only.")
+@click.option("--merged", is_flag=True, help="Routed: write the UNSCOPED merge (every edit on every text); warns.")
 @click.option("--force", is_flag=True, help="Write into a non-empty directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest written as JSON.")
 @pass_app
-def export(app: AppContext, snapshot: str, out_dir: Path, deltas_only: bool, force: bool) -> None:
-    """Export SNAPSHOT (an id, `head` or `base`) as a plain Hugging Face model dir (or its delta files)."""
+def export(app: AppContext, snapshot: str, out_dir: Path, deltas_only: bool, merged: bool, force: bool,
+           as_json: bool) -> None:
+    """Export SNAPSHOT (an id, `head` or `base`) as a Hugging Face model dir (or its delta files); a routed head
+    loads with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` as `ask` serves it."""
     from daemon.export import export as do_export, resolve_snapshot
+    from daemon.export_routed import describe, merged_warning
 
+    if merged and deltas_only:
+        raise click.BadParameter("--merged writes a model and --deltas-only none; pick one", param_hint="'--merged'")
     ref, use_head = _snapshot_ref(snapshot)
     ref = resolve_snapshot(app.settings, app.store(), ref, use_head=use_head)
-    manifest = do_export(app.settings, app.store(), ref, out_dir, deltas_only=deltas_only, force=force)
-    what = "delta files + manifest.json" if deltas_only else "Hugging Face model dir"
+    manifest = do_export(app.settings, app.store(), ref, out_dir, deltas_only=deltas_only, force=force, merged=merged)
+    if manifest.get("serving") == "merged":
+        click.echo(click.style("warning: ", fg="yellow", bold=True) + merged_warning(manifest, out_dir), err=True)
+    if as_json:
+        return _echo_json(manifest)
     click.echo(f"exported {'base' if ref is None else f'snapshot {ref}'} of {app.settings.model} to {out_dir} "
-               f"({what}; chain {[c['id'] for c in manifest['chain']] or 'base'}, {len(manifest['edit_ids'])} edits)")
+               f"({describe(manifest, deltas_only)}; chain {[c['id'] for c in manifest['chain']] or 'base'}, "
+               f"{len(manifest['edit_ids'])} edits)")
 
 
 @click.command()

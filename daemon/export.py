@@ -57,13 +57,24 @@ def resolve_snapshot(settings: Settings, store: Store, ref: int | None, *, use_h
 
 
 def export(settings: Settings, store: Store, snapshot_id: int | None, out: Path, *, deltas_only: bool = False,
-           force: bool = False) -> dict[str, Any]:
-    """Write the model at `snapshot_id` (None = base) to `out`. Returns the manifest written."""
+           force: bool = False, merged: bool = False) -> dict[str, Any]:
+    """Write the model at `snapshot_id` (None = base) to `out`. Returns the manifest written. A routed chain
+    (or the base with scope = routed) is exported by `daemon.export_routed` (`merged`: the unscoped merge)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise DaemonError(f"{out} exists and is not empty; choose a new directory or pass --force")
-    out.mkdir(parents=True, exist_ok=True)
     snapshot_id, info = _chain_info(settings, store, snapshot_id)
+    chain_links = links_for(store, snapshot_id)
+    if is_routed(chain_links) or (not chain_links and settings.scope == "routed"):
+        from daemon.export_routed import export_routed
+
+        return export_routed(settings, snapshot_id, info, chain_links, out, deltas_only=deltas_only, merged=merged,
+                             force=force)
+    if merged:
+        what = "the base" if snapshot_id is None else f"snapshot {snapshot_id}"
+        raise DaemonError(f"--merged is for routed snapshots; {what} holds weight deltas, which `export` writes "
+                          "merged already: drop --merged")
+    out.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {"format": "horse-ledger/export/1", "base_model": settings.model,
                                 "snapshot_id": snapshot_id, "chain": [], "edit_ids": sorted(
                                     {e for row in info for e in row["edit_ids"]})}
@@ -82,7 +93,7 @@ def export(settings: Settings, store: Store, snapshot_id: int | None, out: Path,
         manifest["apply"] = APPLY_RULE
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         return manifest
-    m = materialise(settings, links_for(store, snapshot_id))
+    m = materialise(settings, chain_links)
     m.model.save_pretrained(out, safe_serialization=True)
     m.tokenizer.save_pretrained(out)
     manifest["chain"] = [{k: row[k] for k in ("id", "parent_id", "kind", "sha256", "edit_ids")} for row in info]
