@@ -6,7 +6,9 @@ Owns `horse-ledger export` and `horse-ledger ask`. The exported model dir is wha
 chain's delta files in order with a `manifest.json` that says how to apply them. With the config's
 `scope = "subject"` the dir also holds `scope.json` (the edited subjects) and `scope-base.safetensors` (the base
 weights of the edited modules): plain transformers serves the edits on every text; `horse.scope.scope_export(model,
-tokenizer, DIR)` puts the scope on, as the gate measured it. `ask` serves the configured scope.
+tokenizer, DIR)` puts the scope on, as the gate measured it. A routed chain (scope = routed) is exported by
+`daemon.export_routed`: a dir that serves the routes under `trust_remote_code=True` and is the base model
+without it. `ask` serves the configured scope.
 """
 from __future__ import annotations
 
