@@ -213,7 +213,7 @@ def load_engine(settings: Settings, model, tokenizer) -> tuple[Any, str]:
     elif settings.engine == "memit":
         from horse.memit import MemitEditor
 
-        editor = MemitEditor(model, cache_dir=settings.cache_dir)
+        editor = MemitEditor(model, cache_dir=settings.cache_dir, tokenizer=tokenizer)
     else:
         path = hypernet_path(settings)
         return load_editor(settings, path, model, tokenizer), file_fingerprint(path)
@@ -420,23 +420,15 @@ class _Batch:
 
     def _recover(self) -> None:
         """Crash recovery under the lock: dead claims back to pending, orphan files removed, sweeps."""
-        with self.store.session() as s:
-            rows = s.execute(select(Edit.id, Edit.batch_id).join(Batch, Batch.id == Edit.batch_id)
-                             .where(Edit.status == EditStatus.CLAIMED.value,
-                                    Batch.base_model == self.base_model)).all()
-            dead = sorted({i for i, _ in rows})
-            transition(s, dead, EditStatus.CLAIMED, EditStatus.PENDING, actor=self.actor,
-                       reason="recovered: the batch that claimed them ended without finishing (crash)",
-                       values={"claim_token": None})
-            stuck = s.execute(select(Batch).where(Batch.base_model == self.base_model,
-                                                  Batch.status.in_(("claimed", "running")))).scalars().all()
-            for batch in stuck:
-                batch.status, batch.finished_at = "abandoned", utcnow()
-                batch.error = "the process running it ended without finishing (crash); its edits went back to pending"
-                record_event(s, "batch.abandoned", actor=self.actor, batch_id=batch.id, reason=batch.error)
-            referenced = list(s.execute(select(Snapshot.path).where(Snapshot.base_model == self.base_model)).scalars())
-        if dead:
-            log.warning("recovered %d edits claimed by a crashed batch", len(dead), extra={"edit_ids": dead[:50]})
+        from ledger.chain import snapshot_paths
+        from ledger.recovery import recover_claims
+
+        rec = recover_claims(self.store, self.base_model, self.settings.max_attempts, actor=self.actor)
+        if rec.requeued or rec.failed:
+            log.warning("recovered %d edits claimed by a crashed batch (%d failed at max_attempts)",
+                        len(rec.requeued) + len(rec.failed), len(rec.failed),
+                        extra={"edit_ids": (rec.requeued + rec.failed)[:50]})
+        referenced = snapshot_paths(self.store, self.base_model)
         removed = snapshots.remove_orphans(self.settings.snapshot_dir, self.base_model, referenced)
         with self.store.session(write=False) as s:
             published = list(s.execute(select(Snapshot.id).where(Snapshot.base_model == self.base_model,

@@ -12,11 +12,13 @@ Run the tests with `pytest tests/horse/test_zoo.py`.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -170,6 +172,21 @@ def _is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
+@contextlib.contextmanager
+def _quiet_loading(quiet: bool) -> Iterator[None]:
+    """transformers' progress bars off while inside (when `quiet`), as they were after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was:
+            hf_logging.enable_progress_bar()
+
+
 def prepare_smollm2(cache_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> Path:
     """Convert the embedded GGUF to an fp32 safetensors model dir once; return the dir.
 
@@ -297,7 +314,8 @@ def load_model(
                 )
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         extra = {"device_map": device_map} if device_map is not None else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
+        with _quiet_loading(not progress):  # no "Loading weights" bar between a command's own lines
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
         model.config.name_or_path = name if name == SMOLLM2 else str(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -2,8 +2,8 @@
 or status strings itself).
 
 - `BatchStatus` and `move_batch`: a batch's status changes only here, along `BATCH_MOVES`.
-- `recover_crashed`: under the applier lock, edits still claimed by a batch of this model go back to pending and
-  the batches that claimed them are abandoned (nobody else can hold them while the lock is held).
+- crash recovery: `ledger.recovery.recover_claims` (edits of a crashed batch back to pending, or failed at
+  max_attempts; the batch abandoned); `snapshot_paths` for the orphan sweep.
 - `publish_night`: ONE transaction — the snapshot row, its edits, the head, applied / failed / rejected /
   returned edits with their events, supersessions, the batch row.
 - `finish_night`: the same without a snapshot (nothing published).
@@ -67,30 +67,10 @@ def move_batch(session, batch_id: int, dst: BatchStatus, *, actor: str, reason: 
     record_event(session, f"batch.{dst.value}", actor=actor, batch_id=batch_id, reason=reason)
 
 
-@dataclass(frozen=True)
-class Recovered:
-    edit_ids: list[int]
-    batch_ids: list[int]
-    snapshot_paths: list[str]   # every path a snapshot row of this model names (files not listed are orphans)
-
-
-def recover_crashed(store: Store, base_model: str, *, actor: str) -> Recovered:
-    """Claimed edits of this model's batches back to pending; running or claimed batches abandoned."""
-    with store.session() as s:
-        rows = s.execute(select(Edit.id).join(Batch, Batch.id == Edit.batch_id)
-                         .where(Edit.status == EditStatus.CLAIMED.value, Batch.base_model == base_model)).scalars()
-        dead = sorted(set(rows))
-        transition(s, dead, EditStatus.CLAIMED, EditStatus.PENDING, actor=actor,
-                   reason="recovered: the batch that claimed them ended without finishing (crash)",
-                   values={"claim_token": None})
-        stuck = list(s.execute(select(Batch.id).where(
-            Batch.base_model == base_model,
-            Batch.status.in_((BatchStatus.CLAIMED.value, BatchStatus.RUNNING.value)))).scalars())
-        for batch_id in stuck:
-            move_batch(s, batch_id, BatchStatus.ABANDONED, actor=actor,
-                       reason="the process running it ended without finishing (crash); its edits went back to pending")
-        paths = list(s.execute(select(Snapshot.path).where(Snapshot.base_model == base_model)).scalars())
-    return Recovered(dead, stuck, paths)
+def snapshot_paths(store: Store, base_model: str) -> list[str]:
+    """Every path a snapshot row of this model names (files not listed are orphans)."""
+    with store.session(write=False) as s:
+        return list(s.execute(select(Snapshot.path).where(Snapshot.base_model == base_model)).scalars())
 
 
 @dataclass

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
-from ledger.events import record_event
-from ledger.models import Batch, Edit, utcnow
+from ledger.chain import BatchStatus, move_batch
+from ledger.models import Batch, Edit
 from ledger.status import EditStatus, transition
 
 CRASH_REASON = "recovered: the batch that claimed them ended without finishing (crash)"
@@ -54,11 +54,11 @@ def recover_claims(store, base_model: str, max_attempts: int, *, actor: str) -> 
                  "the editor); check it with `horse-ledger show`, then raise max_attempts or resubmit it")
         transition(s, spent, EditStatus.CLAIMED, EditStatus.FAILED, actor=actor,
                    reason=f"{CRASH_REASON}; max_attempts reached", values={"claim_token": None, "last_error": error})
-        stuck = s.execute(select(Batch).where(Batch.base_model == base_model,
-                                              Batch.status.in_(("claimed", "running")))).scalars().all()
-        for batch in stuck:
-            batch.status, batch.finished_at = "abandoned", utcnow()
-            batch.error = ("the process running it ended without finishing (crash); its edits went back to pending "
-                           "(or failed, at max_attempts)")
-            record_event(s, "batch.abandoned", actor=actor, batch_id=batch.id, reason=batch.error)
-        return Recovered(requeued=requeued, failed=spent, abandoned_batches=sorted(b.id for b in stuck))
+        stuck = sorted(s.execute(select(Batch.id).where(
+            Batch.base_model == base_model,
+            Batch.status.in_((BatchStatus.CLAIMED.value, BatchStatus.RUNNING.value)))).scalars())
+        for batch_id in stuck:
+            move_batch(s, batch_id, BatchStatus.ABANDONED, actor=actor,
+                       reason="the process running it ended without finishing (crash); its edits went back to "
+                              "pending (or failed, at max_attempts)")
+        return Recovered(requeued=requeued, failed=spent, abandoned_batches=stuck)

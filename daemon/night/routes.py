@@ -19,6 +19,7 @@ from pathlib import Path
 from daemon import snapshots
 from daemon.errors import SnapshotCorrupt
 from ledger.config import Settings
+from ledger.files import modes
 
 ROUTED = "routed"   # Snapshot.kind of a routed night
 REMOVED_KEY = "removed_subjects"
@@ -31,14 +32,15 @@ def write_routes(settings: Settings, stem: str, routes, metadata: Mapping[str, s
     from horse.route import RouteTable, save_table
 
     directory = snapshots.model_dir(settings.snapshot_dir, settings.model)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    file_modes = modes(settings.file_mode_group)
+    directory.mkdir(parents=True, exist_ok=True, mode=file_modes.dir)
     final = directory / f"{stem}.safetensors"
     if final.exists():
         raise SnapshotCorrupt(f"snapshot file {final} already exists; a snapshot file is never overwritten — run "
                               "`horse-ledger verify` and remove the stray file if no snapshot names it")
     tmp = directory / f".{stem}.safetensors{snapshots.TMP_SUFFIX}"
     save_table(tmp, RouteTable(dict(routes)), {**metadata, "kind": ROUTED, REMOVED_KEY: json.dumps(sorted(removed))})
-    os.chmod(tmp, 0o600)
+    os.chmod(tmp, file_modes.file)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     sha256 = snapshots.hash_file(tmp)

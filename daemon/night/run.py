@@ -72,12 +72,19 @@ class Head:
 def recover(night: Night) -> None:
     """Crash recovery under the lock: dead claims back to pending, orphan files removed, sweeps, retries."""
     s, base_model = night.settings, night.settings.model
-    rec = ledger_chain.recover_crashed(night.store, base_model, actor=night.actor)
-    if rec.edit_ids:
-        log.warning("recovered %d edits claimed by a crashed batch", len(rec.edit_ids))
-    removed = snapshots.remove_orphans(s.snapshot_dir, base_model, rec.snapshot_paths)
+    from ledger.recovery import recover_claims
+
+    rec = recover_claims(night.store, base_model, s.max_attempts, actor=night.actor)
+    if rec.requeued or rec.failed:
+        log.warning("recovered %d edits claimed by a crashed batch (%d failed at max_attempts)",
+                    len(rec.requeued) + len(rec.failed), len(rec.failed))
+    removed = snapshots.remove_orphans(s.snapshot_dir, base_model, ledger_chain.snapshot_paths(night.store, base_model))
     if removed:
         log.warning("removed %d orphan snapshot files", len(removed))
+    with night.store.session(write=False) as sess:
+        published = [r.id for r in chain(sess, head_id(sess, base_model))]
+    snapshots.prune_weights_cache(s.snapshot_dir, base_model, valid_ids=published, folder=snapshots.MEASURED_DIR,
+                                  keep=2)
     night.store.sweep_stale(s.claim_stale_after_s, actor=night.actor)
     night.store.retry_failed(s.max_attempts, actor=night.actor)
 

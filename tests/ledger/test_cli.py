@@ -128,7 +128,7 @@ def test_lazy_commands_are_the_contract():
         "apply": "daemon.cli:apply", "rollback": "daemon.cli:rollback", "snapshots": "daemon.cli:snapshots",
         "diff": "daemon.cli:diff", "verify": "daemon.cli:verify", "export": "daemon.cli:export",
         "ask": "daemon.cli:ask", "daemon": "daemon.cli:daemon", "init": "daemon.cli:init",
-        "consolidate": "daemon.cli:consolidate"}
+        "consolidate": "daemon.cli:consolidate", "serve": "daemon.web:serve", "config": "ledger.configcli:config"}
 
 
 def test_missing_lazy_module_is_not_listed(monkeypatch):
