@@ -162,8 +162,9 @@ class Settings:
                             "night's one batched capture — its edits alone, or its share of one joint solve")
     same_subject_prompts: int = _opt(8, "prompts", "scope = routed: prompts of other relations asked of each edited "
                                      "subject (daemon/assets/relations.jsonl) whose next token the gate compares")
-    gate_min_same_subject: float = _opt(0.0, "share 0..1", "scope = routed: of those prompts, the share whose "
-                                        "greedy next token must not change (other facts about an edited subject)")
+    gate_min_same_subject: float = _opt(0.125, "share 0..1", "scope = routed: of those prompts, the share whose "
+                                        "greedy next token must not change (other facts about an edited subject); "
+                                        "0.125 of 8 prompts rejects an edit that changes every one of them")
     gate_max_measurements: int = _opt(200, "measurements", "scope = routed: gate measurements a night may spend "
                                       "finding the edits that do harm; an edit left undecided goes back to pending")
     # consolidation of snapshot chains
