@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 import threading
 from dataclasses import fields
 from pathlib import Path
@@ -36,7 +37,13 @@ def _echo_json(data: Any) -> None:
 
 
 def _logging(app: AppContext) -> None:
-    configure_logging(app.settings.log_json, level=logging.DEBUG if app.debug else logging.INFO)
+    """Log lines go to stderr: all of them under systemd or a pipe (JSON by `log_json`); on a terminal only
+    warnings, unless --verbose / --debug, so that a command prints its result, not its stages."""
+    from daemon.logs import is_json_mode
+
+    quiet = sys.stderr.isatty() and not (app.verbose or app.debug or is_json_mode(app.settings.log_json))
+    level = logging.DEBUG if app.debug else logging.WARNING if quiet else logging.INFO
+    configure_logging(app.settings.log_json, level=level)
 
 
 def _snapshot_ref(value: str | None, *, allow_head: bool = True) -> tuple[int | None, bool]:

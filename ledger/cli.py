@@ -53,6 +53,7 @@ class AppContext:
 
     settings: Settings
     debug: bool = False
+    verbose: bool = False  # log lines (stages, counts) on a terminal too
     _store: Any = field(default=None, repr=False)
 
     def store(self, *, upgrade: bool = True) -> "Store":  # noqa: F821 - imported lazily
@@ -212,14 +213,16 @@ def _version() -> str:
               "then sqlite:///$XDG_DATA_HOME/horse-ledger/ledger.db).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="TOML settings file (default: $HORSE_LEDGER_CONFIG, then $XDG_CONFIG_HOME/horse-ledger/config.toml).")
-@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors (and debug log lines).")
+@click.option("-v", "--verbose", is_flag=True, help="Log stages and counts on a terminal too (they always go to "
+              "stderr when it is not a terminal: the journal under systemd).")
 @click.version_option(version=_version(), message="%(prog)s %(version)s")
 @click.pass_context
-def cli(ctx: click.Context, db_url: str | None, config_path: Path | None, debug: bool) -> None:
+def cli(ctx: click.Context, db_url: str | None, config_path: Path | None, debug: bool, verbose: bool) -> None:
     """horse-ledger: submit fact edits, audit them, and keep a language model's facts up to date."""
     settings = load_settings(config_path=config_path, db_url=db_url)
     ctx.with_resource(process_umask(settings.file_mode_group))  # files private (or group) by default: ledger/files.py
-    ctx.obj = AppContext(settings=settings, debug=debug)
+    ctx.obj = AppContext(settings=settings, debug=debug, verbose=verbose)
 
 
 pass_app = click.make_pass_decorator(AppContext)

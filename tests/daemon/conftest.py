@@ -75,6 +75,7 @@ def canary_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 BASE_SETTINGS = {"model": "tiny-llama", "preserve_weight": 0.0, "gate_min_efficacy": 0.5, "gate_min_canary_agreement": 0.0,
                  "gate_max_protected_drop": 0.0, "gate_min_retention": 0.0, "gate_bisect_depth": 2,
                  "heartbeat_every_s": 1, "batch_max_edits": 100,
+                 "gate_min_same_subject": 0.0,  # the tiny model moves every prompt that names the subject
                  "review": "off",  # review (ledger/review.py) is tested in tests/ledger/test_review.py
                  "scope": "off"}  # the joint night (daemon/cycle.py); routed nights: tests/daemon/test_routed_night.py
 

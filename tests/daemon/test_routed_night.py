@@ -102,3 +102,25 @@ def test_only_the_edit_that_flips_a_protected_fact_is_rejected(db_url, daemon_se
     assert sorted(result["applied"] + [int(k) for k in result["failed"]]) == [3, 4, 5]
     assert store.get_edits([1])[0].status == "applied"
     store.close()
+
+
+def test_an_alias_routes_to_its_subject(db_url, daemon_settings, cli_runner, tmp_path):
+    settings = daemon_settings(db_url, scope="routed")
+    cfg = write_config(tmp_path / "config.toml", settings)
+    _add(cli_runner, cfg, tmp_path, "night1", [{**fact(0), "aliases": ["Zorbie"]}])
+    assert _apply(cli_runner, cfg)["status"] == "published"
+    by_alias = json.loads(cli_runner(cfg, "ask", PROMPT.format("Zorbie") + " ", "--json").stdout)
+    by_name = json.loads(cli_runner(cfg, "ask", PROMPT.format(SUBJECTS[0]) + " ", "--json").stdout)
+    base = json.loads(cli_runner(cfg, "ask", PROMPT.format("Zorbie") + " ", "--snapshot", "base", "--json").stdout)
+    assert by_alias["subjects"] == by_name["subjects"] == [SUBJECTS[0]]
+    assert by_alias["top_tokens"][0]["token"] == COLORS[0][0] != base["top_tokens"][0]["token"]
+
+
+def test_an_edit_that_moves_other_facts_about_its_subject_is_rejected(db_url, daemon_settings, cli_runner, tmp_path):
+    # the tiny model's edits move every prompt that names their subject: with the bar at 1.0 none may change
+    settings = daemon_settings(db_url, scope="routed", gate_min_same_subject=1.0, same_subject_prompts=4)
+    cfg = write_config(tmp_path / "config.toml", settings)
+    _add(cli_runner, cfg, tmp_path, "night1", [fact(0)])
+    result = _apply(cli_runner, cfg)
+    assert result["status"] == "rejected" and list(result["rejected"]) == ["1"], result
+    assert "same-subject agreement" in result["rejected"]["1"]
