@@ -58,7 +58,8 @@ def one_night(work: Path, n: int, **overrides) -> dict:
             "canary_agreement": gate.get("canary_agreement"), "protected_flipped": gate.get("protected_flipped"),
             "gate_measurements": (r.metrics or {}).get("gate_measurements",
                                                       len((r.metrics or {}).get("bisect") or [])),
-            "wall_s": round(wall, 2), "timings_s": r.timings_s}
+            "wall_s": round(wall, 2), "timings_s": r.timings_s, "rejected_reasons": {str(k): v for k, v in r.rejected.items()},
+            "failed_reasons": {str(k): v for k, v in r.failed.items()}}
 
 
 def main() -> None:

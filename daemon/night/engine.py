@@ -52,7 +52,7 @@ class HypernetSubjects:
 
 def load_subject_engine(settings: Settings, model, tokenizer) -> SubjectEngine:
     """The configured engine for routed nights (refuses engines that cannot solve per subject)."""
-    from daemon.cycle import file_fingerprint, hypernet_path, load_editor
+    from daemon.batch import file_fingerprint, hypernet_path, load_editor
 
     if settings.engine != "hypernet":
         raise DaemonError(f"scope = routed needs engine = hypernet (HORSE or MALMEN); engine = {settings.engine!r} "

@@ -5,7 +5,7 @@ import logging
 import time
 
 from daemon import gate
-from daemon.cycle import BatchResult, keep_measurements
+from daemon.batch import BatchResult, keep_measurements
 from daemon.logs import log_context
 from daemon.night import routes as route_files
 from daemon.night.decide import to_fact

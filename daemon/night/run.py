@@ -4,7 +4,7 @@
 
 Every row is written by `ledger.chain` (one transaction at publish); files by `daemon.night.routes` (before the
 transaction, atomically: a crash leaves an orphan file that recovery removes). Stage names are those of
-`daemon.cycle.STAGES` (the kill tests stop the process at them); before "mid-write" a stop request (SIGTERM)
+`daemon.batch.STAGES` (the kill tests stop the process at them); before "mid-write" a stop request (SIGTERM)
 abandons the night and its edits go back to pending.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon import gate, snapshots
-from daemon.cycle import (STAGES, BatchAbandoned, BatchResult, Heartbeat, keep_measurements, kept_measurements,
+from daemon.batch import (STAGES, BatchAbandoned, BatchResult, Heartbeat, kept_measurements,
                           probe_for)
 from daemon.locks import applier_lock
 from daemon.logs import log_context
