@@ -41,6 +41,18 @@ def routed_scores(model, tok, reqs, groups, factors) -> dict[str, float]:
     return {"es": mean(s["es_win"]), "ps": mean(s["ps_win"]), "ns": mean(s["ns_win"])}
 
 
+def setup(args):
+    """SmolLM2, the first `args.n` requests of `args.data`, and the hypernet with the serving prior (1e4/N², min 10)."""
+    torch.set_num_threads(args.threads)
+    model, tok = load_model("smollm2-135m", progress=False)
+    model.eval()
+    reqs = requests_from_records(read_records(args.data), source=args.data)[:args.n]
+    ed = Editor.from_checkpoint(args.hypernet, model)
+    moments, _ = preservation_moments(model, tok, ed.module_names, cache_dir=default_cache_dir())
+    ed.set_preservation(moments, 1e4, 2.0, 10.0)
+    return model, tok, reqs, ed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True)
@@ -50,13 +62,7 @@ def main() -> None:
     ap.add_argument("--hypernet", default="horse/hypernets/smollm2-135m-horse.safetensors")
     ap.add_argument("--out", default="benchmarks/results/routed")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tok = load_model("smollm2-135m", progress=False)
-    model.eval()
-    reqs = requests_from_records(read_records(args.data), source=args.data)[:args.n]
-    ed = Editor.from_checkpoint(args.hypernet, model)
-    moments, _ = preservation_moments(model, tok, ed.module_names, cache_dir=default_cache_dir())
-    ed.set_preservation(moments, 1e4, 2.0, 10.0)
+    model, tok, reqs, ed = setup(args)
     result: dict = {"data": args.data, "n": len(reqs), "batch": args.batch, "hypernet": args.hypernet}
     base = request_scores(model, tok, reqs)
     result["unedited"] = {"es": mean(base["es_win"]), "ps": mean(base["ps_win"]), "ns": mean(base["ns_win"])}

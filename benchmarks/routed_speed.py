@@ -11,17 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
 
-from horse.covariance import preservation_moments
-from horse.data import read_records, requests_from_records
-from horse.editor import Editor
 from horse.route import subject_key
 from horse.subjects import subject_factors
-from horse.zoo import default_cache_dir, load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from routed_quality import setup  # noqa: E402
 
 
 def main() -> None:
@@ -33,12 +32,7 @@ def main() -> None:
     ap.add_argument("--hypernet", default="horse/hypernets/smollm2-135m-horse.safetensors")
     ap.add_argument("--out", default="benchmarks/results/routed")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tok = load_model("smollm2-135m", progress=False)
-    reqs = requests_from_records(read_records(args.data), source=args.data)[:args.n]
-    ed = Editor.from_checkpoint(args.hypernet, model)
-    ed.set_preservation(preservation_moments(model, tok, ed.module_names, cache_dir=default_cache_dir())[0],
-                        1e4, 2.0, 10.0)
+    model, tok, reqs, ed = setup(args)
     groups: dict[str, list] = {}
     for r in reqs:
         groups.setdefault(subject_key(r.subject), []).append(r)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -190,3 +192,22 @@ def to_request(edit: EditRecord):
 def to_fact(edit: EditRecord) -> gate.Fact:
     return gate.Fact(key=edit.id, prompt=edit.rendered_prompt, answer=edit.target_new,
                      paraphrases=tuple(edit.paraphrases))
+
+
+def enter_stage(name: str, t0: float, on_stage: Callable[[str], None] | None,
+                stop: threading.Event | None) -> None:
+    """A night reaches stage `name`: log it, call the test hook, and abandon (BatchAbandoned) when a stop was
+    requested before the write."""
+    assert name in STAGES, name
+    log.info("stage %s", name, extra={"stage": name, "elapsed_s": round(time.perf_counter() - t0, 3)})
+    if on_stage is not None:
+        on_stage(name)
+    if stop is not None and stop.is_set() and name in _ABANDONABLE:
+        raise BatchAbandoned(f"stop requested at stage {name}")
+
+
+def add_time(timings: dict[str, float], key: str, start: float) -> float:
+    """Add the seconds since `start` to timings[key]; returns now (the next stage's start)."""
+    now = time.perf_counter()
+    timings[key] = timings.get(key, 0.0) + (now - start)
+    return now

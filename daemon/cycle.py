@@ -39,8 +39,8 @@ from typing import Any
 from sqlalchemy import insert, select, update
 
 from daemon import gate, snapshots
-from daemon.batch import (ACTOR, STAGES, _ABANDONABLE, SHIPPED_HYPERNETS, BatchAbandoned, BatchResult,  # noqa: F401
-                          Heartbeat, NoHypernet, _measured_meta, file_fingerprint, hypernet_path, keep_measurements,
+from daemon.batch import (ACTOR, STAGES, SHIPPED_HYPERNETS, BatchAbandoned, BatchResult,  # noqa: F401
+                          Heartbeat, NoHypernet, _measured_meta, add_time, enter_stage, file_fingerprint, hypernet_path, keep_measurements,
                           kept_measurements, load_editor, probe_for, to_fact, to_request)
 from daemon.errors import BatchRefused, DaemonError
 from daemon.locks import applier_lock
@@ -199,17 +199,10 @@ class _Batch:
 
     # ------------------------------------------------------------------ plumbing
     def _stage(self, name: str) -> None:
-        assert name in STAGES, name
-        log.info("stage %s", name, extra={"stage": name, "elapsed_s": round(time.perf_counter() - self.t0, 3)})
-        if self.on_stage is not None:
-            self.on_stage(name)
-        if self.stop is not None and self.stop.is_set() and name in _ABANDONABLE:
-            raise BatchAbandoned(f"stop requested at stage {name}")
+        enter_stage(name, self.t0, self.on_stage, self.stop)
 
     def _timed(self, key: str, start: float) -> float:
-        now = time.perf_counter()
-        self.timings[key] = self.timings.get(key, 0.0) + (now - start)
-        return now
+        return add_time(self.timings, key, start)
 
     # ------------------------------------------------------------------ the batch
     def run(self) -> BatchResult:

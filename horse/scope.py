@@ -35,6 +35,7 @@ from torch import nn
 
 from horse.arch import get_module, weight_layout
 from horse.errors import EngineError
+from horse.route import _past_length  # one reading of the KV cache's length (route.py is self-contained)
 
 
 @dataclass(frozen=True)
@@ -105,15 +106,6 @@ def scope_mask_BT(ids_BT: torch.Tensor, index: SubjectIndex, active_B: torch.Ten
     if active_B is not None:
         mask |= active_B.cpu()[:, None]
     return mask
-
-
-def _past_length(kwargs: Mapping) -> int:
-    """How many positions a backbone call's KV cache already holds (0: a pass from the first token)."""
-    for key in ("cache", "past_key_values"):  # the name changed across transformers versions
-        past = kwargs.get(key)
-        if past is not None and hasattr(past, "get_seq_length"):
-            return int(past.get_seq_length())
-    return 0
 
 
 def _base_output(module: nn.Module, x: torch.Tensor, base_weight: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon import gate, snapshots
-from daemon.batch import (STAGES, BatchAbandoned, BatchResult, Heartbeat, kept_measurements,
+from daemon.batch import (BatchAbandoned, BatchResult, Heartbeat, add_time, enter_stage, kept_measurements,
                           probe_for)
 from daemon.locks import applier_lock
 from daemon.logs import log_context
@@ -32,7 +32,6 @@ from ledger.store import EditRecord, Store
 
 log = logging.getLogger("daemon.night")
 ACTOR = "daemon"
-_ABANDONABLE = frozenset(STAGES[:STAGES.index("mid-write")])
 
 
 @dataclass
@@ -48,17 +47,10 @@ class Night:
     t0: float = field(default_factory=time.perf_counter)
 
     def stage(self, name: str) -> None:
-        assert name in STAGES, name
-        log.info("stage %s", name, extra={"stage": name, "elapsed_s": round(time.perf_counter() - self.t0, 3)})
-        if self.on_stage is not None:
-            self.on_stage(name)
-        if self.stop is not None and self.stop.is_set() and name in _ABANDONABLE:
-            raise BatchAbandoned(f"stop requested at stage {name}")
+        enter_stage(name, self.t0, self.on_stage, self.stop)
 
     def timed(self, key: str, start: float) -> float:
-        now = time.perf_counter()
-        self.timings[key] = self.timings.get(key, 0.0) + (now - start)
-        return now
+        return add_time(self.timings, key, start)
 
 
 @dataclass(frozen=True)
