@@ -116,11 +116,11 @@ def _edit_function(method: str, model_obj: Any, tok: Any, model_name: str, hyper
             from horse.memit import MemitConfig, memit_deltas
         except ImportError as exc:
             raise EngineError("MEMIT is not available yet in this version (horse.memit missing); use --method horse") from exc
-        from horse.deltas import fingerprint_modules
+        from horse.covariance import model_fingerprint
         from horse.zoo import default_cache_dir
 
         config = MemitConfig.for_model(model_obj)
-        fingerprint = fingerprint_modules(model_obj, list(config.layers))
+        fingerprint = model_fingerprint(model_obj)  # the base's: its covariance is computed and cached on it
         cache = cache_dir or default_cache_dir()
 
         def run(m: Any, tok: Any, reqs: Any) -> tuple[Any, dict[str, Any]]:

@@ -30,7 +30,8 @@ LAZY_HELP: dict[str, str] = {
     "snapshots": "List the snapshots of the configured model, oldest first; `*` marks the head.",
     "diff": "Compare the models at snapshots A and B (ids, `base` or `head`): edits and gate measurements.",
     "verify": "Check SNAPSHOT (default: the head) and its chain: files, hashes, NaN, bit-exact materialisation.",
-    "export": "Export SNAPSHOT (an id, `head` or `base`) as a plain Hugging Face model dir (or its delta files).",
+    "export": ("Export SNAPSHOT (an id, `head` or `base`) as a Hugging Face model dir (or its delta files); a routed "
+               "head loads with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` as `ask` serves it."),
     "ask": "Ask the model at a snapshot: greedy continuation of PROMPT and the most likely next tokens.",
     "daemon": "Run batches on the configured schedule (schedule_cron) until SIGTERM.",
     "init": "Write a commented default config file to PATH (default: ~/.config/horse-ledger/config.toml).",

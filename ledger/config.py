@@ -411,9 +411,6 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
                               + (" (or leave it empty: the same as engine)" if empty_ok else ""))
     if values.get("scope", "routed") not in SCOPES:
         raise ConfigError(f"scope = {values['scope']!r} is not known; give one of {', '.join(SCOPES)}")
-    if values.get("scope", "routed") == "routed" and values.get("engine", "hypernet") != "hypernet":
-        raise ConfigError(f"scope = 'routed' (the default) needs engine = 'hypernet'; engine = {values['engine']!r} "
-                          "edits one joint delta: set scope = 'subject' (or 'off') with it")
     if values.get("route_solve", "alone") not in ROUTE_SOLVES:
         raise ConfigError(f"route_solve = {values['route_solve']!r} is not known; give one of {', '.join(ROUTE_SOLVES)}")
     if values.get("gate_retention_sample", 1) < 1:
@@ -457,6 +454,9 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
                               "with hypernet_from_base = true every night re-derives the head from the base with "
                               "the hypernet. Set hypernet_from_base = false (HORSE nights on the head), or leave "
                               "consolidate_engine empty")
+    if settings.scope == "routed" and settings.engine != "hypernet":
+        raise ConfigError(f"scope = 'routed' (the default) needs engine = 'hypernet'; engine = {settings.engine!r} "
+                          "edits one joint delta: set scope = 'subject' (or 'off') with it")
     return settings
 
 
