@@ -83,9 +83,9 @@ def _print_batch(result) -> None:
     if r.status == "abandoned":
         click.echo(f"batch {r.batch_id}: abandoned; {len(r.released)} edits back to pending")
         return
-    what = {"published": f"published snapshot {r.snapshot_id} ({_parent_of(r.snapshot_id)})",
-            "dry-run": f"dry run on head {r.parent_snapshot_id or 'base'}: would publish {len(r.applied)} edits",
-            "rejected": "nothing published (gate)", "failed": "nothing published (no edit took)"}[r.status]
+    what = {"dry-run": f"dry run on head {r.parent_snapshot_id or 'base'}: would publish {len(r.applied)} edits",
+            "rejected": "nothing published (gate)", "failed": "nothing published (no edit took)"}.get(r.status) or \
+        f"published snapshot {r.snapshot_id} ({_parent_of(r.snapshot_id)})"
     label = "batch" if r.batch_id is None else f"batch {r.batch_id}"
     click.echo(f"{label}: {what}: {len(r.applied)} applied, {len(r.failed)} failed, {len(r.rejected)} rejected")
     if gate:

@@ -19,7 +19,11 @@ def _add(cli_runner, cfg: Path, tmp_path: Path, name: str, facts: list[dict]) ->
 
 
 def _apply(cli_runner, cfg: Path) -> dict:
-    return json.loads(cli_runner(cfg, "apply", "--json", expect=None).stdout)
+    """`apply --json`; its exit status is 3 exactly when the night ran and published nothing."""
+    result = cli_runner(cfg, "apply", "--json", expect=None)
+    data = json.loads(result.stdout)
+    assert result.exit_code == (3 if data["status"] in ("failed", "rejected") else 0), (result.exit_code, data)
+    return data
 
 
 def _table(settings, store, snapshot_id, tok):
