@@ -221,7 +221,7 @@ def decide(measurer: Measurer, groups: dict[str, Group], routes: dict, solve: Ca
         for key in sorted(routes, key=lambda k: (harms[k].protected_flips, harms[k].canary_flips, k)):
             h, g = harms[key], groups[key]
             reasons = _fails(h, measurer.probe, settings) or over_budget(
-                [*decision.harms.values(), h], measurer.probe, settings)
+                [decision.harms[k] for k in decision.accepted] + [h], measurer.probe, settings)
             if not reasons:
                 decision.accepted[key], decision.harms[key] = routes[key], h
             elif len(g.new) == 1:
