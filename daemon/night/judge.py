@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -155,11 +155,6 @@ def over_budget(taken: Sequence[Harm], probe: gate.Probe, settings: Settings) ->
         reasons.append(f"{flips_p} of {n_p} protected facts flipped ({flips_p / n_p:.3f} > "
                        f"{settings.gate_max_protected_drop})")
     return reasons
-
-
-def local_settings(settings: Settings) -> Settings:
-    """The settings `gate.judge` applies to a whole candidate whose flips were already budgeted per subject."""
-    return replace(settings, gate_min_canary_agreement=min(settings.gate_min_canary_agreement, 1.0))
 
 
 def measurement_metrics(harms: Mapping[str, Harm]) -> dict[str, dict]:
