@@ -64,8 +64,8 @@ def _wait_for_stage(proc: subprocess.Popen, stage: str, timeout_s: float = 300.0
     raise AssertionError(f"stage {stage} not reached in {timeout_s} s: {seen}")
 
 
-def _setup(db_url, daemon_settings, tmp_path, n_edits=3):
-    settings = daemon_settings(db_url, gate_min_efficacy=0.0)  # every edit publishes: the test is about state
+def _setup(db_url, daemon_settings, tmp_path, n_edits=3, scope="off"):
+    settings = daemon_settings(db_url, gate_min_efficacy=0.0, scope=scope)  # every edit publishes: about state
     cfg = write_config(tmp_path / "config.toml", settings)
     store = Store(db_url)
     from ledger.validate import validate_edit
@@ -73,9 +73,11 @@ def _setup(db_url, daemon_settings, tmp_path, n_edits=3):
     return settings, cfg, store
 
 
-@pytest.mark.parametrize("stage", ["claimed", "editing", "mid-write", "written"])
-def test_sigkill_at_each_stage_loses_nothing(stage, db_url, daemon_settings, tmp_path):
-    settings, cfg, store = _setup(db_url, daemon_settings, tmp_path)
+@pytest.mark.parametrize("scope,stage", [("off", "claimed"), ("off", "editing"), ("off", "mid-write"),
+                                         ("off", "written"), ("routed", "editing"), ("routed", "mid-write"),
+                                         ("routed", "written")])
+def test_sigkill_at_each_stage_loses_nothing(scope, stage, db_url, daemon_settings, tmp_path):
+    settings, cfg, store = _setup(db_url, daemon_settings, tmp_path, scope=scope)
     proc = _start(cfg, stage)
     try:
         _wait_for_stage(proc, stage)
