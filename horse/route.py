@@ -128,7 +128,12 @@ class RouteTable:
 
     @property
     def modules(self) -> list[str]:
-        return sorted({n for r in self.routes.values() for n in r.factors})
+        """The edited modules (cached for the routes it was computed on)."""
+        cached = self.__dict__.get("_modules")
+        if cached is None or cached[0] is not self.routes or cached[1] != len(self.routes):
+            cached = (self.routes, len(self.routes), sorted({n for r in self.routes.values() for n in r.factors}))
+            self.__dict__["_modules"] = cached
+        return cached[2]
 
     def index(self, tok) -> RouteTable:
         """Fill `sequences` and the word-boundary sets from a tokenizer (every name, with and without a leading
@@ -164,7 +169,12 @@ class RouteTable:
         return table
 
     def longest(self) -> int:
-        return max((len(s) for s in self.sequences), default=0)
+        """The most tokens of any name's sequence (cached for the sequences it was computed on)."""
+        cached = self.__dict__.get("_longest")
+        if cached is None or cached[0] is not self.sequences:
+            cached = (self.sequences, max((len(s) for s in self.sequences), default=0))
+            self.__dict__["_longest"] = cached
+        return cached[1]
 
 
 def table_digest(table: RouteTable) -> str:
@@ -344,6 +354,7 @@ class Router:
         if getattr(model, "_horse_router", None) is not None:
             raise RouteError("this model already has a router; remove it first")
         self._pass: _Pass | None = None
+        self._last_stacked: tuple | None = None
         self._rows: list[dict[str, int]] | None = None      # per row: subject → start (absolute position)
         self._tail_BT: torch.Tensor | None = None           # last tokens, for a name cut by a step boundary
         self._offset = 0
@@ -418,6 +429,14 @@ class Router:
             on_BT = pos_T[None, :] >= starts_B[:, None]
             gates.append(on_BT[:, :, None].expand(-1, -1, self.table.routes[key].n_rows))
         gate_BTM = torch.cat(gates, dim=2)
+        keys_MK, coef_MV = self._stacked(tuple(active))
+        return _Pass(keys_MK, coef_MV, gate_BTM, gate_BTM.any(dim=2))
+
+    def _stacked(self, active: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Per module, the active routes' factors stacked (the last set is kept: generation steps reuse it)."""
+        last = self._last_stacked
+        if last is not None and last[0] is self.table and last[1] == active:
+            return last[2], last[3]
         keys_MK, coef_MV = {}, {}
         for m in self.table.modules:
             parts = [self.table.routes[k].factors.get(m) for k in active]
@@ -425,7 +444,8 @@ class Router:
                 raise RouteError(f"route tables must edit the same modules for every subject ({m} missing)")
             keys_MK[m] = torch.cat([p[0] for p in parts])
             coef_MV[m] = torch.cat([p[1] for p in parts])
-        return _Pass(keys_MK, coef_MV, gate_BTM, gate_BTM.any(dim=2))
+        self._last_stacked = (self.table, active, keys_MK, coef_MV)
+        return keys_MK, coef_MV
 
     def _after_backbone(self, *_args) -> None:
         self._pass = None
