@@ -105,7 +105,8 @@ def export(settings: Settings, store: Store, snapshot_id: int | None, out: Path,
 
         with store.session(write=False) as s:
             subjects = chain_subjects(s, m.chain_ids)
-        manifest["scope"] = write_scope(out, settings.scope, subjects, m.base_weights)
+        # a joint chain under scope = routed (written before routing) is served scoped by subject, as `ask` does
+        manifest["scope"] = write_scope(out, "subject", subjects, m.base_weights)
     (out / "horse-ledger.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

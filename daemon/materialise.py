@@ -156,7 +156,8 @@ def weights_digest(model, module_names: Sequence[str]) -> str:
 
 
 def scope_index(settings: Settings, tokenizer, subjects: Iterable[str]):
-    """The subjects' index (horse/scope.py) when the config's `scope` is "subject"; None when it is "off"."""
+    """The subjects' index (horse/scope.py) when the config's `scope` is "subject" (or "routed": a joint chain
+    published before routing is served scoped by subject); None when it is "off"."""
     if settings.scope == "off":
         return None
     from horse.scope import SubjectIndex
