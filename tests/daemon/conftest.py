@@ -127,3 +127,18 @@ def cli_runner() -> Callable[..., object]:
         return result
 
     return run
+
+
+def add_facts(cli_runner, cfg: Path, tmp_path: Path, name: str, facts: list[dict]) -> None:
+    """`horse-ledger add --from` a JSONL file of `facts`."""
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(f) + "\n" for f in facts))
+    cli_runner(cfg, "add", "--from", str(path))
+
+
+def apply_json(cli_runner, cfg: Path) -> dict:
+    """`apply --json`; its exit status is 3 exactly when the night ran and published nothing."""
+    result = cli_runner(cfg, "apply", "--json", expect=None)
+    data = json.loads(result.stdout)
+    assert result.exit_code == (3 if data["status"] in ("failed", "rejected") else 0), (result.exit_code, data)
+    return data

@@ -17,21 +17,7 @@ import torch
 
 from daemon.materialise import links, load_base, materialise
 from ledger.store import Store
-from tests.daemon.conftest import COLORS, fact, write_config
-
-
-def _add(cli_runner, cfg: Path, tmp_path: Path, name: str, facts: list[dict]) -> None:
-    path = tmp_path / f"{name}.jsonl"
-    path.write_text("".join(json.dumps(f) + "\n" for f in facts))
-    cli_runner(cfg, "add", "--from", str(path))
-
-
-def _apply(cli_runner, cfg: Path) -> dict:
-    """`apply --json`; its exit status is 3 exactly when the night ran and published nothing."""
-    result = cli_runner(cfg, "apply", "--json", expect=None)
-    data = json.loads(result.stdout)
-    assert result.exit_code == (3 if data["status"] in ("failed", "rejected") else 0), (result.exit_code, data)
-    return data
+from tests.daemon.conftest import COLORS, add_facts, apply_json, fact, write_config
 
 
 def _weights(settings, store: Store, snapshot_id: int | None) -> dict[str, torch.Tensor]:
@@ -46,8 +32,8 @@ def _first_night(db_url, daemon_settings, cli_runner, tmp_path, **overrides):
     settings = daemon_settings(db_url, **overrides)
     cfg = write_config(tmp_path / "config.toml", settings)
     store = Store(db_url)
-    _add(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
-    first = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
+    first = apply_json(cli_runner, cfg)
     assert first["status"] == "published" and first["applied"] == [1, 2], first
     return settings, cfg, store, first
 
@@ -58,8 +44,8 @@ def test_apply_ask_rollback_requeue(db_url, daemon_settings, cli_runner, tmp_pat
     store = Store(db_url)
     base_weights = _weights(settings, store, None)
 
-    _add(cli_runner, cfg, tmp_path, "batch1", [fact(i) for i in range(4)])
-    first = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "batch1", [fact(i) for i in range(4)])
+    first = apply_json(cli_runner, cfg)
     assert first["status"] == "published", first
     s1, taught = first["snapshot_id"], first["applied"]
     assert len(taught) >= 3, first  # the trained hypernet makes (nearly) every training fact take
@@ -99,7 +85,7 @@ def test_apply_ask_rollback_requeue(db_url, daemon_settings, cli_runner, tmp_pat
     assert all(torch.equal(after[k], base_weights[k]) for k in base_weights)
 
     # apply again: the same edits on the same head give the same weights, bit for bit
-    again = _apply(cli_runner, cfg)
+    again = apply_json(cli_runner, cfg)
     assert again["status"] == "published" and set(taught) <= set(again["applied"])
     if sorted(again["applied"]) == sorted(taught):
         assert store.get_snapshot(again["snapshot_id"]).metrics["weights_sha256"] == snap.metrics["weights_sha256"]
@@ -110,14 +96,14 @@ def test_edits_that_do_not_take_fail_with_the_measured_value(db_url, daemon_sett
     settings = daemon_settings(db_url, gate_min_efficacy=1.0, max_attempts=2)  # untrained targets: none takes whole
     cfg = write_config(tmp_path / "config.toml", settings)
     store = Store(db_url)
-    _add(cli_runner, cfg, tmp_path, "hard", [fact(8, color="turquoise"), fact(9, color="magentaish")])
-    result = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "hard", [fact(8, color="turquoise"), fact(9, color="magentaish")])
+    result = apply_json(cli_runner, cfg)
     assert result["status"] == "failed" and result["applied"] == [] and store.head("tiny-llama") is None
     for e in store.get_edits([1, 2]):
         assert e.status == "failed" and e.last_error.startswith("did not take: efficacy") and e.attempts == 1
-    again = _apply(cli_runner, cfg)  # retried (attempts 1 < max_attempts 2), fails again
+    again = apply_json(cli_runner, cfg)  # retried (attempts 1 < max_attempts 2), fails again
     assert again["status"] == "failed" and {e.attempts for e in store.get_edits([1, 2])} == {2}
-    assert _apply(cli_runner, cfg)["status"] == "empty"  # no more retries
+    assert apply_json(cli_runner, cfg)["status"] == "empty"  # no more retries
     store.close()
 
 
@@ -128,12 +114,12 @@ def test_a_later_night_supersedes_an_applied_edit_and_rollback_restores_it(db_ur
     settings = daemon_settings(db_url, gate_min_efficacy=0.0, gate_min_retention=0.9)
     cfg = write_config(tmp_path / "config.toml", settings)
     store = Store(db_url)
-    _add(cli_runner, cfg, tmp_path, "night1", [fact(0)])
-    first = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night1", [fact(0)])
+    first = apply_json(cli_runner, cfg)
     assert first["status"] == "published" and first["applied"] == [1], first
-    _add(cli_runner, cfg, tmp_path, "night2", [fact(0, color=COLORS[3])])  # same subject and prompt, new target
+    add_facts(cli_runner, cfg, tmp_path, "night2", [fact(0, color=COLORS[3])])  # same subject and prompt, new target
     assert store.get_edits([1])[0].status == "applied"  # adding does not touch an applied edit
-    second = _apply(cli_runner, cfg)
+    second = apply_json(cli_runner, cfg)
     assert second["status"] == "published" and second["applied"] == [2], second
     old, new = store.get_edits([1, 2])
     assert (old.status, old.superseded_by_id, new.status) == ("superseded", 2, "applied")
@@ -152,10 +138,10 @@ def test_consolidation_folds_the_chain_and_rollback_still_works(db_url, daemon_s
     settings = daemon_settings(db_url, gate_min_efficacy=0.0, hypernet_from_base=False)  # a chain to fold
     cfg = write_config(tmp_path / "config.toml", settings)
     store = Store(db_url)
-    _add(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
-    s1 = _apply(cli_runner, cfg)["snapshot_id"]
-    _add(cli_runner, cfg, tmp_path, "night2", [fact(2), fact(3)])
-    second = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
+    s1 = apply_json(cli_runner, cfg)["snapshot_id"]
+    add_facts(cli_runner, cfg, tmp_path, "night2", [fact(2), fact(3)])
+    second = apply_json(cli_runner, cfg)
     s2 = second["snapshot_id"]
     # the head (night 1's snapshot) was measured by night 1's gate: its canary and both edits are not measured again
     head = store.get_batch(second["batch_id"]).metrics["head"]
@@ -183,8 +169,8 @@ def test_consolidation_folds_the_chain_and_rollback_still_works(db_url, daemon_s
     # the policy: with consolidate_max_chain = 1 the next published night is folded right away
     cfg2 = write_config(tmp_path / "config2.toml", daemon_settings(db_url, gate_min_efficacy=0.0,
                                                                    consolidate_max_chain=1, hypernet_from_base=False))
-    _add(cli_runner, cfg2, tmp_path, "night3", [fact(4)])
-    third = _apply(cli_runner, cfg2)
+    add_facts(cli_runner, cfg2, tmp_path, "night3", [fact(4)])
+    third = apply_json(cli_runner, cfg2)
     assert third["status"] == "published" and third["consolidation"]["status"] == "published", third
     # rolled back, the head is night 2's snapshot again, and what its gate measured is still kept beside it
     assert store.get_batch(third["batch_id"]).metrics["head"]["reused"] > 0
@@ -203,12 +189,12 @@ def test_hybrid_hypernet_nights_with_finetune_consolidation(db_url, daemon_setti
                                finetune_lr=1e-2, finetune_locality_weight=0.1, finetune_blocks="1-2")
     cfg = write_config(tmp_path / "config.toml", settings)
     store = Store(db_url)
-    _add(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
-    first = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
+    first = apply_json(cli_runner, cfg)
     assert first["status"] == "published" and first["consolidation"] is None, first
     assert store.get_snapshot(first["snapshot_id"]).metrics["engine"] == "hypernet"
-    _add(cli_runner, cfg, tmp_path, "night2", [fact(2)])
-    second = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night2", [fact(2)])
+    second = apply_json(cli_runner, cfg)
     fold = second["consolidation"]
     assert second["status"] == "published" and fold["status"] == "published", second
     assert fold["engine"] == "finetune" and "consolidate_every_nights" in fold["reason"] and fold["n_edits"] == 3
@@ -219,8 +205,8 @@ def test_hybrid_hypernet_nights_with_finetune_consolidation(db_url, daemon_setti
     assert fold["gate"]["retention_n"] == 3 and fold["gate"]["retention"] >= 2 / 3  # fine-tuned in from the base
     assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
 
-    _add(cli_runner, cfg, tmp_path, "night3", [fact(3)])
-    third = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night3", [fact(3)])
+    third = apply_json(cli_runner, cfg)
     assert third["status"] == "published" and third["consolidation"] is None, third
     s3 = store.get_snapshot(third["snapshot_id"])
     assert (s3.kind, s3.parent_id, s3.metrics["engine"]) == ("incremental", c.id, "hypernet")
@@ -254,13 +240,13 @@ def test_hybrid_nights_derived_from_the_newest_fold(db_url, daemon_settings, cli
         with store.session(write=False) as s:
             return sorted(s.execute(select(SnapshotEdit.edit_id).where(SnapshotEdit.snapshot_id == snapshot_id)).scalars())
 
-    _add(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
-    first = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
+    first = apply_json(cli_runner, cfg)
     s1 = store.get_snapshot(first["snapshot_id"])
     assert first["consolidation"] is None and (s1.kind, s1.parent_id) == ("incremental", None)
     assert (s1.metrics["nights_since_consolidation"], s1.metrics["protected_edits"]) == (1, 0)
-    _add(cli_runner, cfg, tmp_path, "night2", [fact(2)])
-    second = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night2", [fact(2)])
+    second = apply_json(cli_runner, cfg)
     s2 = store.get_snapshot(second["snapshot_id"])
     assert (s2.parent_id, s2.metrics["chain_length"], s2.metrics["n_carried"]) == (None, 1, 3)  # from the base
     assert edits_of(s2.id) == [1, 2, 3] and s2.metrics["nights_since_consolidation"] == 2
@@ -268,8 +254,8 @@ def test_hybrid_nights_derived_from_the_newest_fold(db_url, daemon_settings, cli
     assert fold["status"] == "published" and fold["engine"] == "finetune" and fold["n_edits"] == 3, second
     c = store.get_snapshot(fold["snapshot_id"])
 
-    _add(cli_runner, cfg, tmp_path, "night3", [fact(3)])
-    third = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night3", [fact(3)])
+    third = apply_json(cli_runner, cfg)
     s3 = store.get_snapshot(third["snapshot_id"])
     assert third["consolidation"] is None, third
     assert (s3.kind, s3.parent_id, s3.metrics["chain_length"], s3.metrics["nights_since_consolidation"]) == \
@@ -287,8 +273,8 @@ def test_hybrid_nights_derived_from_the_newest_fold(db_url, daemon_settings, cli
                                             [to_request(e) for e in store.get_edits([1, 2, 3])], chunk_edits=PROTECT_CHUNK)
     for name, moment in direct.items():  # what a night would capture on the fold's weights
         assert torch.allclose(kept[0][name], moment.to(kept[0][name]), rtol=1e-4, atol=1e-6), name
-    _add(cli_runner, cfg, tmp_path, "night4", [fact(4)])
-    fourth = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night4", [fact(4)])
+    fourth = apply_json(cli_runner, cfg)
     s4 = store.get_snapshot(fourth["snapshot_id"])
     assert (s4.parent_id, s4.metrics["chain_length"], s4.metrics["n_carried"]) == (c.id, 2, 2)  # replaces night 3
     assert edits_of(s4.id) == [4, 5] and s4.metrics["carried_sums"] == "cache"
@@ -296,11 +282,11 @@ def test_hybrid_nights_derived_from_the_newest_fold(db_url, daemon_settings, cli
     assert "2 nights since the last consolidation" in fourth["consolidation"]["reason"], fourth
     assert fourth["consolidation"]["n_edits"] == 5
     assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
-    _add(cli_runner, cfg, tmp_path, "night5", [fact(5)])
-    s5 = store.get_snapshot(_apply(cli_runner, cfg)["snapshot_id"])
+    add_facts(cli_runner, cfg, tmp_path, "night5", [fact(5)])
+    s5 = store.get_snapshot(apply_json(cli_runner, cfg)["snapshot_id"])
     assert (s5.metrics["protected_edits"], s5.metrics["protected_source"]) == (5, "cache")  # the new fold's
-    _add(cli_runner, cfg, tmp_path, "night6", [fact(0, color=COLORS[5])])  # edit 7 rewrites the fold's edit 1
-    sixth = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night6", [fact(0, color=COLORS[5])])  # edit 7 rewrites the fold's edit 1
+    sixth = apply_json(cli_runner, cfg)
     assert sixth["applied"] == [7] and store.get_edits([1])[0].status == "superseded", sixth
     s6 = store.get_snapshot(sixth["snapshot_id"])
     assert (s6.metrics["protected_edits"], s6.metrics["protected_source"]) == (4, "cache")  # kept minus edit 1
@@ -325,17 +311,17 @@ def test_warm_start_folds_start_from_the_newest_fold(db_url, daemon_settings, cl
                                finetune_warm_lr=1e-2, protect_earlier=1.0)
     cfg = write_config(tmp_path / "config.toml", settings)
     store = Store(db_url)
-    _add(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
-    _apply(cli_runner, cfg)
-    _add(cli_runner, cfg, tmp_path, "night2", [fact(2)])
-    second = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
+    apply_json(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night2", [fact(2)])
+    second = apply_json(cli_runner, cfg)
     fold1 = second["consolidation"]
     assert fold1["status"] == "published" and fold1["warm_from"] is None and fold1["trained"] is None, fold1
     assert "warm_from" not in store.get_snapshot(fold1["snapshot_id"]).metrics
-    _add(cli_runner, cfg, tmp_path, "night3", [fact(3)])
-    third = _apply(cli_runner, cfg)
-    _add(cli_runner, cfg, tmp_path, "night4", [fact(0, color=COLORS[5])])  # edit 5 rewrites the fold's edit 1
-    fourth = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night3", [fact(3)])
+    third = apply_json(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night4", [fact(0, color=COLORS[5])])  # edit 5 rewrites the fold's edit 1
+    fourth = apply_json(cli_runner, cfg)
     fold2 = fourth["consolidation"]
     assert fourth["applied"] == [5] and store.get_edits([1])[0].status == "superseded", fourth
     assert fold2["status"] == "published" and fold2["warm_from"] == fold1["snapshot_id"], fold2
@@ -366,8 +352,8 @@ def test_warm_start_folds_start_from_the_newest_fold(db_url, daemon_settings, cl
     for name, moment in direct.items():
         assert torch.allclose(kept[0][name], moment.to(kept[0][name]), rtol=1e-4, atol=1e-6), name
     assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
-    _add(cli_runner, cfg, tmp_path, "night5", [fact(4)])
-    assert _apply(cli_runner, cfg)["consolidation"] is None  # one night since the fold
+    add_facts(cli_runner, cfg, tmp_path, "night5", [fact(4)])
+    assert apply_json(cli_runner, cfg)["consolidation"] is None  # one night since the fold
     by_hand = cli_runner(cfg, "consolidate").stdout
     assert f"started from fold {fold2['snapshot_id']}: trained" in by_hand, by_hand
     assert "edits it carries that hold" in by_hand and "on the head it replaces" in by_hand, by_hand
@@ -388,8 +374,8 @@ def test_finetune_engine_rederives_every_night_from_the_base(db_url, daemon_sett
     s1 = store.get_snapshot(first["snapshot_id"])
     assert (s1.kind, s1.parent_id, s1.metrics["engine"], s1.metrics["n_carried"]) == ("consolidated", None, "finetune", 2)
 
-    _add(cli_runner, cfg, tmp_path, "night2", [fact(2), fact(0, color=COLORS[5])])  # edit 4 rewrites edit 1
-    second = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night2", [fact(2), fact(0, color=COLORS[5])])  # edit 4 rewrites edit 1
+    second = apply_json(cli_runner, cfg)
     assert second["status"] == "published" and second["applied"] == [3, 4], second
     s2 = store.get_snapshot(second["snapshot_id"])
     assert s2.parent_id is None and s2.metrics["chain_length"] == 1
@@ -418,8 +404,8 @@ def test_memit_engine_publishes_incremental_snapshots(db_url, daemon_settings, c
     snap = store.get_snapshot(first["snapshot_id"])
     assert (snap.kind, snap.parent_id, snap.metrics["engine"]) == ("incremental", None, "memit")
     assert first["timings_s"]["edit_z"] > 0  # MEMIT's own stages are timed
-    _add(cli_runner, cfg, tmp_path, "night2", [fact(2)])
-    second = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night2", [fact(2)])
+    second = apply_json(cli_runner, cfg)
     assert store.get_snapshot(second["snapshot_id"]).parent_id == snap.id
     assert cli_runner(cfg, "verify").stdout.strip().endswith("OK")
     store.close()
@@ -442,18 +428,18 @@ def test_running_normaliser_statistics_carry_from_night_to_night(db_url, daemon_
         state = snapshots.read_normaliser(settings.snapshot_dir, store.get_snapshot(snapshot_id).path)
         return {k: float(v) for k, v in state.items() if k.endswith(".count")}
 
-    _add(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
-    s1 = _apply(cli_runner, cfg)["snapshot_id"]
-    _add(cli_runner, cfg, tmp_path, "night2", [fact(2)])
-    s2 = _apply(cli_runner, cfg)["snapshot_id"]
+    add_facts(cli_runner, cfg, tmp_path, "night1", [fact(0), fact(1)])
+    s1 = apply_json(cli_runner, cfg)["snapshot_id"]
+    add_facts(cli_runner, cfg, tmp_path, "night2", [fact(2)])
+    s2 = apply_json(cli_runner, cfg)["snapshot_id"]
     c0 = {k: float(v) for k, v in trained.items() if k.endswith(".count")}
     c1, c2 = counts(s1), counts(s2)  # night 2's batch start kept night 1's file (not an orphan)
     assert all(c0[k] < c1[k] < c2[k] for k in c0), (c0, c1, c2)
     assert store.get_snapshot(s2).metrics["normaliser_rows"] == c2
 
     cli_runner(cfg, "rollback", str(s1))
-    _add(cli_runner, cfg, tmp_path, "night3", [fact(3)])
-    s3 = _apply(cli_runner, cfg)["snapshot_id"]
+    add_facts(cli_runner, cfg, tmp_path, "night3", [fact(3)])
+    s3 = apply_json(cli_runner, cfg)["snapshot_id"]
     assert store.get_snapshot(s3).parent_id == s1
     c3 = counts(s3)
     assert all(c3[k] - c1[k] == c2[k] - c1[k] for k in c1)  # night 3 (one fact, like night 2) merged onto night 1's
@@ -462,8 +448,8 @@ def test_running_normaliser_statistics_carry_from_night_to_night(db_url, daemon_
 
     off = daemon_settings(db_url, gate_min_efficacy=0.0, hypernet_from_base=False)  # frozen statistics, none saved
     cfg_off = write_config(tmp_path / "off.toml", off)
-    _add(cli_runner, cfg_off, tmp_path, "night4", [fact(4)])
-    s4 = _apply(cli_runner, cfg_off)["snapshot_id"]
+    add_facts(cli_runner, cfg_off, tmp_path, "night4", [fact(4)])
+    s4 = apply_json(cli_runner, cfg_off)["snapshot_id"]
     assert snapshots.read_normaliser(settings.snapshot_dir, store.get_snapshot(s4).path) is None
     store.close()
 
@@ -478,8 +464,8 @@ def test_switching_to_finetune_rederives_the_hypernet_nights_from_the_base(db_ur
 
     tuner, _ = load_engine(ft, *load_base(ft))  # finetune_preserve_weight: the tuned layers' corpus moments
     assert sorted(tuner.moments) == sorted(tuner.module_names) and tuner.config.preserve_weight == 0.1
-    _add(cli_runner, cfg_ft, tmp_path, "night2", [fact(2)])
-    second = _apply(cli_runner, cfg_ft)
+    add_facts(cli_runner, cfg_ft, tmp_path, "night2", [fact(2)])
+    second = apply_json(cli_runner, cfg_ft)
     assert second["status"] == "published", second
     snap = store.get_snapshot(second["snapshot_id"])
     assert snap.parent_id is None and snap.metrics["n_carried"] == 3  # the hypernet's two edits, fine-tuned in
@@ -506,10 +492,10 @@ def test_protect_earlier_captures_the_carried_edits_keys(db_url, daemon_settings
         settings = daemon_settings(url, gate_min_efficacy=0.0, protect_earlier=nu, hypernet_from_base=False,
                                    snapshot_dir=str(tmp_path / name / "snapshots"))
         cfg = write_config(tmp_path / f"{name}.toml", settings)
-        _add(cli_runner, cfg, tmp_path, f"{name}-1", [fact(0), fact(1), fact(2)])
-        s1 = _apply(cli_runner, cfg)["snapshot_id"]
-        _add(cli_runner, cfg, tmp_path, f"{name}-2", [fact(3), fact(4)])
-        s2 = _apply(cli_runner, cfg)["snapshot_id"]
+        add_facts(cli_runner, cfg, tmp_path, f"{name}-1", [fact(0), fact(1), fact(2)])
+        s1 = apply_json(cli_runner, cfg)["snapshot_id"]
+        add_facts(cli_runner, cfg, tmp_path, f"{name}-2", [fact(3), fact(4)])
+        s2 = apply_json(cli_runner, cfg)["snapshot_id"]
         store = Store(url)
         assert store.get_snapshot(s1).metrics["protected_edits"] == 0  # nothing carried yet
         return store, s1, s2, settings
@@ -545,17 +531,17 @@ def test_hypernet_from_base_publishes_one_edit_of_every_carried_edit(db_url, dae
     assert (s1.kind, s1.parent_id, s1.metrics["n_carried"], s1.metrics["carried_sums"]) == ("consolidated", None, 2, None)
     assert snapshots.sums_cache_path(settings.snapshot_dir, "tiny-llama", s1.id).is_file()
 
-    _add(cli_runner, cfg, tmp_path, "night2", [fact(2), fact(0, color=COLORS[5])])  # edit 4 rewrites edit 1
-    second = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night2", [fact(2), fact(0, color=COLORS[5])])  # edit 4 rewrites edit 1
+    second = apply_json(cli_runner, cfg)
     assert second["status"] == "published" and second["applied"] == [3, 4], second
     s2 = store.get_snapshot(second["snapshot_id"])
     assert (s2.kind, s2.parent_id, s2.metrics["chain_length"], s2.metrics["n_carried"]) == ("consolidated", None, 1, 3)
     assert s2.metrics["carried_sums"] == "captured"  # edit 1 left the carried set: the cache is of other edits
     assert store.get_edits([1])[0].status == "superseded"
 
-    _add(cli_runner, cfg, tmp_path, "night3", [fact(i, color=f"deep {COLORS[i % 8]} and {COLORS[(i + 1) % 8]}")
+    add_facts(cli_runner, cfg, tmp_path, "night3", [fact(i, color=f"deep {COLORS[i % 8]} and {COLORS[(i + 1) % 8]}")
                                                for i in range(5, 11)])  # edits 5–10, longer answers
-    third = _apply(cli_runner, cfg)
+    third = apply_json(cli_runner, cfg)
     s3 = store.get_snapshot(third["snapshot_id"])
     assert (s3.metrics["n_carried"], s3.metrics["carried_sums"]) == (9, "cache")
     assert third["timings_s"]["edit_sums_carried"] < third["timings_s"]["edit_sums_new"]  # read, not captured
@@ -581,8 +567,8 @@ def test_hypernet_from_base_publishes_one_edit_of_every_carried_edit(db_url, dae
 
     rb = json.loads(cli_runner(cfg, "rollback", str(s1.id), "--json").stdout)
     assert rb["rolled_back_edits"] == list(range(3, 11)) and rb["restored_edits"] == [1]
-    _add(cli_runner, cfg, tmp_path, "night4", [fact(11)])
-    fourth = _apply(cli_runner, cfg)  # on s1 again, whose statistics were pruned (the newest two are kept)
+    add_facts(cli_runner, cfg, tmp_path, "night4", [fact(11)])
+    fourth = apply_json(cli_runner, cfg)  # on s1 again, whose statistics were pruned (the newest two are kept)
     s4 = store.get_snapshot(fourth["snapshot_id"])
     assert (fourth["status"], s4.metrics["n_carried"], s4.metrics["carried_sums"]) == ("published", 3, "captured")
     store.close()
@@ -605,7 +591,7 @@ def test_the_gate_prefix_cache_serves_the_next_night_and_judges_as_full_passes(d
     kept = snapshots.read_prefix_cache(settings.snapshot_dir, settings.model)
     assert kept is not None and len(kept[0]) == n_canary + 4 and kept[1]["dtype"] == settings.dtype
 
-    _add(cli_runner, cfg, tmp_path, "night2", [fact(2), fact(3)])
+    add_facts(cli_runner, cfg, tmp_path, "night2", [fact(2), fact(3)])
     off = run_batch(replace(settings, gate_prefix_cache=False), store, dry_run=True)
     on = run_batch(settings, store, dry_run=True)
     assert off.metrics["prefix_cache"] is None
@@ -657,7 +643,7 @@ def test_a_scoped_night_leaves_texts_without_an_edited_subject_as_they_were(db_u
                                                gate_min_efficacy=0.0)
     gate_m = store.get_batch(first["batch_id"]).metrics["gate"]
     assert gate_m["canary_agreement"] == 1.0, gate_m
-    _add(cli_runner, cfg, tmp_path, "night2", [fact(2), fact(3)])
+    add_facts(cli_runner, cfg, tmp_path, "night2", [fact(2), fact(3)])
     scoped_night = run_batch(settings, store, dry_run=True)
     unscoped_night = run_batch(replace(settings, scope="off"), store, dry_run=True)
     assert scoped_night.metrics["gate"]["canary_agreement"] == 1.0
@@ -686,7 +672,7 @@ def test_a_scoped_night_leaves_texts_without_an_edited_subject_as_they_were(db_u
 
     # a fold's gate measures the head and the fold scoped too (night 2 on the head: a chain of two to fold)
     cfg2 = write_config(tmp_path / "config2.toml", replace(settings, hypernet_from_base=False))
-    assert _apply(cli_runner, cfg2)["status"] == "published"
+    assert apply_json(cli_runner, cfg2)["status"] == "published"
     fold = json.loads(cli_runner(cfg2, "consolidate", "--json").stdout)
     assert fold["status"] == "published" and fold["gate"]["canary_agreement"] == 1.0, fold
     store.close()

@@ -4,26 +4,12 @@ rollback, and a gate that rejects only the edit that does harm."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from daemon.materialise import links
 from daemon.night.routes import head_table, read_routes
 from ledger.store import Store
-from tests.daemon.conftest import COLORS, PARAPHRASE, PROMPT, SUBJECTS, fact, write_config
-
-
-def _add(cli_runner, cfg: Path, tmp_path: Path, name: str, facts: list[dict]) -> None:
-    path = tmp_path / f"{name}.jsonl"
-    path.write_text("".join(json.dumps(f) + "\n" for f in facts))
-    cli_runner(cfg, "add", "--from", str(path))
-
-
-def _apply(cli_runner, cfg: Path) -> dict:
-    """`apply --json`; its exit status is 3 exactly when the night ran and published nothing."""
-    result = cli_runner(cfg, "apply", "--json", expect=None)
-    data = json.loads(result.stdout)
-    assert result.exit_code == (3 if data["status"] in ("failed", "rejected") else 0), (result.exit_code, data)
-    return data
+from tests.daemon.conftest import (COLORS, PARAPHRASE, PROMPT, SUBJECTS, add_facts, apply_json, fact,
+                                   write_config)
 
 
 def _table(settings, store, snapshot_id, tok):
@@ -38,8 +24,8 @@ def test_a_routed_night_publishes_serves_and_rolls_back_exactly(db_url, daemon_s
     settings = daemon_settings(db_url, scope="routed")
     cfg = write_config(tmp_path / "config.toml", settings)
     store = Store(db_url)
-    _add(cli_runner, cfg, tmp_path, "night1", [fact(i) for i in range(4)])
-    first = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night1", [fact(i) for i in range(4)])
+    first = apply_json(cli_runner, cfg)
     assert first["status"] == "published", first
     s1, taught = first["snapshot_id"], first["applied"]
     assert len(taught) >= 3 and first["metrics"]["serving"] == "routed"
@@ -64,8 +50,8 @@ def test_a_routed_night_publishes_serves_and_rolls_back_exactly(db_url, daemon_s
 
     # a second night adds a fact about one subject: only that subject is solved again (its earlier edit carried
     # in its delta), the other routes stay as they were, bit for bit
-    _add(cli_runner, cfg, tmp_path, "night2", [{**fact(i), "prompt": PARAPHRASE, "paraphrases": []}])
-    second = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night2", [{**fact(i), "prompt": PARAPHRASE, "paraphrases": []}])
+    second = apply_json(cli_runner, cfg)
     assert second["status"] == "published", second
     s2 = second["snapshot_id"]
     with store.session(write=False) as s:
@@ -93,12 +79,12 @@ def test_only_the_edit_that_flips_a_protected_fact_is_rejected(db_url, daemon_se
     settings = daemon_settings(db_url, scope="routed")
     cfg = write_config(tmp_path / "config.toml", settings)
     store = Store(db_url)
-    _add(cli_runner, cfg, tmp_path, "night1", [fact(0)])
-    assert _apply(cli_runner, cfg)["status"] == "published"
+    add_facts(cli_runner, cfg, tmp_path, "night1", [fact(0)])
+    assert apply_json(cli_runner, cfg)["status"] == "published"
     # the taught fact is protected; a later edit that rewrites it is the only one rejected
     cli_runner(cfg, "protect", "add", "--subject", SUBJECTS[0], "--prompt", PROMPT, "--target", COLORS[0])
-    _add(cli_runner, cfg, tmp_path, "night2", [fact(0, color=COLORS[3])] + [fact(i) for i in (4, 5, 6)])
-    result = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night2", [fact(0, color=COLORS[3])] + [fact(i) for i in (4, 5, 6)])
+    result = apply_json(cli_runner, cfg)
     assert result["status"] == "published", result
     bad = max(int(k) for k in result["rejected"]) if result["rejected"] else None
     assert list(result["rejected"]) == [str(bad)] and bad == 2, result["rejected"]
@@ -111,8 +97,8 @@ def test_only_the_edit_that_flips_a_protected_fact_is_rejected(db_url, daemon_se
 def test_an_alias_routes_to_its_subject(db_url, daemon_settings, cli_runner, tmp_path):
     settings = daemon_settings(db_url, scope="routed")
     cfg = write_config(tmp_path / "config.toml", settings)
-    _add(cli_runner, cfg, tmp_path, "night1", [{**fact(0), "aliases": ["Zorbie"]}])
-    assert _apply(cli_runner, cfg)["status"] == "published"
+    add_facts(cli_runner, cfg, tmp_path, "night1", [{**fact(0), "aliases": ["Zorbie"]}])
+    assert apply_json(cli_runner, cfg)["status"] == "published"
     by_alias = json.loads(cli_runner(cfg, "ask", PROMPT.format("Zorbie") + " ", "--json").stdout)
     by_name = json.loads(cli_runner(cfg, "ask", PROMPT.format(SUBJECTS[0]) + " ", "--json").stdout)
     base = json.loads(cli_runner(cfg, "ask", PROMPT.format("Zorbie") + " ", "--snapshot", "base", "--json").stdout)
@@ -124,7 +110,7 @@ def test_an_edit_that_moves_other_facts_about_its_subject_is_rejected(db_url, da
     # the tiny model's edits move every prompt that names their subject: with the bar at 1.0 none may change
     settings = daemon_settings(db_url, scope="routed", gate_min_same_subject=1.0, same_subject_prompts=4)
     cfg = write_config(tmp_path / "config.toml", settings)
-    _add(cli_runner, cfg, tmp_path, "night1", [fact(0)])
-    result = _apply(cli_runner, cfg)
+    add_facts(cli_runner, cfg, tmp_path, "night1", [fact(0)])
+    result = apply_json(cli_runner, cfg)
     assert result["status"] == "rejected" and list(result["rejected"]) == ["1"], result
     assert "same-subject agreement" in result["rejected"]["1"]

@@ -69,3 +69,20 @@ def smollm2_tokenizer():
 
     gguf = smollm2_gguf_path()
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+
+
+def step_by_step_generations(model, tok, prompts, max_new_tokens: int) -> list[str]:
+    """Greedy continuations without a KV cache: each step one full pass over the prompt and what came so far."""
+    import torch
+
+    out = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        for _ in range(max_new_tokens):
+            with torch.no_grad():
+                nxt = model(input_ids=ids, use_cache=False).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            if nxt.item() == tok.eos_token_id:
+                break
+        out.append(tok.decode(ids[0, len(tok(p)["input_ids"]):], skip_special_tokens=True))
+    return out

@@ -10,6 +10,7 @@ from horse.arch import default_target_modules, get_module, module_shape_KV
 from horse.deltas import LayerDelta, apply_deltas
 from horse.route import (Route, RouteError, RouteTable, Router, check_table, load_table, named_in, save_table,
                          table_digest)
+from tests.horse.conftest import step_by_step_generations
 
 OUT_OF_SCOPE = ["The capital of Arvenia is", "Mirelda plays the", "Quenvik lives in"]
 
@@ -90,16 +91,7 @@ def test_cached_generation_equals_step_by_step_full_passes(tiny_model):
     prompts = ["The color of Zorblat is", "Mirelda plays the", "The home of Quenvik is"]
     with Router(model, table):
         cached = metrics.greedy_continuations(model, tok, prompts, max_new_tokens=6)
-        uncached = []
-        for p in prompts:
-            ids = tok(p, return_tensors="pt")["input_ids"]
-            for _ in range(6):
-                with torch.no_grad():
-                    nxt = model(input_ids=ids, use_cache=False).logits[0, -1].argmax()
-                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-                if nxt.item() == tok.eos_token_id:
-                    break
-            uncached.append(tok.decode(ids[0, len(tok(p)["input_ids"]):], skip_special_tokens=True))
+        uncached = step_by_step_generations(model, tok, prompts, 6)
     assert cached == uncached
 
 

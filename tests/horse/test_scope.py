@@ -9,6 +9,7 @@ from horse import metrics
 from horse.arch import default_target_modules, get_module
 from horse.errors import EngineError
 from horse.scope import Scope, SubjectIndex, scope_mask_BT, subject_starts_BT
+from tests.horse.conftest import step_by_step_generations
 
 SUBJECTS = ["Zorblat", "Quenvik Arvenia"]
 IN_SCOPE = ["The color of Zorblat is", "Zorblat is a", "Quenvik Arvenia lives in the old town of"]
@@ -99,16 +100,7 @@ def test_cached_generation_carries_the_scope_across_steps(tiny_model):
         with Scope(model, base, SubjectIndex.build(tok, SUBJECTS + ["Quenvik Arvenia"])) as scope:
             cached = metrics.greedy_continuations(model, tok, prompts, max_new_tokens=6)
             # the same texts without a cache: each step a full pass over prompt + what was generated so far
-            uncached = []
-            for p in prompts:
-                ids = tok(p, return_tensors="pt")["input_ids"]
-                for _ in range(6):
-                    with torch.no_grad():
-                        nxt = model(input_ids=ids, use_cache=False).logits[0, -1].argmax()
-                    ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-                    if nxt.item() == tok.eos_token_id:
-                        break
-                uncached.append(tok.decode(ids[0, len(tok(p)["input_ids"]):], skip_special_tokens=True))
+            uncached = step_by_step_generations(model, tok, prompts, 6)
             assert scope._active_B is not None
         assert cached == uncached
     finally:
