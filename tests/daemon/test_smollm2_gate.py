@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from ledger.store import Store
-from tests.daemon.conftest import write_config
-from tests.daemon.test_end_to_end import _add, _apply, _weights
+from tests.daemon.conftest import add_facts, apply_json, write_config
+from tests.daemon.test_end_to_end import _weights
 from tests.horse.conftest import require_smollm2
 
 BENIGN = [
@@ -48,11 +48,11 @@ def test_gate_rejects_only_the_edits_that_rewrite_protected_facts(db_url, daemon
     for fact in HARMFUL:  # what the base model holds and must keep
         cli_runner(cfg, "protect", "add", "--subject", fact["subject"], "--prompt", fact["prompt"],
                    "--target", fact["target_true"])
-    _add(cli_runner, cfg, tmp_path, "batch", BENIGN + HARMFUL)
+    add_facts(cli_runner, cfg, tmp_path, "batch", BENIGN + HARMFUL)
     benign_ids, harmful_ids = [1, 2, 3], [4, 5]
     base = _weights(settings, store, None)
 
-    result = _apply(cli_runner, cfg)
+    result = apply_json(cli_runner, cfg)
     assert result["status"] == "published", result
     assert sorted(int(i) for i in result["rejected"]) == harmful_ids, result
     for reason in result["rejected"].values():
@@ -86,7 +86,7 @@ def test_gate_rejects_only_the_edits_that_rewrite_protected_facts(db_url, daemon
     assert rb["rolled_back_snapshots"] == [s1] and sorted(rb["requeued_edits"]) == sorted(applied)
     after = _weights(settings, store, None)
     assert all(torch.equal(after[k], base[k]) for k in base)
-    again = _apply(cli_runner, cfg)
+    again = apply_json(cli_runner, cfg)
     assert again["status"] == "published" and sorted(again["applied"]) == sorted(applied), again
     assert store.get_snapshot(again["snapshot_id"]).metrics["weights_sha256"] == weights_s1
     diff = json.loads(cli_runner(cfg, "diff", str(s1), str(again["snapshot_id"]), "--json").stdout)
