@@ -184,8 +184,9 @@ def _fails(h: Harm, probe: gate.Probe, settings: Settings) -> list[str]:
 
 
 def _split(measurer: Measurer, key: str, group: Group, solve: Callable, settings: Settings,
-           decision: Decision) -> None:
-    """A failing subject with several new edits: each tried alone on top of its earlier edits."""
+           decision: Decision) -> Group | None:
+    """A failing subject with several new edits: each tried alone on top of its earlier edits. Returns the group
+    of those published (None: none)."""
     passing = []
     for e in group.new:
         trial = Group(key, group.carried, (e,))
@@ -196,7 +197,7 @@ def _split(measurer: Measurer, key: str, group: Group, solve: Callable, settings
         else:
             passing.append(e)
     if not passing:
-        return
+        return None
     together = Group(key, group.carried, tuple(passing))
     route = solve([together])[key]
     h = _alone(measurer, key, together, route, {key: together})
@@ -204,9 +205,10 @@ def _split(measurer: Measurer, key: str, group: Group, solve: Callable, settings
         for e in passing:
             decision.returned[e.id] = ("passed the gate alone but not together with the night's other edits of "
                                        "its subject; retried in a later night")
-    else:
-        decision.accepted[key] = route
-        decision.harms[key] = h
+        return None
+    decision.accepted[key] = route
+    decision.harms[key] = h
+    return together
 
 
 def decide(measurer: Measurer, groups: dict[str, Group], routes: dict, solve: Callable,
@@ -228,7 +230,9 @@ def decide(measurer: Measurer, groups: dict[str, Group], routes: dict, solve: Ca
                 decision.rejected[g.new[0].id] = f"gate: {'; '.join(reasons)} (subject {key!r}, measured on its texts)"
                 decision.harms[key] = h
             else:
-                _split(measurer, key, g, solve, settings, decision)
+                together = _split(measurer, key, g, solve, settings, decision)
+                if together is not None:
+                    groups[key] = together  # what is published is the edits that passed
         if decision.accepted:
             final_sub = measurer.texts.subset(set(decision.accepted))
             decision.final = measurer.measure(decision.accepted, final_sub)

@@ -114,3 +114,25 @@ def test_an_edit_that_moves_other_facts_about_its_subject_is_rejected(db_url, da
     result = apply_json(cli_runner, cfg)
     assert result["status"] == "rejected" and list(result["rejected"]) == ["1"], result
     assert "same-subject agreement" in result["rejected"]["1"]
+
+
+def test_a_guilty_edit_is_split_from_its_subjects_innocent_one(db_url, daemon_settings, cli_runner, tmp_path):
+    settings = daemon_settings(db_url, scope="routed")
+    cfg = write_config(tmp_path / "config.toml", settings)
+    add_facts(cli_runner, cfg, tmp_path, "night1", [fact(0)])
+    assert apply_json(cli_runner, cfg)["status"] == "published"
+    cli_runner(cfg, "protect", "add", "--subject", SUBJECTS[0], "--prompt", PROMPT, "--target", COLORS[0])
+    # two new edits of one subject: one rewrites the protected fact's prompt; the other sets the same new colour
+    # through another prompt, which leaves the protected prompt to the earlier edit it is solved with
+    add_facts(cli_runner, cfg, tmp_path, "night2", [fact(0, color=COLORS[3]),
+                                                    {**fact(0, color=COLORS[3]), "prompt": PARAPHRASE,
+                                                     "paraphrases": []}])
+    result = apply_json(cli_runner, cfg)
+    # the subject fails with both; each is then tried alone on top of the earlier edit: the conflict is rejected
+    # as measured alone, and every edit ends the night in exactly one place (the tiny model moves every prompt
+    # that names the subject, so whether the other passes alone is not fixed here)
+    assert "2" in result["rejected"] and "alone" in result["rejected"]["2"], result
+    ends = [set(result["applied"]), {int(k) for k in result["rejected"]}, {int(k) for k in result["returned"]},
+            {int(k) for k in result["failed"]}]
+    assert sorted(i for end in ends for i in end) == [2, 3], result
+    assert all("alone" in reason or "together" in reason for reason in result["rejected"].values()), result
