@@ -23,7 +23,7 @@ from sqlalchemy import select
 from daemon import snapshots
 from daemon.errors import DaemonError
 from daemon.materialise import chain, chain_subjects, head_id, links, load_base, materialise, scope_index, scoped
-from daemon.night.routes import head_table, is_routed
+from daemon.night.routes import is_routed, served_table
 from ledger.config import Settings
 from ledger.errors import SnapshotNotFound
 from ledger.models import Snapshot, SnapshotEdit
@@ -145,18 +145,6 @@ def ask(settings: Settings, store: Store, prompt: str, snapshot_id: int | None, 
             "continuation": continuation, "scope": settings.scope, "in_scope": in_scope,
             "top_tokens": [{"token": tok.decode([int(i)]), "id": int(i), "prob": float(p)}
                            for p, i in zip(top.values.tolist(), top.indices.tolist())]}
-
-
-def served_table(settings: Settings, chain_links, tokenizer):
-    """The head's route table, its files checked against their recorded sha256 and the table against the
-    snapshot's recorded digest (`weights_sha256`)."""
-    from horse.route import table_digest
-
-    table = head_table(settings, chain_links, tokenizer, check_sha256=True)
-    if chain_links and chain_links[-1].weights_sha256 and table_digest(table) != chain_links[-1].weights_sha256:
-        raise DaemonError(f"the routes of snapshot {chain_links[-1].id} do not match the digest the ledger recorded; "
-                          f"run `horse-ledger verify {chain_links[-1].id}`")
-    return table
 
 
 @torch.no_grad()

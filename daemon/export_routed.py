@@ -77,7 +77,7 @@ def export_routed(settings: Settings, snapshot_id: int | None, info: list[dict[s
         DaemonError: `out` is not empty (without `force`), or the served routes do not match the ledger's
             digests or are not finite (the message names `horse-ledger verify`).
     """
-    from daemon.export import served_table
+    from daemon.night.routes import served_table
     from daemon.materialise import load_base
     from horse.route import RouteError, check_table, table_digest
 

@@ -94,3 +94,15 @@ def head_table(settings: Settings, chain_links: Sequence, tokenizer, *, check_sh
         for key in removed:
             routes.pop(key, None)
     return RouteTable(routes).index(tokenizer)
+
+
+def served_table(settings: Settings, chain_links, tokenizer):
+    """The head's route table, its files checked against their recorded sha256 and the table against the
+    snapshot's recorded digest (`weights_sha256`)."""
+    from horse.route import table_digest
+
+    table = head_table(settings, chain_links, tokenizer, check_sha256=True)
+    if chain_links and chain_links[-1].weights_sha256 and table_digest(table) != chain_links[-1].weights_sha256:
+        raise SnapshotCorrupt(f"the routes of snapshot {chain_links[-1].id} do not match the digest the ledger "
+                              f"recorded; run `horse-ledger verify {chain_links[-1].id}`")
+    return table
