@@ -1,7 +1,8 @@
 """The ledger's side of a night: every row a night writes, in one place (the daemon calls these; it writes no rows
 or status strings itself).
 
-- `BatchStatus` and `move_batch`: a batch's status changes only here, along `BATCH_MOVES`.
+- `BatchStatus` and `move_batch` (from `ledger.batch_status`): a batch's status changes only there, along
+  `BATCH_MOVES`.
 - crash recovery: `ledger.recovery.recover_claims` (edits of a crashed batch back to pending, or failed at
   max_attempts; the batch abandoned); `snapshot_paths` for the orphan sweep.
 - `publish_night`: ONE transaction — the snapshot row, its edits, the head, applied / failed / rejected /
@@ -12,11 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import insert, select, update
 
+from ledger.batch_status import BATCH_MOVES, BatchStatus, IllegalBatchMove, move_batch  # noqa: F401 - the night's
 from ledger.errors import LedgerError
 from ledger.events import json_safe, record_event
 from ledger.models import Batch, Edit, Head, Snapshot, SnapshotEdit, utcnow
@@ -24,47 +25,8 @@ from ledger.status import EditStatus, transition
 from ledger.store import Store, set_head
 
 
-class BatchStatus(StrEnum):
-    CLAIMED = "claimed"
-    RUNNING = "running"
-    PUBLISHED = "published"
-    FAILED = "failed"          # nothing published: every edit failed, or the batch raised
-    REJECTED = "rejected"      # nothing published: the gate rejected what took
-    ABANDONED = "abandoned"    # stopped (SIGTERM) or crashed; its edits went back to pending
-
-
-BATCH_MOVES: dict[BatchStatus, frozenset[BatchStatus]] = {
-    BatchStatus.CLAIMED: frozenset({BatchStatus.RUNNING, BatchStatus.ABANDONED, BatchStatus.FAILED}),
-    BatchStatus.RUNNING: frozenset({BatchStatus.PUBLISHED, BatchStatus.FAILED, BatchStatus.REJECTED,
-                                    BatchStatus.ABANDONED}),
-}
-
-
-class IllegalBatchMove(LedgerError):
-    """A batch status change outside BATCH_MOVES (a bug in the caller, or a batch another process finished)."""
-
-
 class HeadMoved(LedgerError):
     """The head moved while the night ran; nothing was published and the batch will be retried."""
-
-
-def move_batch(session, batch_id: int, dst: BatchStatus, *, actor: str, reason: str | None = None,
-               metrics: Mapping[str, Any] | None = None) -> None:
-    """Move batch `batch_id` to `dst` (with its event); refuses a move BATCH_MOVES does not allow."""
-    batch = session.get(Batch, batch_id)
-    if batch is None:
-        raise IllegalBatchMove(f"batch {batch_id} does not exist")
-    src = BatchStatus(batch.status)
-    if dst not in BATCH_MOVES.get(src, frozenset()):
-        raise IllegalBatchMove(f"batch {batch_id} is {src.value}; it cannot become {dst.value}")
-    batch.status = dst.value
-    if dst not in (BatchStatus.RUNNING,):
-        batch.finished_at = utcnow()
-    if reason is not None:
-        batch.error = reason[:1900]
-    if metrics is not None:
-        batch.metrics = json_safe(dict(metrics))
-    record_event(session, f"batch.{dst.value}", actor=actor, batch_id=batch_id, reason=reason)
 
 
 def snapshot_paths(store: Store, base_model: str) -> list[str]:

@@ -18,7 +18,8 @@ from sqlalchemy import Text, cast, func, or_, select
 
 from ledger.models import Batch, Edit, Event, Snapshot, SnapshotEdit, as_utc
 from ledger.status import EditStatus
-from ledger.store import BatchRecord, EditRecord, Store, _jsonable, snapshot_chain_in
+from ledger.records import BatchRecord, EditRecord, _jsonable
+from ledger.store import Store, snapshot_chain_in
 
 MAX_PER_PAGE = 200
 # Where a snapshot's metrics keep each charted number, first match wins (a night's gate, or a fold's).
