@@ -6,7 +6,9 @@
     horse-ledger status                     horse-ledger cancel 12    horse-ledger db upgrade
     horse-ledger protect add --prompt "The capital of France is" --target Paris
 
-Commands of `horse/` and `daemon/` are loaded from LAZY_COMMANDS on first use, so `horse-ledger add` never
+`db` and `protect` are registered from ledger/db_cli.py and ledger/protect_cli.py; what every command shares
+(`AppContext`, `pass_app`, output helpers) is ledger/cliapp.py's. Commands of `horse/` and `daemon/` (and
+`review`, `config`) are loaded from LAZY_COMMANDS on first use, so `horse-ledger add` never
 imports torch. Domain errors (`LedgerError`, `horse.errors.EngineError`) are caught once, in
 `LedgerGroup.invoke`: message and cause chain on stderr, exit 1, traceback only with `--debug`. Usage
 errors exit 2 (click's default).
@@ -15,23 +17,23 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
-import os
 import sys
 import traceback
-import unicodedata
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
 import click
 
-from ledger.config import Settings, load_settings
+from ledger.cliapp import AppContext, pass_app  # noqa: F401 - re-exported (daemon.cli, ledger.configcli, tests)
+from ledger.cliapp import DATE_FORMATS, clip, echo_json, fmt_time, since_utc, table
+from ledger.config import load_settings
+from ledger.db_cli import db
 from ledger.errors import LedgerError
-from ledger.files import create_file, make_dir, process_umask
-from ledger.params import BATCH_ID, EDIT_ID, LIMIT, PROTECTED_ID
-from ledger.text import for_terminal, json_for_terminal
+from ledger.files import process_umask
+from ledger.params import BATCH_ID, EDIT_ID, LIMIT
+from ledger.protect_cli import protect
+from ledger.text import for_terminal
 
 LAZY_COMMANDS = {
     "review": "ledger.review_cli:review",
@@ -41,47 +43,10 @@ LAZY_COMMANDS = {
     "ask": "daemon.cli:ask", "daemon": "daemon.cli:daemon", "init": "daemon.cli:init",
     "consolidate": "daemon.cli:consolidate", "serve": "daemon.web:serve", "config": "ledger.configcli:config",
 }
-DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M"]
 PROGRESS_MIN_ROWS = 1000
 
 
-# ------------------------------------------------------------------------------------ context, errors
-
-@dataclass
-class AppContext:
-    """`ctx.obj` of every command: the settings, the debug flag, and the store (opened on first use)."""
-
-    settings: Settings
-    debug: bool = False
-    verbose: bool = False  # log lines (stages, counts) on a terminal too
-    _store: Any = field(default=None, repr=False)
-
-    def store(self, *, upgrade: bool = True) -> "Store":  # noqa: F821 - imported lazily
-        """The Store for settings.db_url, opened once and upgraded to the schema head (unless upgrade=False)."""
-        if self._store is None:
-            from ledger.store import Store
-
-            path = self.settings.db_path
-            default = f"sqlite:///{Path(self.settings.data_dir) / 'ledger.db'}"
-            if path is not None and self.settings.db_url == default:
-                make_dir(path.parent, is_group=self.settings.file_mode_group)  # only the default location is created
-            if path is not None and path.parent.is_dir():  # SQLite would create it 0644 & ~umask; its WAL copies it
-                create_file(path, is_group=self.settings.file_mode_group)
-            self._store = Store(self.settings.db_url, auto_upgrade=upgrade,
-                                night_cap_per_identity=self.settings.review_max_edits_per_night)
-            click.get_current_context().call_on_close(self._store.close)
-        return self._store
-
-    @property
-    def actor(self) -> str:
-        """Who is acting, for the audit trail: cli:<login name>."""
-        try:
-            import pwd
-
-            return f"cli:{pwd.getpwuid(os.getuid()).pw_name}"
-        except (ImportError, KeyError):
-            return "cli"
-
+# ------------------------------------------------------------------------------------------- errors
 
 def is_domain_error(exc: BaseException) -> bool:
     """LedgerError, or horse.errors.EngineError when the engine has been imported."""
@@ -164,39 +129,6 @@ class LedgerGroup(click.Group):
             raise DomainFailure(exc) from exc
 
 
-# ------------------------------------------------------------------------------------------- output
-
-def _echo_json(data: Any) -> None:
-    # control and bidi characters escaped (the same JSON value): the terminal never acts on stored text
-    click.echo(json_for_terminal(json.dumps(data, ensure_ascii=False, indent=2, default=str)))
-
-
-def _fmt_time(value: datetime | None) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
-
-
-def _clip(text: str | None, width: int) -> str:
-    text = "-" if text is None or text == "" else for_terminal(str(text))
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _width(text: str) -> int:
-    """Terminal columns: wide (CJK) characters take two."""
-    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 0 if unicodedata.combining(ch) else 1
-               for ch in text)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max([_width(h)] + [_width(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    for row in [list(headers), *cells]:
-        click.echo("  ".join(c + " " * (w - _width(c)) for c, w in zip(row, widths)).rstrip())
-
-
-def _since(value: datetime | None) -> datetime | None:
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
-
-
 # --------------------------------------------------------------------------------------------- root
 
 def _version() -> str:
@@ -223,9 +155,6 @@ def cli(ctx: click.Context, db_url: str | None, config_path: Path | None, debug:
     settings = load_settings(config_path=config_path, db_url=db_url)
     ctx.with_resource(process_umask(settings.file_mode_group))  # files private (or group) by default: ledger/files.py
     ctx.obj = AppContext(settings=settings, debug=debug, verbose=verbose)
-
-
-pass_app = click.make_pass_decorator(AppContext)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -262,7 +191,7 @@ def add(app: AppContext, subject: str | None, prompt: str | None, target: str | 
     JSON array (["Messi", "Leo Messi"]). Aliases are other names of the subject; they do not change which
     fact an edit is (a second submission with other aliases returns the existing edit).
     """
-    from ledger.validate import read_edit_file, validate_edit
+    from ledger.validate import validate_edit
 
     flags = {"subject": subject, "prompt": prompt, "target": target, "target_true": target_true,
              "source": source, "author": author, "note": note}
@@ -285,7 +214,7 @@ def add(app: AppContext, subject: str | None, prompt: str | None, target: str | 
     record = store.get_edit(result.id)
     announce_review([result])
     if as_json:
-        _echo_json({**record.to_dict(), "created": result.created, "superseded_id": result.superseded_id})
+        echo_json({**record.to_dict(), "created": result.created, "superseded_id": result.superseded_id})
     else:
         click.echo(result.id)
     if not result.created:
@@ -320,7 +249,7 @@ def _add_file(app: AppContext, path: Path, as_json: bool) -> None:
     superseded = sorted({r.superseded_id for r in results if r.superseded_id is not None})
     existing = len(results) - len(created)
     if as_json:
-        _echo_json({"added": len(created), "existing": existing, "superseded": superseded,
+        echo_json({"added": len(created), "existing": existing, "superseded": superseded,
                     "results": [{"id": r.id, "created": r.created, "superseded_id": r.superseded_id,
                                  "status": r.status} for r in results]})
         return
@@ -346,9 +275,9 @@ def _add_file(app: AppContext, path: Path, as_json: bool) -> None:
 def list_cmd(app: AppContext, status: tuple[str, ...], subject: str | None, since: datetime | None, limit: int,
              as_json: bool) -> None:
     """List edits, newest first."""
-    edits = app.store().list_edits(status=list(status) or None, subject=subject, since=_since(since), limit=limit)
+    edits = app.store().list_edits(status=list(status) or None, subject=subject, since=since_utc(since), limit=limit)
     if as_json:
-        _echo_json([e.to_dict() for e in edits])
+        echo_json([e.to_dict() for e in edits])
         return
     if not edits:
         click.echo("no edits match", err=True)
@@ -356,9 +285,9 @@ def list_cmd(app: AppContext, status: tuple[str, ...], subject: str | None, sinc
     from ledger.review import review_state
 
     reviewed = any(review_state(e) != "-" for e in edits)  # a REVIEW column only when there is something to show
-    _table(["ID", "STATUS", "SUBMITTED", "SUBJECT", "PROMPT", "TARGET"] + ["REVIEW"] * reviewed,
-           [(e.id, e.status, _fmt_time(e.submitted_at), _clip(e.subject, 24), _clip(e.rendered_prompt, 44),
-             _clip(e.target_new, 20)) + (_clip(review_state(e), 30),) * reviewed for e in edits])
+    table(["ID", "STATUS", "SUBMITTED", "SUBJECT", "PROMPT", "TARGET"] + ["REVIEW"] * reviewed,
+           [(e.id, e.status, fmt_time(e.submitted_at), clip(e.subject, 24), clip(e.rendered_prompt, 44),
+             clip(e.target_new, 20)) + (clip(review_state(e), 30),) * reviewed for e in edits])
 
 
 @cli.command()
@@ -371,14 +300,14 @@ def show(app: AppContext, edit_id: int, as_json: bool) -> None:
     edit = store.get_edit(edit_id)
     history = store.events(edit_id=edit_id, limit=None, oldest_first=True)
     if as_json:
-        _echo_json({**edit.to_dict(), "events": [ev.to_dict() for ev in history]})
+        echo_json({**edit.to_dict(), "events": [ev.to_dict() for ev in history]})
         return
     rows = [("status", edit.status), ("subject", edit.subject),
             ("aliases", " | ".join(edit.aliases) if edit.aliases else None), ("prompt", edit.prompt),
             ("rendered", edit.rendered_prompt), ("target", edit.target_new), ("target_true", edit.target_true),
             ("paraphrases", " | ".join(edit.paraphrases) if edit.paraphrases else None),
             ("source", edit.source), ("author", edit.author), ("note", edit.note),
-            ("submitted", _fmt_time(edit.submitted_at)), ("attempts", edit.attempts), ("batch", edit.batch_id),
+            ("submitted", fmt_time(edit.submitted_at)), ("attempts", edit.attempts), ("batch", edit.batch_id),
             ("snapshot", edit.snapshot_id), ("last_error", edit.last_error),
             ("supersedes", edit.supersedes_id), ("superseded_by", edit.superseded_by_id)]
     from ledger.review_cli import review_rows
@@ -397,7 +326,7 @@ def _echo_event(ev: Any, indent: str = "") -> None:
     ids = " ".join(f"{k}={v}" for k, v in (("edit", ev.edit_id), ("batch", ev.batch_id),
                                            ("snapshot", ev.snapshot_id)) if v is not None)
     reason = f"  {for_terminal(ev.reason)}" if ev.reason else ""
-    click.echo(f"{indent}{_fmt_time(ev.at)}  {ev.kind:<18} {ids:<20} {ev.actor}{reason}".rstrip())
+    click.echo(f"{indent}{fmt_time(ev.at)}  {ev.kind:<18} {ids:<20} {ev.actor}{reason}".rstrip())
 
 
 @cli.command()
@@ -411,9 +340,9 @@ def _echo_event(ev: Any, indent: str = "") -> None:
 def log(app: AppContext, edit_id: int | None, batch_id: int | None, since: datetime | None, limit: int,
         actor: str | None, as_json: bool) -> None:
     """The audit trail, newest first."""
-    events = app.store().events(edit_id=edit_id, batch_id=batch_id, since=_since(since), limit=limit, actor=actor)
+    events = app.store().events(edit_id=edit_id, batch_id=batch_id, since=since_utc(since), limit=limit, actor=actor)
     if as_json:
-        _echo_json([ev.to_dict() for ev in events])
+        echo_json([ev.to_dict() for ev in events])
         return
     if not events:
         click.echo("no events match", err=True)
@@ -434,7 +363,7 @@ def status(app: AppContext, as_json: bool) -> None:
 
     review = status_review_lines(app, counts)
     if as_json:
-        _echo_json({"counts": counts, "total": sum(counts.values()), "heads": heads,
+        echo_json({"counts": counts, "total": sum(counts.values()), "heads": heads,
                     "last_batch": last.to_dict() if last else None, "review": review})
         return
     click.echo(f"edits: {sum(counts.values())}")
@@ -449,7 +378,7 @@ def status(app: AppContext, as_json: bool) -> None:
         click.echo("heads: none (every model is unedited)")
     if last:
         click.echo(f"last batch: {last.id} {last.status}, {last.n_edits} edits, {last.base_model}, "
-                   f"started {_fmt_time(last.started_at)}" + (f", finished {_fmt_time(last.finished_at)}"
+                   f"started {fmt_time(last.started_at)}" + (f", finished {fmt_time(last.finished_at)}"
                                                               if last.finished_at else ""))
     else:
         click.echo("last batch: none yet")
@@ -464,111 +393,13 @@ def cancel(app: AppContext, edit_id: int, reason: str | None, as_json: bool) -> 
     """Cancel a pending edit."""
     record = app.store().cancel(edit_id, actor=app.actor, reason=reason)
     if as_json:
-        _echo_json(record.to_dict())
+        echo_json(record.to_dict())
     else:
         click.echo(f"edit {edit_id} cancelled")
 
 
-# ----------------------------------------------------------------------------------------------- db
-
-@cli.group()
-def db() -> None:
-    """Database schema: upgrade, current revision."""
-
-
-@db.command("upgrade")
-@click.option("--revision", default="head", show_default=True, callback=lambda _c, p, v: _known_revision(v, p),
-              help="Target revision (an id from migrations/versions, or head).")
-@pass_app
-def db_upgrade(app: AppContext, revision: str) -> None:
-    """Upgrade the schema (a fresh database is also upgraded on first use)."""
-    from migrations import head_revision
-
-    rev = app.store(upgrade=False).upgrade(revision)
-    click.echo(f"{rev}{' (head)' if rev == head_revision() else ''}")
-
-
-def _known_revision(revision: str, param: click.Parameter) -> str:
-    """`db upgrade --revision`: a revision id (or head / a prefix) that the migrations know, else exit 2."""
-    from alembic.script import ScriptDirectory
-    from alembic.util import CommandError
-
-    from migrations import alembic_config
-
-    script = ScriptDirectory.from_config(alembic_config())
-    try:
-        found = script.get_revisions(revision) if revision.strip() else ()
-    except (CommandError, KeyError, ValueError) as exc:
-        found, reason = (), str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    else:
-        reason = "no such revision"
-    if not found:
-        known = ", ".join(r.revision for r in script.walk_revisions())
-        raise click.BadParameter(f"{revision!r} is not a revision of this schema ({reason}); give head or one of "
-                                 f"{known}", param=param)
-    return revision
-
-
-@db.command("current")
-@pass_app
-def db_current(app: AppContext) -> None:
-    """Print the schema revision of the database."""
-    from migrations import head_revision
-
-    rev = app.store(upgrade=False).current_revision()
-    if rev is None:
-        click.echo("none (empty database; run `horse-ledger db upgrade`)")
-    else:
-        click.echo(f"{rev}{' (head)' if rev == head_revision() else ' (behind head ' + head_revision() + ')'}")
-
-
-# ------------------------------------------------------------------------------------------ protect
-
-@cli.group()
-def protect() -> None:
-    """Protected facts: facts every new snapshot must keep (the gate checks them)."""
-
-
-@protect.command("add")
-@click.option("--prompt", required=True, help="The prompt, with {} for the subject or containing it.")
-@click.option("--target", required=True, help="The answer that must keep holding.")
-@click.option("--subject", help="The subject (fills {} in the prompt).")
-@click.option("--note", help="Why it is protected.")
-@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
-@pass_app
-def protect_add(app: AppContext, prompt: str, target: str, subject: str | None, note: str | None,
-                as_json: bool) -> None:
-    """Protect a fact; prints its id."""
-    record = app.store().add_protected(prompt=prompt, target=target, subject=subject, note=note, actor=app.actor)
-    if as_json:
-        _echo_json(record.to_dict())
-    else:
-        click.echo(record.id)
-
-
-@protect.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@pass_app
-def protect_list(app: AppContext, as_json: bool) -> None:
-    """List protected facts."""
-    facts = app.store().list_protected()
-    if as_json:
-        _echo_json([f.to_dict() for f in facts])
-        return
-    if not facts:
-        click.echo("no protected facts", err=True)
-        return
-    _table(["ID", "PROMPT", "TARGET", "NOTE"],
-           [(f.id, _clip(f.rendered_prompt, 50), _clip(f.target, 24), _clip(f.note, 30)) for f in facts])
-
-
-@protect.command("remove")
-@click.argument("protected_id", metavar="ID", type=PROTECTED_ID)
-@pass_app
-def protect_remove(app: AppContext, protected_id: int) -> None:
-    """Stop protecting a fact."""
-    app.store().remove_protected(protected_id, actor=app.actor)
-    click.echo(f"protected fact {protected_id} removed")
+cli.add_command(db)
+cli.add_command(protect)
 
 
 if __name__ == "__main__":

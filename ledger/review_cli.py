@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from ledger.cli import AppContext, _clip, _echo_json, _fmt_time, _table, pass_app
+from ledger.cliapp import AppContext, clip, echo_json, fmt_time, pass_app, table
 from ledger.review import Intake, approve, current_identity, reject, review_state
 from ledger.status import EditStatus
 
@@ -40,7 +40,7 @@ def review_rows(edit: Any) -> list[tuple[str, Any]]:
     state = review_state(edit)
     rows: list[tuple[str, Any]] = [("submitted_by", edit.submitted_by)]
     if state != "-":
-        rows.append(("review", state + (f" at {_fmt_time(edit.reviewed_at)}" if edit.reviewed_at else "")))
+        rows.append(("review", state + (f" at {fmt_time(edit.reviewed_at)}" if edit.reviewed_at else "")))
     return rows
 
 
@@ -64,14 +64,14 @@ def review_list(app: AppContext, limit: int, as_json: bool) -> None:
     """The edits awaiting review, oldest first."""
     edits = app.store().list_edits(status=EditStatus.PROPOSED.value, limit=limit, oldest_first=True)
     if as_json:
-        _echo_json([e.to_dict() for e in edits])
+        echo_json([e.to_dict() for e in edits])
         return
     if not edits:
         click.echo("no edits await review", err=True)
         return
-    _table(["ID", "SUBMITTED", "BY", "SUBJECT", "PROMPT", "TARGET", "SOURCE"],
-           [(e.id, _fmt_time(e.submitted_at), _clip(e.submitted_by, 16), _clip(e.subject, 24),
-             _clip(e.rendered_prompt, 40), _clip(e.target_new, 20), _clip(e.source, 24)) for e in edits])
+    table(["ID", "SUBMITTED", "BY", "SUBJECT", "PROMPT", "TARGET", "SOURCE"],
+           [(e.id, fmt_time(e.submitted_at), clip(e.submitted_by, 16), clip(e.subject, 24),
+             clip(e.rendered_prompt, 40), clip(e.target_new, 20), clip(e.source, 24)) for e in edits])
 
 
 @review.command("approve")
