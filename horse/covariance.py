@@ -332,7 +332,7 @@ def layer_second_moments(model: nn.Module, tok, layers: Sequence[str], *, cache_
         raise CovarianceNotCached(f"the covariance statistics of {len(missing)} layer(s) are not cached for base model "
                                   f"{fingerprint[:12]}…, and this model is not that base (an edited head); compute "
                                   "them on the base first (MemitEditor(base, tokenizer=tok, ...) or "
-                                  "MemitEditor.warm_covariance(base, tok)), then edit the head")
+                                  "MemitEditor.warm_caches(base, tok)), then edit the head")
     if missing:
         fresh = estimate_second_moments(model, missing, ids_BT, batch_size=batch_size)
         for layer, cov in fresh.items():

@@ -1,4 +1,4 @@
-"""Tests of horse/memit.py and horse/covariance.py (MEMIT baseline).
+"""Tests of horse/memit.py, horse/memit_z.py, horse/memit_rows.py and horse/covariance.py (MEMIT baseline).
 
 Tiny random models check the plumbing: shapes, exact restore, the covariance statistics and their cache,
 the closed form against a naive float64 solve, the block-L replay against the full forward, batched z
@@ -24,6 +24,7 @@ from horse.covariance import (
     shrink_KK,
 )
 from horse.deltas import apply_deltas
+from horse.errors import EngineError
 from horse.memit import (
     MemitConfig,
     MissingSubject,
@@ -35,6 +36,7 @@ from horse.memit import (
     memit_deltas,
     spread_residual_NV,
 )
+from horse.memit_rows import build_rows
 from horse.tokens import tokenize_pairs
 from horse.types import EditRequest
 
@@ -47,10 +49,13 @@ REQUESTS = [
 ]
 # a small corpus for tiny models (byte-level: ~10 k tokens, > 10·d_k for d_k ≤ 256)
 TINY_CORPUS = corpus_texts()[:600]
+# fixed templates for the tests of the steps (the sampled ones are tested in test_memit_templates.py)
+FIXED_TEMPLATES = ("{}", "The following is true. {}", "Here is a fact. {}")
 
 
 def _tiny_config(model, **overrides) -> MemitConfig:
-    return MemitConfig.for_model(model, **{"cov_tokens_per_dim": 10, "max_steps": 5, **overrides})
+    return MemitConfig.for_model(model, **{"cov_tokens_per_dim": 10, "max_steps": 5,
+                                           "context_templates": FIXED_TEMPLATES, **overrides})
 
 
 # --------------------------------------------------------------------------- pure math
@@ -157,8 +162,9 @@ def test_batched_z_equals_one_fact_at_a_time(tiny_llama):
 
 
 def test_memit_deltas_shapes_info_and_exact_restore(tiny_model, tmp_path):
+    """With the reference's templates (sampled on the model, cached): shapes, info, the model restored."""
     model, tok = tiny_model
-    config = _tiny_config(model)
+    config = _tiny_config(model, context_templates=None)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     deltas, info = memit_deltas(model, tok, REQUESTS, config, cache_dir=tmp_path)
     assert list(deltas) == list(config.layers)
@@ -170,6 +176,27 @@ def test_memit_deltas_shapes_info_and_exact_restore(tiny_model, tmp_path):
         assert info[key] >= 0.0
     assert info["cov_n_tokens"] >= 10 * module_shape_KV(get_module(model, config.layers[0]))[0]
     assert "counterfact-train" in str(info["cov_corpus"])
+    templates = info["context_templates"]
+    assert len(templates) == 6 and templates[0] == "{}" and info["templates_cached"] == 0.0
+    _, again = memit_deltas(model, tok, REQUESTS, config, cache_dir=tmp_path)
+    assert again["context_templates"] == templates and again["templates_cached"] == 1.0
+
+
+def test_subject_is_looked_up_in_the_prompt_not_in_the_prefix(tiny_llama):
+    """A sampled prefix may name the subject too: the keys must sit in the prompt's own mention."""
+    _, tok = tiny_llama
+    request = EditRequest("The capital of France is", "Rome", subject="France")
+    plain = build_rows(tok, [request], ["{}"], None, with_answers=False)
+    prefixed = build_rows(tok, [request], ["France is big. {}"], None, with_answers=False)
+    prefix_len = len(tok("France is big. ", add_special_tokens=False)["input_ids"])  # byte-level: no merges
+    assert int(prefixed.lookup_S[0]) == int(plain.lookup_S[0]) + prefix_len
+
+
+def test_templates_with_stray_braces_are_refused(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    for bad in [("The {x}. {}",), ("{}", "A {} and {}"), ("{}", "A } . {}")]:
+        with pytest.raises(EngineError, match="template"):
+            memit_deltas(model, tok, REQUESTS, _tiny_config(model, context_templates=bad), cache_dir=tmp_path)
 
 
 def test_edit_moves_last_layer_output_onto_z(tiny_model, tmp_path):
@@ -208,8 +235,8 @@ def _mean_logprob(model, tok, requests) -> torch.Tensor:
 
 @requires_smollm2
 def test_smollm2_edit_raises_target_probability(tmp_path):
-    """λ = 15000, layers 3–8, N = 10·d_k = 15 360: measured P(new) per token (geometric mean over the answer
-    tokens) 0.00052 → 0.0086, 0.0017 → 0.146, 0.037 → 0.137 (~90 s on a shared CPU)."""
+    """λ = 15000, layers 3–8, N = 10·d_k = 15 360, the sampled templates: measured P(new) per token (geometric
+    mean over the answer tokens) 0.00052 → 0.0066, 0.0017 → 0.113, 0.037 → 0.121 (~2 min on a shared CPU)."""
     from horse.zoo import load_model
 
     model, tok = load_model("smollm2-135m", progress=False)
@@ -259,3 +286,4 @@ def test_covariance_keyed_by_the_base_is_computed_only_on_the_base(tiny_model, t
     # the editor warms the cache on the base it is built on when given the tokenizer
     editor = MemitEditor(model, cache_dir=tmp_path / "warm", tokenizer=tok)
     assert len(list((tmp_path / "warm" / "memit-cov").glob("*.safetensors"))) == len(editor.module_names)
+    assert len(list((tmp_path / "warm" / "memit-templates").glob("*.json"))) == 1
