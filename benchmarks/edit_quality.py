@@ -81,13 +81,15 @@ def sequential(model_name: str, method: str, hypernet: Path | None, n_batches: i
     model, tok = load_model(model_name, device=device, progress=False)
     requests = load_requests(CF, limit=n_batches * n_edits)
     if method == "memit":
+        from horse.covariance import model_fingerprint
         from horse.memit import MemitConfig, memit_deltas
         from horse.zoo import default_cache_dir
 
         config = MemitConfig.for_model(model)
+        base = model_fingerprint(model)  # later batches edit the head: statistics and templates stay the base's
 
         def edit(reqs):
-            return memit_deltas(model, tok, reqs, config, cache_dir=default_cache_dir())
+            return memit_deltas(model, tok, reqs, config, cache_dir=default_cache_dir(), fingerprint=base)
     else:
         from horse.editor import Editor
 
