@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def one_night(work: Path, n: int, **overrides) -> dict:
+def one_night(work: Path, n: int, keep_metrics: bool = False, **overrides) -> dict:
     from daemon.cycle import run_batch
     from ledger.config import load_settings
     from ledger.store import Store
@@ -59,7 +59,8 @@ def one_night(work: Path, n: int, **overrides) -> dict:
             "gate_measurements": (r.metrics or {}).get("gate_measurements",
                                                       len((r.metrics or {}).get("bisect") or [])),
             "wall_s": round(wall, 2), "timings_s": r.timings_s, "rejected_reasons": {str(k): v for k, v in r.rejected.items()},
-            "failed_reasons": {str(k): v for k, v in r.failed.items()}}
+            "failed_reasons": {str(k): v for k, v in r.failed.items()},
+            **({"subjects": (r.metrics or {}).get("subjects") or {}} if keep_metrics else {})}
 
 
 def main() -> None:

@@ -21,13 +21,13 @@ INT_AT_LEAST = {  # name → least value (all ≤ MAX_INT)
     "batch_max_edits": 1, "max_attempts": 1, "claim_stale_after_s": 1, "heartbeat_every_s": 1,
     "finetune_epochs": 1, "gate_retention_sample": 1, "finetune_locality_prompts": 1,
     "misfire_grace_s": 0, "gate_generation_sample": 0, "gate_bisect_depth": 0, "consolidate_every_nights": 0,
-    "consolidate_max_chain": 0,
+    "consolidate_max_chain": 0, "same_subject_prompts": 0, "gate_max_measurements": 1, "gate_subject_text_tokens": 0,
 }
 SHARES = ("gate_min_efficacy", "gate_min_canary_agreement", "gate_max_protected_drop", "gate_min_retention",
-          "gate_min_retention_generated", "consolidate_min_retention")
+          "gate_min_retention_generated", "consolidate_min_retention", "gate_min_same_subject")
 FLOAT_AT_LEAST_0 = ("preserve_weight", "preserve_exponent", "preserve_min", "protect_earlier",
                     "finetune_locality_weight", "finetune_swap_weight", "finetune_rehearsal",
-                    "finetune_preserve_weight", "gate_max_delta_norm")
+                    "finetune_preserve_weight", "gate_max_delta_norm", "gate_max_subject_perplexity")
 FLOAT_ABOVE_0 = ("finetune_lr", "finetune_warm_lr")
 ENUMS = {"dtype": ("float32", "bfloat16", "fp32", "bf16", "float16"), "log_json": ("auto", "true", "false")}
 DEVICE = re.compile(r"^(cpu|auto|cuda|cuda:\d{1,3}|mps)$")
@@ -51,6 +51,9 @@ def check_values(values: Mapping[str, Any]) -> None:
     for name in FLOAT_AT_LEAST_0:
         if name in values and values[name] < 0:
             raise ConfigError(f"{name} = {values[name]} is negative; give a value ≥ 0")
+    bar = values.get("gate_max_subject_perplexity", 0.0)
+    if 0 < bar < 1:
+        raise ConfigError(f"gate_max_subject_perplexity = {bar} would reject every edit; give 0 (off) or a ratio ≥ 1")
     for name in FLOAT_ABOVE_0:
         if name in values and values[name] <= 0:
             raise ConfigError(f"{name} = {values[name]} must be > 0; give a positive learning rate")

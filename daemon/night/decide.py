@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +24,26 @@ def to_fact(edit) -> gate.Fact:
                      paraphrases=tuple(edit.paraphrases))
 
 
+@dataclass(frozen=True)
+class HeadText:
+    """The head's greedy next token after a same-subject prompt, its continuation and that continuation's mean
+    log-prob under the head."""
+
+    next_id: int
+    continuation: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class SameSubject:
+    """One subject's same-subject measurement (see `Measurer.same_subject`)."""
+
+    share: float = 1.0
+    n: int = 0
+    perplexity_ratio: float = 1.0
+    n_texts: int = 0
+
+
 class BudgetSpent(Exception):
     """The night's gate measurements (`gate_max_measurements`) are spent."""
 
@@ -37,7 +58,7 @@ class Measurer:
         self.count = 0
         self.texts: Texts | None = None
         self.templates = relation_templates()
-        self._same_head: dict[str, int] = {}
+        self._same_head: dict[str, HeadText] = {}
 
     def index(self, routes: Mapping) -> None:
         """Which probe texts name which subject, the candidate's names (aliases) included."""
@@ -80,8 +101,10 @@ class Measurer:
         finally:
             self.router.set_table(self.head_table)
 
-    def same_subject(self, routes: Mapping, groups: Mapping[str, Group]) -> dict[str, tuple[float, int]]:
-        """Per subject of `routes`: the share of its same-subject prompts whose next token the head gives."""
+    def same_subject(self, routes: Mapping, groups: Mapping[str, Group]) -> dict[str, SameSubject]:
+        """Per subject of `routes`, on its same-subject prompts (other relations asked of it): the share whose
+        greedy next token the head gives, and the perplexity ratio (candidate / head) of the head's greedy
+        continuations of them (`gate_subject_text_tokens` tokens): the fluency of text that names the subject."""
         from horse import metrics
 
         k = self.settings.same_subject_prompts
@@ -92,23 +115,47 @@ class Measurer:
             prompts[key] = same_subject_prompts(g.names[0], own, self.templates, k) if k else []
         flat = [p for key in routes for p in prompts[key]]
         if not flat:
-            return {key: (1.0, 0) for key in routes}
-        missing = [p for p in flat if p not in self._same_head]
-        if missing:
-            for p, t in zip(missing, metrics.next_token_ids(self.model, self.tok, missing).tolist()):
-                self._same_head[p] = t
+            return {key: SameSubject() for key in routes}
+        self._measure_head([p for p in flat if p not in self._same_head])
+        texts = [p for p in flat if self._same_head[p].continuation]
         self.router.set_table(self.table(routes))
         try:
-            cand = metrics.next_token_ids(self.model, self.tok, flat).tolist()
+            cand = dict(zip(flat, metrics.next_token_ids(self.model, self.tok, flat).tolist()))
+            cand_lp = dict(zip(texts, self._continuation_logprobs(texts)))
         finally:
             self.router.set_table(self.head_table)
-        out, i = {}, 0
+        out = {}
         for key in routes:
-            n = len(prompts[key])
-            same = sum(int(cand[i + j] == self._same_head[prompts[key][j]]) for j in range(n))
-            out[key] = (same / n if n else 1.0, n)
-            i += n
+            ps = prompts[key]
+            same = sum(int(cand[p] == self._same_head[p].next_id) for p in ps)
+            scored = [p for p in ps if p in cand_lp]
+            nll_gap = (sum(self._same_head[p].logprob - cand_lp[p] for p in scored) / len(scored)) if scored else 0.0
+            out[key] = SameSubject(same / len(ps) if ps else 1.0, len(ps), math.exp(nll_gap), len(scored))
         return out
+
+    def _measure_head(self, prompts: list[str]) -> None:
+        """The head's next token, greedy continuation and its log-prob for each prompt (cached for the night)."""
+        from horse import metrics
+
+        if not prompts:
+            return
+        n = self.settings.gate_subject_text_tokens
+        nxt = metrics.next_token_ids(self.model, self.tok, prompts).tolist()
+        conts = ([c.split("\n")[0].strip() for c in metrics.greedy_continuations(
+            self.model, self.tok, prompts, max_new_tokens=n)] if n else [""] * len(prompts))
+        scored = [(p, c) for p, c in zip(prompts, conts) if c]
+        lps = dict(zip((p for p, _ in scored), metrics.answer_logprobs(
+            self.model, self.tok, [p for p, _ in scored], [c for _, c in scored]).tolist())) if scored else {}
+        for p, t, c in zip(prompts, nxt, conts):
+            self._same_head[p] = HeadText(t, c if p in lps else "", lps.get(p, 0.0))
+
+    def _continuation_logprobs(self, prompts: list[str]) -> list[float]:
+        from horse import metrics
+
+        if not prompts:
+            return []
+        return metrics.answer_logprobs(self.model, self.tok, prompts,
+                                       [self._same_head[p].continuation for p in prompts]).tolist()
 
 
 @dataclass
@@ -167,7 +214,7 @@ def _harms(measurer: Measurer, routes: Mapping, groups: Mapping[str, Group]) -> 
         if any(set(a) & set(b) for a, b in zip(sub.parts(), shared.parts())):
             cand = measurer.measure({k: routes[k]}, sub)
         h = harm(measurer.head, cand, sub)
-        h.same_subject, h.same_subject_n = same[k]
+        h.set_same_subject(same[k])
         out[k] = h
     return out
 
@@ -175,7 +222,7 @@ def _harms(measurer: Measurer, routes: Mapping, groups: Mapping[str, Group]) -> 
 def _alone(measurer: Measurer, key: str, group: Group, route, groups: Mapping[str, Group]) -> Harm:
     sub = measurer.texts.subset({key})
     h = harm(measurer.head, measurer.measure({key: route}, sub), sub)
-    h.same_subject, h.same_subject_n = measurer.same_subject({key: route}, {key: group})[key]
+    h.set_same_subject(measurer.same_subject({key: route}, {key: group})[key])
     return h
 
 

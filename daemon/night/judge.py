@@ -9,6 +9,8 @@ subjects; every other text keeps the head's value, exactly. Per subject, on its 
   the candidate still holds, at least `gate_min_retention`;
 - same-subject locality: prompts of other relations asked of the subject (daemon/assets/relations.jsonl) keep
   their greedy next token, at least `gate_min_same_subject` of them;
+- fluency of text naming the subject: the perplexity of the head's greedy continuations of those prompts under
+  the candidate, at most `gate_max_subject_perplexity` × the head's;
 - protected facts and canary prompts that name it: the flips it causes. Flips are a night's budget (canary:
   1 − `gate_min_canary_agreement` of the canary prompts; protected: `gate_max_protected_drop`): subjects are
   taken in order of least harm and one whose flips would overrun the budget on top of those taken is rejected.
@@ -112,7 +114,14 @@ class Harm:
     retention_lost: list[int] = field(default_factory=list)
     same_subject: float = 1.0
     same_subject_n: int = 0
+    subject_perplexity: float = 1.0
+    subject_texts: int = 0
     finite: bool = True
+
+    def set_same_subject(self, same) -> None:
+        """Take a `decide.SameSubject` measurement."""
+        self.same_subject, self.same_subject_n = same.share, same.n
+        self.subject_perplexity, self.subject_texts = same.perplexity_ratio, same.n_texts
 
     def local_reasons(self, settings: Settings) -> list[str]:
         reasons = []
@@ -124,6 +133,10 @@ class Harm:
         if self.same_subject < settings.gate_min_same_subject:
             reasons.append(f"same-subject agreement {self.same_subject:.3f} < {settings.gate_min_same_subject} "
                            f"({self.same_subject_n} prompts of other relations about the subject)")
+        bar = settings.gate_max_subject_perplexity
+        if bar and not self.subject_perplexity <= bar:
+            reasons.append(f"perplexity of text naming the subject ×{self.subject_perplexity:.2f} > ×{bar} "
+                           f"(gate_max_subject_perplexity; {self.subject_texts} texts)")
         return reasons
 
 
@@ -160,4 +173,5 @@ def over_budget(taken: Sequence[Harm], probe: gate.Probe, settings: Settings) ->
 def measurement_metrics(harms: Mapping[str, Harm]) -> dict[str, dict]:
     return {k: {"canary_flips": h.canary_flips, "protected_flips": h.protected_flips,
                 "retention": round(h.retention, 4), "same_subject": round(h.same_subject, 4),
-                "same_subject_n": h.same_subject_n} for k, h in harms.items()}
+                "same_subject_n": h.same_subject_n, "subject_perplexity": round(h.subject_perplexity, 4),
+                "subject_texts": h.subject_texts} for k, h in harms.items()}

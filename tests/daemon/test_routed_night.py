@@ -116,6 +116,25 @@ def test_an_edit_that_moves_other_facts_about_its_subject_is_rejected(db_url, da
     assert "same-subject agreement" in result["rejected"]["1"]
 
 
+def test_fluency_of_text_naming_the_subject_is_measured_and_gated(db_url, daemon_settings, cli_runner, tmp_path):
+    # measured with the bar off: every subject has a perplexity ratio of the head's continuations of its prompts
+    settings = daemon_settings(db_url, scope="routed", same_subject_prompts=4, gate_subject_text_tokens=6)
+    cfg = write_config(tmp_path / "config.toml", settings)
+    add_facts(cli_runner, cfg, tmp_path, "night1", [fact(0)])
+    result = apply_json(cli_runner, cfg)
+    assert result["status"] == "published", result
+    measured = result["metrics"]["subjects"]
+    assert all(v["subject_texts"] > 0 and v["subject_perplexity"] > 0 for v in measured.values()), measured
+    # a bar just above 1: the tiny model's edit raises the perplexity of text naming its subject, so it is rejected
+    strict = daemon_settings(db_url, scope="routed", same_subject_prompts=4, gate_subject_text_tokens=6,
+                             gate_max_subject_perplexity=1.0 + 1e-6)
+    cfg2 = write_config(tmp_path / "strict.toml", strict)
+    add_facts(cli_runner, cfg2, tmp_path, "night2", [fact(1)])
+    result = apply_json(cli_runner, cfg2)
+    assert result["status"] == "rejected" and list(result["rejected"]) == ["2"], result
+    assert "perplexity of text naming the subject" in result["rejected"]["2"]
+
+
 def test_a_guilty_edit_is_split_from_its_subjects_innocent_one(db_url, daemon_settings, cli_runner, tmp_path):
     settings = daemon_settings(db_url, scope="routed")
     cfg = write_config(tmp_path / "config.toml", settings)
