@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from ledger.config_checks import check_values
+from ledger.config_checks import check_values, masked_url, parse_blocks  # noqa: F401 - re-exported
 from ledger.errors import ConfigError
 
 APP_NAME = "horse-ledger"
@@ -168,8 +167,9 @@ class Settings:
     gate_subject_text_tokens: int = _opt(10, "tokens", "scope = routed: the head's greedy continuation of each "
                                          "same-subject prompt, as long as this, is the text whose perplexity the "
                                          "gate compares (fluency where the subject is named); 0 = not measured")
-    gate_max_subject_perplexity: float = _opt(0.0, "ratio", "scope = routed: that perplexity under the candidate at "
-                                              "most this × the head's; 0 = off")
+    gate_max_subject_perplexity: float = _opt(100.0, "ratio", "scope = routed: that perplexity under the candidate "
+                                              "at most this × the head's (a guard against deltas that wreck text "
+                                              "about their subject; an edit's intended ripple raises it too); 0 = off")
     gate_max_measurements: int = _opt(200, "measurements", "scope = routed: gate measurements a night may spend "
                                       "finding the edits that do harm; an edit left undecided goes back to pending")
     # consolidation of snapshot chains
@@ -237,12 +237,6 @@ class Settings:
         return rows
 
 
-def masked_url(url: str) -> str:
-    """`url` with any password replaced by *** (user:secret@host, ?password=secret): for printing and logs."""
-    url = re.sub(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^/?#@:]*:)[^/?#]*@", r"\1***@", url)
-    return re.sub(r"([?&](?:password|passwd|pwd)=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
-
-
 def env_var(name: str) -> str:
     """The environment variable that sets field `name`."""
     f = {f.name: f for f in fields(Settings)}[name]
@@ -295,21 +289,6 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: [{APP_NAME}] must be a table; write the settings under "
                           f"[{APP_NAME}] or at the top level of the file")
     return table
-
-
-def parse_blocks(text: str) -> tuple[int, int] | None:
-    """`finetune_blocks`: "3-8" → (3, 8); "" → None (the last six).
-
-    Raises:
-        ConfigError: anything but FIRST-LAST with 0 ≤ FIRST ≤ LAST.
-    """
-    if not text:
-        return None
-    first, _, last = text.partition("-")
-    if not (first.strip().isdigit() and last.strip().isdigit()) or int(first) > int(last):
-        raise ConfigError(f"finetune_blocks = {text!r}: give FIRST-LAST block numbers, FIRST ≤ LAST (e.g. \"3-8\"), "
-                          "or leave it empty for the last six")
-    return int(first), int(last)
 
 
 def config_file(config_path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path | None:

@@ -93,3 +93,24 @@ def check_cron(expression: str) -> None:
 
     if trigger.get_next_fire_time(None, datetime.now(timezone.utc)) is None:
         raise ConfigError(f"schedule_cron = {expression!r} never fires; {hint}")
+
+
+def masked_url(url: str) -> str:
+    """`url` with any password replaced by *** (user:secret@host, ?password=secret): for printing and logs."""
+    url = re.sub(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^/?#@:]*:)[^/?#]*@", r"\1***@", url)
+    return re.sub(r"([?&](?:password|passwd|pwd)=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
+
+
+def parse_blocks(text: str) -> tuple[int, int] | None:
+    """`finetune_blocks`: "3-8" → (3, 8); "" → None (the last six).
+
+    Raises:
+        ConfigError: anything but FIRST-LAST with 0 ≤ FIRST ≤ LAST.
+    """
+    if not text:
+        return None
+    first, _, last = text.partition("-")
+    if not (first.strip().isdigit() and last.strip().isdigit()) or int(first) > int(last):
+        raise ConfigError(f"finetune_blocks = {text!r}: give FIRST-LAST block numbers, FIRST ≤ LAST (e.g. \"3-8\"), "
+                          "or leave it empty for the last six")
+    return int(first), int(last)
