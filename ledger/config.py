@@ -164,8 +164,8 @@ class Settings:
     gate_min_same_subject: float = _opt(0.125, "share 0..1", "scope = routed: of those prompts, the share whose "
                                         "greedy next token must not change (other facts about an edited subject); "
                                         "0.125 of 8 prompts rejects an edit that changes every one of them")
-    gate_subject_text_tokens: int = _opt(10, "tokens", "scope = routed: the head's greedy continuation of each "
-                                         "same-subject prompt, as long as this, is the text whose perplexity the "
+    gate_subject_text_tokens: int = _opt(4, "tokens", "scope = routed: the head's greedy continuation of the first "
+                                         "4 same-subject prompts, as long as this, is the text whose perplexity the "
                                          "gate compares (fluency where the subject is named); 0 = not measured")
     gate_max_subject_perplexity: float = _opt(100.0, "ratio", "scope = routed: that perplexity under the candidate "
                                               "at most this × the head's (a guard against deltas that wreck text "

@@ -17,6 +17,7 @@ from daemon.night.judge import (Harm, Subset, Texts, harm, merged, over_budget, 
 from ledger.config import Settings
 
 log = logging.getLogger("daemon.night")
+FLUENCY_PROMPTS = 4  # of a subject's same-subject prompts, the first this many also measure fluency
 
 
 def to_fact(edit) -> gate.Fact:
@@ -104,7 +105,8 @@ class Measurer:
     def same_subject(self, routes: Mapping, groups: Mapping[str, Group]) -> dict[str, SameSubject]:
         """Per subject of `routes`, on its same-subject prompts (other relations asked of it): the share whose
         greedy next token the head gives, and the perplexity ratio (candidate / head) of the head's greedy
-        continuations of them (`gate_subject_text_tokens` tokens): the fluency of text that names the subject."""
+        continuations (`gate_subject_text_tokens` tokens) of the first `FLUENCY_PROMPTS` of them: the fluency of
+        text that names the subject."""
         from horse import metrics
 
         k = self.settings.same_subject_prompts
@@ -116,7 +118,8 @@ class Measurer:
         flat = [p for key in routes for p in prompts[key]]
         if not flat:
             return {key: SameSubject() for key in routes}
-        self._measure_head([p for p in flat if p not in self._same_head])
+        fluent = {p for key in routes for p in prompts[key][:FLUENCY_PROMPTS]}
+        self._measure_head([p for p in flat if p not in self._same_head], fluent)
         texts = [p for p in flat if self._same_head[p].continuation]
         self.router.set_table(self.table(routes))
         try:
@@ -133,19 +136,23 @@ class Measurer:
             out[key] = SameSubject(same / len(ps) if ps else 1.0, len(ps), math.exp(nll_gap), len(scored))
         return out
 
-    def _measure_head(self, prompts: list[str]) -> None:
-        """The head's next token, greedy continuation and its log-prob for each prompt (cached for the night)."""
+    def _measure_head(self, prompts: list[str], fluent: set[str]) -> None:
+        """The head's next token for each prompt, and for those in `fluent` its greedy continuation and that
+        continuation's log-prob (cached for the night)."""
         from horse import metrics
 
         if not prompts:
             return
         n = self.settings.gate_subject_text_tokens
         nxt = metrics.next_token_ids(self.model, self.tok, prompts).tolist()
-        conts = ([c.split("\n")[0].strip() for c in metrics.greedy_continuations(
-            self.model, self.tok, prompts, max_new_tokens=n)] if n else [""] * len(prompts))
+        gen = [p for p in prompts if p in fluent] if n else []
+        made = dict(zip(gen, (c.split("\n")[0].strip() for c in metrics.greedy_continuations(
+            self.model, self.tok, gen, max_new_tokens=n, batch_size=64)))) if gen else {}
+        conts = [made.get(p, "") for p in prompts]
         scored = [(p, c) for p, c in zip(prompts, conts) if c]
         lps = dict(zip((p for p, _ in scored), metrics.answer_logprobs(
-            self.model, self.tok, [p for p, _ in scored], [c for _, c in scored]).tolist())) if scored else {}
+            self.model, self.tok, [p for p, _ in scored], [c for _, c in scored], batch_size=64).tolist())) \
+            if scored else {}
         for p, t, c in zip(prompts, nxt, conts):
             self._same_head[p] = HeadText(t, c if p in lps else "", lps.get(p, 0.0))
 
@@ -155,7 +162,7 @@ class Measurer:
         if not prompts:
             return []
         return metrics.answer_logprobs(self.model, self.tok, prompts,
-                                       [self._same_head[p].continuation for p in prompts]).tolist()
+                                       [self._same_head[p].continuation for p in prompts], batch_size=64).tolist()
 
 
 @dataclass
