@@ -167,9 +167,9 @@ class Settings:
     gate_subject_text_tokens: int = _opt(4, "tokens", "scope = routed: the head's greedy continuation of the first "
                                          "4 same-subject prompts, as long as this, is the text whose perplexity the "
                                          "gate compares (fluency where the subject is named); 0 = not measured")
-    gate_max_subject_perplexity: float = _opt(100.0, "ratio", "scope = routed: that perplexity under the candidate "
-                                              "at most this × the head's (a guard against deltas that wreck text "
-                                              "about their subject; an edit's intended ripple raises it too); 0 = off")
+    gate_max_subject_perplexity: float = _opt(0.0, "ratio", "scope = routed: that perplexity under the candidate "
+                                              "at most this × the head's (always measured and recorded; an edit's "
+                                              "intended ripple raises it as well as damage does); 0 = off")
     gate_max_measurements: int = _opt(200, "measurements", "scope = routed: gate measurements a night may spend "
                                       "finding the edits that do harm; an edit left undecided goes back to pending")
     # consolidation of snapshot chains
