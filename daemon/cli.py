@@ -10,7 +10,8 @@
     horse-ledger ask "PROMPT" [--snapshot S]               greedy continuation and top next tokens
     horse-ledger init [PATH]                               a commented default config file
 
-Every command takes its settings from `ctx.obj` (`ledger.cli.AppContext`): `--db`, `--config`, env vars.
+Every command takes its settings from `ctx.obj` (`ledger.cliapp.AppContext`): `--db`, `--config`, env vars.
+`init` is daemon/init_cli.py's (re-exported here).
 """
 from __future__ import annotations
 
@@ -19,17 +20,15 @@ import logging
 import signal
 import sys
 import threading
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import click
 
+from daemon.init_cli import default_config_text, init  # noqa: F401 - `horse-ledger init` (LAZY_COMMANDS)
 from daemon.logs import configure_logging
-from ledger.cli import AppContext
+from ledger.cliapp import AppContext, pass_app
 from ledger.params import NEW_DIR, PROMPT, SNAPSHOT_REF, SNAPSHOT_REF_NO_HEAD
-
-pass_app = click.make_pass_decorator(AppContext)
 
 
 def _echo_json(data: Any) -> None:
@@ -372,57 +371,6 @@ def ask(app: AppContext, prompt: str, snapshot: str | None, max_new_tokens: int,
     click.echo(f"[{app.settings.model} @ {'base' if ref is None else f'snapshot {ref}'}{scope}]")
     click.echo(f"{prompt}{click.style(out['continuation'], bold=True)}")
     click.echo("next token: " + ", ".join(f"{t['token']!r} {t['prob']:.3f}" for t in out["top_tokens"]))
-
-
-INIT_SECTIONS = (
-    ("the recommended profile (the defaults: per-subject deltas served where their subject is named)",
-     ("scope", "route_solve", "engine", "model", "hypernet", "preserve_weight", "preserve_exponent", "preserve_min")),
-    ("the regression gate", ("gate_min_efficacy", "gate_min_canary_agreement", "gate_max_protected_drop",
-                             "gate_min_retention", "gate_min_same_subject", "gate_max_measurements",
-                             "gate_canary_file")),
-    ("nights and storage", ("batch_max_edits", "schedule_cron", "review", "db_url", "snapshot_dir")),
-)
-
-
-def default_config_text(settings) -> str:
-    """A short commented TOML config: the recommended profile first, then the gate, nights and storage. Every
-    other setting keeps its default; docs/configuration.md (or `horse-ledger config --verbose`) lists them all."""
-    from ledger.config import Settings, env_var, masked_url
-
-    defaults = Settings()
-    by_name = {f.name: f for f in fields(Settings)}
-    lines = ["# horse-ledger configuration (TOML). Every key is optional; the value shown is the default.",
-             "# Precedence: defaults < this file < HORSE_LEDGER_* environment variables < command-line flags.",
-             "# Every other setting (expert knobs: the joint night, consolidation, fine-tuning, caches) is listed",
-             "# with its help in docs/configuration.md; `horse-ledger config` prints the effective values.", ""]
-    for title, names in INIT_SECTIONS:
-        lines.append(f"# --- {title}")
-        for name in names:
-            meta = by_name[name].metadata
-            lines.append(f"# {meta.get('help', '')} [{meta.get('unit', '')}; env {env_var(name)}]")
-            value, here = getattr(defaults, name), getattr(settings, name, "")
-            if name in ("db_url", "snapshot_dir") or (value == "" and here):
-                lines.append(f"# {name} = {json.dumps(masked_url(here) if name == 'db_url' else here)}")
-            else:
-                lines.append(f"{name} = {json.dumps(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-@click.command()
-@click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--force", is_flag=True, help="Overwrite an existing file.")
-@pass_app
-def init(app: AppContext, path: Path | None, force: bool) -> None:
-    """Write a commented default config file to PATH (default: ~/.config/horse-ledger/config.toml)."""
-    from daemon.errors import DaemonError
-    from ledger.files import write_file
-
-    path = path or Path(click.get_app_dir("horse-ledger", force_posix=False)) / "config.toml"
-    if path.exists() and not force:
-        raise DaemonError(f"{path} already exists; edit it, or pass --force to overwrite it with the defaults")
-    write_file(path, default_config_text(app.settings), is_group=False)  # 0600: a config may hold a db password
-    click.echo(f"wrote {path}; edit it, then run `horse-ledger --config {path} apply --dry-run`")
 
 
 @click.command()

@@ -40,23 +40,21 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import insert, select
-
 from daemon import gate, snapshots
-from daemon.cycle import (ACTOR, keep_fold_moments, keep_measurements, kept_measurements, load_engine,
-                          nights_since_consolidation, probe_for, to_fact, to_request)
-from daemon.errors import BatchRefused, DaemonError
+from daemon.batch import ACTOR, keep_measurements, kept_measurements, probe_for, to_fact, to_request
+from daemon.engines import keep_fold_moments, load_engine
+from daemon.errors import BatchRefused
 from daemon.locks import applier_lock
 from daemon.materialise import chain, head_id, links, load_base, materialise, scope_index, scoped, weights_digest
 from horse.progress import log_stage
+from ledger import chain as ledger_chain
 from ledger.config import Settings
-from ledger.events import record_event
-from ledger.models import Edit, Snapshot, SnapshotEdit, utcnow
-from ledger.status import EditStatus
-from ledger.store import EditRecord, Store, set_head
+from ledger.models import Snapshot
+from ledger.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +81,19 @@ class ConsolidationResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def nights_since_consolidation(rows: Sequence[Snapshot]) -> int:
+    """Published nights the head (rows[-1] of its chain, root first) carries since its newest consolidated
+    snapshot or the base: recorded on each night's snapshot (a night derived from a consolidated snapshot
+    replaces the one before it on the chain, so counting the chain would say 1), else counted."""
+    if not rows:
+        return 0
+    recorded = (rows[-1].metrics or {}).get("nights_since_consolidation")
+    if recorded is not None:
+        return int(recorded)
+    last = max((i + 1 for i, r in enumerate(rows) if r.kind == "consolidated"), default=0)
+    return len([r for r in rows[last:] if r.kind == "incremental"])
 
 
 def consolidation_due(settings: Settings, store: Store) -> str | None:
@@ -125,9 +136,7 @@ class _FirstLink:
     @classmethod
     def of(cls, s, snap: Snapshot) -> _FirstLink:
         metrics = snap.metrics or {}
-        gone = s.execute(select(Edit.id).join(SnapshotEdit, SnapshotEdit.edit_id == Edit.id).where(
-            SnapshotEdit.snapshot_id == snap.id,
-            Edit.status.not_in([EditStatus.APPLIED.value, EditStatus.SUPERSEDED.value])).limit(1)).scalar()
+        gone = ledger_chain.first_unkept_edit(s, snap.id)
         return cls(snap.id, snap.path, snap.sha256, metrics.get("engine") if snap.kind == "consolidated" else None,
                    metrics.get("base_fingerprint"), tuple(sorted(metrics.get("weights_modules") or ())), gone)
 
@@ -176,10 +185,7 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
             head = head_id(s, base_model)
             snaps = chain(s, head)
             chain_links = links(s, head)
-            edit_rows = s.execute(select(Edit).join(SnapshotEdit, SnapshotEdit.edit_id == Edit.id).where(
-                SnapshotEdit.snapshot_id.in_([x.id for x in snaps]), Edit.status == EditStatus.APPLIED.value)
-                .order_by(Edit.id)).scalars().unique().all()
-            edits = [EditRecord.from_row(r) for r in edit_rows]
+            edits = ledger_chain.applied_edits_on(s, [x.id for x in snaps])
             n_chain = len(snaps)
             already = n_chain == 1 and snaps[0].kind == "consolidated"
             first = _FirstLink.of(s, snaps[0]) if snaps else None
@@ -253,10 +259,8 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
         timed("gate")
         if not verdict.passed:
             result.status = "rejected"
-            with store.session() as s:
-                record_event(s, "consolidation.rejected", actor=actor, snapshot_id=head,
-                             reason=f"{reason}; gate: {'; '.join(verdict.reasons)}",
-                             payload={"n_edits": len(edits), "gate": verdict.metrics})
+            ledger_chain.record_fold_rejected(store, head=head, reason=f"{reason}; gate: {'; '.join(verdict.reasons)}",
+                                              payload={"n_edits": len(edits), "gate": verdict.metrics}, actor=actor)
             log.warning("consolidation rejected by the gate: %s", "; ".join(verdict.reasons))
             result.timings_s = timings
             return result
@@ -281,20 +285,11 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
             "chain_length": 1, "consolidated_from": head, "consolidation_reason": reason, "engine": fold.engine,
             **({"warm_from": result.warm_from, "trained": result.trained} if result.warm_from is not None else {}),
         }
-        with store.session() as s:
-            if head_id(s, base_model) != head:
-                raise DaemonError(f"the head of {base_model} moved during consolidation; nothing was published")
-            snap = Snapshot(parent_id=None, batch_id=None, base_model=base_model, kind="consolidated",
-                            path=file.rel_path, sha256=file.sha256, bytes=file.bytes, created_at=utcnow(),
-                            status="published", metrics=snap_metrics)
-            s.add(snap)
-            s.flush()
-            s.execute(insert(SnapshotEdit), [{"snapshot_id": snap.id, "edit_id": i} for i in ids])
-            set_head(s, base_model, snap.id, actor=actor, reason=f"consolidation of snapshot {head}: {reason}")
-            record_event(s, "snapshot.consolidated", actor=actor, snapshot_id=snap.id,
-                         reason=reason, payload={"from": head, "chain_length": n_chain, "n_edits": len(ids),
-                                                 "path": file.rel_path, "sha256": file.sha256, "bytes": file.bytes})
-            result.snapshot_id = snap.id
+        result.snapshot_id = ledger_chain.publish_fold(
+            store, expected_head=head, snapshot=ledger_chain.NewSnapshot(
+                parent_id=None, base_model=base_model, kind="consolidated", path=file.rel_path, sha256=file.sha256,
+                bytes=file.bytes, metrics=snap_metrics, carried=ids),
+            reason=reason, chain_length=n_chain, actor=actor)
         timed("commit")
         if night_editor is not None:
             try:  # a warm fine-tune replays them from the block inputs its scans captured (model: the fold's weights)

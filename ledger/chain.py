@@ -8,19 +8,23 @@ or status strings itself).
 - `publish_night`: ONE transaction — the snapshot row, its edits, the head, applied / failed / rejected /
   returned edits with their events, supersessions, the batch row.
 - `finish_night`: the same without a snapshot (nothing published).
+- the joint night's (daemon/joint_*.py) and a fold's (daemon/consolidate.py) rows: `publish_joint_night`,
+  `finish_joint_night`, `publish_fold`, `record_fold_rejected`, and what they read of a chain (`applied_edits_on`,
+  `key_hashes`, `first_unkept_edit`, `published_snapshot_ids`).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import insert, select, update
 
-from ledger.batch_status import BATCH_MOVES, BatchStatus, IllegalBatchMove, move_batch  # noqa: F401 - the night's
+from ledger.batch_status import BATCH_MOVES, BatchStatus, IllegalBatchMove, move_batch  # noqa: F401 - re-exported
 from ledger.errors import LedgerError
 from ledger.events import json_safe, record_event
 from ledger.models import Batch, Edit, Head, Snapshot, SnapshotEdit, utcnow
+from ledger.records import EditRecord
 from ledger.status import EditStatus, transition
 from ledger.store import Store, set_head
 
@@ -142,3 +146,114 @@ def fail_batch(store: Store, *, batch_id: int, token: str, reason: str, timings:
             batch.metrics = {**(batch.metrics or {}), "timings_s": dict(timings)}
             move_batch(s, batch_id, BatchStatus.FAILED, actor=actor, reason=reason)
     return ids
+
+
+# ------------------------------------------------------------------ the joint night (scope = subject | off), folds
+
+def published_snapshot_ids(store: Store, base_model: str) -> list[int]:
+    """The ids of this model's published snapshots (the caches of any other are pruned)."""
+    with store.session(write=False) as s:
+        return list(s.execute(select(Snapshot.id).where(Snapshot.base_model == base_model,
+                                                        Snapshot.status == "published")).scalars())
+
+
+def applied_edits_on(session, snapshot_ids: Sequence[int], *, except_keys: Collection[str] = ()) -> list[EditRecord]:
+    """The edits the snapshots `snapshot_ids` list that are applied now, by id, less those whose (subject, prompt)
+    key hash is in `except_keys`."""
+    if not snapshot_ids:
+        return []
+    rows = session.execute(select(Edit).join(SnapshotEdit, SnapshotEdit.edit_id == Edit.id)
+                           .where(SnapshotEdit.snapshot_id.in_(list(snapshot_ids)),
+                                  Edit.status == EditStatus.APPLIED.value).order_by(Edit.id)).scalars().unique().all()
+    return [EditRecord.from_row(r) for r in rows if r.key_hash not in except_keys]
+
+
+def key_hashes(session, edit_ids: Sequence[int]) -> set[str]:
+    """The (subject, prompt) key hashes of these edits."""
+    return set(session.execute(select(Edit.key_hash).where(Edit.id.in_(list(edit_ids)))).scalars())
+
+
+def first_unkept_edit(session, snapshot_id: int) -> int | None:
+    """An edit the snapshot lists that is neither applied nor superseded now (None when there is none)."""
+    return session.execute(select(Edit.id).join(SnapshotEdit, SnapshotEdit.edit_id == Edit.id).where(
+        SnapshotEdit.snapshot_id == snapshot_id,
+        Edit.status.not_in([EditStatus.APPLIED.value, EditStatus.SUPERSEDED.value])).limit(1)).scalar()
+
+
+def publish_joint_night(store: Store, *, batch_id: int, expected_head: int | None, snapshot: NewSnapshot,
+                        outcome: NightOutcome, batch_metrics: Callable[[int], dict[str, Any]],
+                        actor: str) -> int:
+    """The joint night's publish, in one transaction: as `publish_night` (the metrics stored as given), with the
+    batch's metrics from `batch_metrics(snapshot_id)`, called once the edits have moved, and its
+    `batch.published` event (with the counts) after `snapshot.published`. Returns the snapshot id.
+
+    Raises:
+        HeadMoved: the head is no longer `expected_head`; nothing is written.
+    """
+    with store.session() as s:
+        current = s.execute(select(Head.snapshot_id).where(Head.base_model == snapshot.base_model)).scalar_one_or_none()
+        if current != expected_head:
+            raise HeadMoved(f"the head of {snapshot.base_model} moved from {expected_head} to {current} during batch "
+                            f"{batch_id}; nothing was published, the batch will be retried")
+        snap = Snapshot(parent_id=snapshot.parent_id, batch_id=batch_id, base_model=snapshot.base_model,
+                        kind=snapshot.kind, path=snapshot.path, sha256=snapshot.sha256, bytes=snapshot.bytes,
+                        created_at=utcnow(), status="published", metrics=snapshot.metrics)
+        s.add(snap)
+        s.flush()
+        s.execute(insert(SnapshotEdit), [{"snapshot_id": snap.id, "edit_id": i} for i in snapshot.carried])
+        set_head(s, snapshot.base_model, snap.id, actor=actor, reason=f"batch {batch_id} published")
+        transition(s, outcome.applied, EditStatus.CLAIMED, EditStatus.APPLIED, actor=actor, batch_id=batch_id,
+                   snapshot_id=snap.id, values={"claim_token": None, "last_error": None},
+                   payload_by_id={i: outcome.payloads.get(i) for i in outcome.applied})
+        _supersede(s, batch_id, outcome.applied, snap.id, actor)
+        _settle_edits(s, batch_id, outcome, actor)
+        s.get(Batch, batch_id).metrics = batch_metrics(snap.id)
+        record_event(s, "snapshot.published", actor=actor, batch_id=batch_id, snapshot_id=snap.id,
+                     payload={"parent": expected_head, "path": snapshot.path, "sha256": snapshot.sha256,
+                              "bytes": snapshot.bytes, "n_edits": len(outcome.applied)})
+        move_batch(s, batch_id, BatchStatus.PUBLISHED, actor=actor, snapshot_id=snap.id,
+                   payload={"n_applied": len(outcome.applied), "n_failed": len(outcome.failed),
+                            "n_rejected": len(outcome.rejected)})
+        return snap.id
+
+
+def finish_joint_night(store: Store, *, batch_id: int, outcome: NightOutcome, status: BatchStatus,
+                       batch_metrics: dict[str, Any], reason: str, actor: str) -> None:
+    """A joint night that published nothing: its edits settled, the batch `status` (rejected or failed) with
+    `reason` and the metrics as given."""
+    with store.session() as s:
+        _settle_edits(s, batch_id, outcome, actor)
+        s.get(Batch, batch_id).metrics = batch_metrics
+        move_batch(s, batch_id, status, actor=actor, reason=reason)
+
+
+def record_fold_rejected(store: Store, *, head: int | None, reason: str, payload: dict[str, Any], actor: str) -> None:
+    """A consolidation the gate refused: only its `consolidation.rejected` event."""
+    with store.session() as s:
+        record_event(s, "consolidation.rejected", actor=actor, snapshot_id=head, reason=reason, payload=payload)
+
+
+def publish_fold(store: Store, *, expected_head: int | None, snapshot: NewSnapshot, reason: str, chain_length: int,
+                 actor: str) -> int:
+    """Publish a consolidated snapshot (no parent, no batch; its edits stay applied) and move the head to it, in
+    one transaction, with a `snapshot.consolidated` event. Returns its id.
+
+    Raises:
+        HeadMoved: the head is no longer `expected_head`; nothing is written.
+    """
+    with store.session() as s:
+        current = s.execute(select(Head.snapshot_id).where(Head.base_model == snapshot.base_model)).scalar_one_or_none()
+        if current != expected_head:
+            raise HeadMoved(f"the head of {snapshot.base_model} moved during consolidation; nothing was published")
+        snap = Snapshot(parent_id=None, batch_id=None, base_model=snapshot.base_model, kind=snapshot.kind,
+                        path=snapshot.path, sha256=snapshot.sha256, bytes=snapshot.bytes, created_at=utcnow(),
+                        status="published", metrics=snapshot.metrics)
+        s.add(snap)
+        s.flush()
+        s.execute(insert(SnapshotEdit), [{"snapshot_id": snap.id, "edit_id": i} for i in snapshot.carried])
+        set_head(s, snapshot.base_model, snap.id, actor=actor,
+                 reason=f"consolidation of snapshot {expected_head}: {reason}")
+        record_event(s, "snapshot.consolidated", actor=actor, snapshot_id=snap.id, reason=reason,
+                     payload={"from": expected_head, "chain_length": chain_length, "n_edits": len(snapshot.carried),
+                              "path": snapshot.path, "sha256": snapshot.sha256, "bytes": snapshot.bytes})
+        return snap.id
