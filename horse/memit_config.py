@@ -140,6 +140,8 @@ class MemitConfig:
         cov_tokens_per_dim: N = this × d_k tokens of corpus text for C (issue: ≥ 10).
         cov_shrinkage: α of `shrink_KK` applied to C.
         lm_batch_size: sequences per forward pass.
+        prefix_cache_mib: memory for the keys and values of the tokens before each lookup (`horse.memit_z`:
+            the z steps then run only the rest of each sequence); 0 turns it off.
     """
 
     layers: tuple[str, ...] = ()
@@ -155,6 +157,7 @@ class MemitConfig:
     cov_tokens_per_dim: int = 20
     cov_shrinkage: float = 1e-2
     lm_batch_size: int = 64
+    prefix_cache_mib: int = 2048
 
     @classmethod
     def for_model(cls, model: nn.Module, **overrides: object) -> MemitConfig:

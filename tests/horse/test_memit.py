@@ -149,6 +149,22 @@ def test_replay_from_last_edited_block_matches_full_forward(tiny_model):
     assert stats["z_replay"] == 1.0
 
 
+def test_prefix_cache_gives_the_z_of_whole_forwards(tiny_model):
+    """The z steps run only each row's suffix from the lookup on, over the cached keys and values of the tokens
+    before it (they do not depend on δ); a batch where a lookup is the first token runs whole."""
+    model, tok = tiny_model
+    config = _tiny_config(model, max_steps=4)
+    z_cut, stats = compute_z_BV(model, tok, REQUESTS, config)
+    z_whole, whole = compute_z_BV(model, tok, REQUESTS, replace(config, prefix_cache_mib=0))
+    assert stats["z_prefix_share"] == 1.0 and stats["z_prefix_cache_mib"] > 0 and whole["z_prefix_share"] == 0.0
+    assert torch.allclose(z_cut, z_whole, rtol=1e-4, atol=1e-5)
+    first_token = [EditRequest("A is the first letter", "B", subject="A"), *REQUESTS[:1]]
+    z_cut, stats = compute_z_BV(model, tok, first_token, config)
+    z_whole, _ = compute_z_BV(model, tok, first_token, replace(config, prefix_cache_mib=0))
+    assert 0.0 < stats["z_prefix_share"] < 1.0  # the plain template and the KL prompts run whole
+    assert torch.allclose(z_cut, z_whole, rtol=1e-4, atol=1e-5)
+
+
 def test_batched_z_equals_one_fact_at_a_time(tiny_llama):
     model, tok = tiny_llama
     config = _tiny_config(model, max_steps=4, lm_batch_size=2)
