@@ -206,7 +206,7 @@ def consolidate(settings: Settings, store: Store, *, actor: str = ACTOR, reason:
         if settings.protect_earlier and settings.hypernet_from_consolidation and settings.engine == "hypernet":
             night_editor = editor if fold.engine == settings.engine else load_engine(settings, model, tokenizer)[0]
         normaliser = None
-        if settings.running_normaliser and hasattr(editor, "normaliser_state"):  # the head's statistics, carried on
+        if settings.running_normaliser and editor.carries_normaliser:  # the head's statistics, carried on
             normaliser = snapshots.read_normaliser(settings.snapshot_dir, chain_links[-1].path)
             if normaliser is not None:
                 editor.load_normaliser_state(normaliser)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from daemon import gate, snapshots
 from daemon.batch import file_fingerprint, hypernet_path, load_editor, to_request
@@ -20,7 +20,29 @@ log = logging.getLogger("daemon.cycle")
 PROTECT_CHUNK = 100  # earlier edits captured per pass for `protect_earlier`
 
 
-def load_engine(settings: Settings, model, tokenizer) -> tuple[Any, str]:
+class JointEngine(Protocol):
+    """What the joint night and consolidation need from an engine (`horse.editor.Editor`, `horse.memit.MemitEditor`,
+    `horse.finetune.FineTuner`). The flags say which optional steps the night may run; an engine answers them
+    rather than being probed with `hasattr`."""
+
+    kind: str                   # "hypernet", "memit" or "finetune"
+    fingerprint: str            # of the base weights it edits
+    from_base: bool             # given every edit the head carries, on the base weights, each night
+    sums_supported: bool        # `edit_sums` / `deltas_from_sums` reproduce `compute_deltas` of the union
+    protects_keys: bool         # `set_protected_keys` keeps earlier edits' outputs (`protect_earlier`)
+    carries_normaliser: bool    # `normaliser_state` / `load_normaliser_state` (`running_normaliser`)
+    last_run: Mapping[str, Any] | None  # what the last `compute_deltas` reports beyond its timings
+
+    @property
+    def module_names(self) -> list[str]: ...
+
+    def compute_deltas(self, model: Any, tokenizer: Any, requests: Sequence[Any]
+                       ) -> tuple[dict[str, Any], dict[str, float]]: ...
+
+    def card(self) -> dict: ...
+
+
+def load_engine(settings: Settings, model, tokenizer) -> tuple[JointEngine, str]:
     """The configured engine (`settings.engine`) built on the unedited base `model`, and its fingerprint
     (sha256 of the hypernet file, or of the engine's settings): (editor, fingerprint).
 

@@ -60,7 +60,7 @@ class ComputeStages:
         `hypernet_from_consolidation` after a fold: every edit the fold carries, captured once on its weights
         and kept beside it (`_fold_moments`). Returns how many edits were protected."""
         nu = self.settings.protect_earlier
-        if not nu or self.from_base or not retained or not hasattr(self.editor, "set_protected_keys"):
+        if not nu or self.from_base or not retained or not self.editor.protects_keys:
             return 0
         redone = {e.id for e in self.carried}  # re-derived with the night's edits, not kept
         if self.start_id is not None:
@@ -128,7 +128,7 @@ class ComputeStages:
         """`running_normaliser`: continue from the statistics saved beside the head snapshot (or the training
         ones); each computed candidate's merged statistics are kept, the published one's are saved."""
         self.running_normaliser = (self.settings.running_normaliser and not self.from_start
-                                   and hasattr(self.editor, "normaliser_state"))
+                                   and self.editor.carries_normaliser)
         if not self.running_normaliser:
             return
         state = snapshots.read_normaliser(self.settings.snapshot_dir, self.chain[-1].path) if self.chain else None
@@ -141,7 +141,7 @@ class ComputeStages:
     def _uses_sums(self) -> bool:
         """A re-deriving night with an editor whose statistics add up (`horse.sums`): a night captures only its
         own edits and adds them to the carried edits' statistics (cached beside the head snapshot)."""
-        return bool(getattr(self.editor, "sums_supported", False))
+        return self.editor.sums_supported
 
     def _sums_metadata(self, edit_ids: Sequence[int]) -> dict[str, str]:
         return {"hypernet_fingerprint": self.hypernet_fingerprint, "base_fingerprint": self.editor.fingerprint,

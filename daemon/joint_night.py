@@ -152,7 +152,7 @@ class JointNight(ComputeStages, GateStages, PublishStages):
         # fine-tune-the-ledger (and a hypernet with `hypernet_from_base`) re-derives everything the head carries
         # from the base, every night; `hypernet_from_consolidation`: everything since the newest consolidated
         # snapshot on the chain (the start), from its weights
-        self.from_base = bool(getattr(self.editor, "from_base", False))
+        self.from_base = self.editor.from_base
         self.from_start = self.from_base or self.settings.hypernet_from_consolidation
         with self.store.session(write=False) as s:
             self.parent_id = head_id(s, self.base_model)

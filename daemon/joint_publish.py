@@ -117,7 +117,7 @@ class PublishStages:
             snap_metrics["normaliser_rows"] = {k: float(v) for k, v in self._normaliser_after[frozenset(final)].items()
                                                if k.endswith(".count")}
         if self.from_start:
-            snap_metrics.update(n_carried=len(carried), engine_run=getattr(self.editor, "last_run", None),
+            snap_metrics.update(n_carried=len(carried), engine_run=self.editor.last_run,
                                 carried_sums=self.sums_source)
 
         def metrics_at_commit(snapshot_id: int) -> dict[str, Any]:  # inside the transaction, once the edits moved

@@ -110,7 +110,15 @@ class Editor:
         metadata: the checkpoint card's extra fields (training data hash, steps, metrics, ...).
         from_base: read by the daemon: when True each night is one edit of every carried edit plus the
             new ones on the base weights (config `hypernet_from_base`); the editor itself ignores it.
+        protects_keys, carries_normaliser: what the daemon's joint night may ask of this engine
+            (`set_protected_keys`; `normaliser_state` / `load_normaliser_state`): both, for a hypernet.
+        last_run: what the last `compute_deltas` reports beyond its timings (nothing, for a hypernet).
     """
+
+    kind = "hypernet"
+    protects_keys = True
+    carries_normaliser = True
+    last_run: dict | None = None
 
     def __init__(
         self, config: HyperConfig, nets: HyperNetSet, fingerprint: str, shapes_KV: Sequence[tuple[int, int]],

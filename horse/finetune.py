@@ -292,6 +292,7 @@ class FineTuner:
 
     from_base = True  # the daemon gives it every carried edit on the base weights (see module docstring)
     kind = "finetune"
+    sums_supported = protects_keys = carries_normaliser = False  # see daemon.engines.JointEngine
 
     def __init__(self, config: FinetuneConfig, fingerprint: str, held_out: frozenset[str] = frozenset()) -> None:
         self.config = config

@@ -283,6 +283,7 @@ class MemitEditor:
 
     from_base = False
     kind = "memit"
+    sums_supported = protects_keys = carries_normaliser = False  # see daemon.engines.JointEngine
 
     def __init__(self, model: nn.Module, *, cache_dir: str | os.PathLike[str], config: MemitConfig | None = None,
                  tokenizer=None) -> None:
