@@ -4,7 +4,7 @@ They derive from `ledger.errors.LedgerError`, so `horse-ledger`'s top level prin
 """
 from __future__ import annotations
 
-from ledger.errors import LedgerError
+from ledger.errors import LedgerError, NotOnChain  # noqa: F401  (NotOnChain: raised by ledger.rollback)
 
 
 class DaemonError(LedgerError):
@@ -17,10 +17,6 @@ class ApplierBusy(DaemonError):
 
 class SnapshotCorrupt(DaemonError):
     """A snapshot file is missing, altered or unreadable; run `horse-ledger verify` and roll back past it."""
-
-
-class NotOnChain(DaemonError):
-    """That snapshot cannot be rolled back to; pick one listed by `horse-ledger snapshots` as published."""
 
 
 class BatchRefused(DaemonError):

@@ -25,7 +25,7 @@ from ledger.errors import LedgerError
 from ledger.events import json_safe, record_event
 from ledger.models import Batch, Edit, Head, Snapshot, SnapshotEdit, utcnow
 from ledger.records import EditRecord
-from ledger.status import EditStatus, transition
+from ledger.status import EditStatus, SnapshotStatus, transition
 from ledger.store import Store, set_head
 
 
@@ -101,7 +101,7 @@ def publish_night(store: Store, *, batch_id: int, expected_head: int | None, sna
                             f"{batch_id}; nothing was published, the batch will be retried")
         snap = Snapshot(parent_id=snapshot.parent_id, batch_id=batch_id, base_model=snapshot.base_model,
                         kind=snapshot.kind, path=snapshot.path, sha256=snapshot.sha256, bytes=snapshot.bytes,
-                        created_at=utcnow(), status="published", metrics=json_safe(snapshot.metrics))
+                        created_at=utcnow(), status=SnapshotStatus.PUBLISHED.value, metrics=json_safe(snapshot.metrics))
         s.add(snap)
         s.flush()
         if snapshot.carried:
@@ -154,7 +154,7 @@ def published_snapshot_ids(store: Store, base_model: str) -> list[int]:
     """The ids of this model's published snapshots (the caches of any other are pruned)."""
     with store.session(write=False) as s:
         return list(s.execute(select(Snapshot.id).where(Snapshot.base_model == base_model,
-                                                        Snapshot.status == "published")).scalars())
+                                                        Snapshot.status == SnapshotStatus.PUBLISHED.value)).scalars())
 
 
 def applied_edits_on(session, snapshot_ids: Sequence[int], *, except_keys: Collection[str] = ()) -> list[EditRecord]:
@@ -197,7 +197,7 @@ def publish_joint_night(store: Store, *, batch_id: int, expected_head: int | Non
                             f"{batch_id}; nothing was published, the batch will be retried")
         snap = Snapshot(parent_id=snapshot.parent_id, batch_id=batch_id, base_model=snapshot.base_model,
                         kind=snapshot.kind, path=snapshot.path, sha256=snapshot.sha256, bytes=snapshot.bytes,
-                        created_at=utcnow(), status="published", metrics=snapshot.metrics)
+                        created_at=utcnow(), status=SnapshotStatus.PUBLISHED.value, metrics=snapshot.metrics)
         s.add(snap)
         s.flush()
         s.execute(insert(SnapshotEdit), [{"snapshot_id": snap.id, "edit_id": i} for i in snapshot.carried])
@@ -247,7 +247,7 @@ def publish_fold(store: Store, *, expected_head: int | None, snapshot: NewSnapsh
             raise HeadMoved(f"the head of {snapshot.base_model} moved during consolidation; nothing was published")
         snap = Snapshot(parent_id=None, batch_id=None, base_model=snapshot.base_model, kind=snapshot.kind,
                         path=snapshot.path, sha256=snapshot.sha256, bytes=snapshot.bytes, created_at=utcnow(),
-                        status="published", metrics=snapshot.metrics)
+                        status=SnapshotStatus.PUBLISHED.value, metrics=snapshot.metrics)
         s.add(snap)
         s.flush()
         s.execute(insert(SnapshotEdit), [{"snapshot_id": snap.id, "edit_id": i} for i in snapshot.carried])

@@ -64,5 +64,9 @@ class SnapshotNotFound(LedgerError):
     """No snapshot has this id; see `horse-ledger snapshots` for the ones that exist."""
 
 
+class NotOnChain(LedgerError):
+    """That snapshot cannot be rolled back to; pick one listed by `horse-ledger snapshots` as published."""
+
+
 class ProtectedFactNotFound(LedgerError):
     """No protected fact has this id; see `horse-ledger protect list`."""

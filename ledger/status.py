@@ -43,6 +43,17 @@ class EditStatus(StrEnum):
 
 
 S = EditStatus
+
+
+class SnapshotStatus(StrEnum):
+    """A snapshot is published when written (`ledger.chain`) and can only ever be rolled back
+    (`ledger.rollback.move_snapshots`, the one place it changes)."""
+
+    PUBLISHED = "published"
+    ROLLED_BACK = "rolled_back"
+
+
+SNAPSHOT_MOVES = frozenset({(SnapshotStatus.PUBLISHED, SnapshotStatus.ROLLED_BACK)})
 ALLOWED: dict[EditStatus, frozenset[EditStatus]] = {
     S.PROPOSED: frozenset({S.PENDING, S.REJECTED, S.CANCELLED}),  # review: approve, reject, withdraw
     S.PENDING: frozenset({S.CLAIMED, S.CANCELLED, S.SUPERSEDED}),
