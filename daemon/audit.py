@@ -13,14 +13,13 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import select
-
 from daemon import snapshots
 from daemon.errors import SnapshotCorrupt
-from daemon.materialise import ChainLink, Materialised, chain, head_id, link_of, links, materialise, weights_digest
+from daemon.materialise import ChainLink, Materialised, chain, head_id, link_of, materialise, weights_digest
 from ledger.config import Settings
-from ledger.errors import SnapshotNotFound
-from ledger.models import Snapshot, SnapshotEdit, as_utc
+from ledger.models import as_utc
+from ledger.snapshot_reads import (carried_edits, edit_counts, model_snapshot_paths, model_snapshots, snapshot_edit_ids,
+                                   snapshot_of)
 from ledger.store import Store
 
 # Numbers `diff` compares, with where they live in a snapshot's metrics.
@@ -48,12 +47,10 @@ def snapshot_rows(store: Store, base_model: str) -> list[dict[str, Any]]:
     """Every snapshot of a base model, oldest first, as JSON-able dicts (the head marked)."""
     with store.session(write=False) as s:
         head = head_id(s, base_model)
-        counts: dict[int, int] = {}
-        for sid, eid in s.execute(select(SnapshotEdit.snapshot_id, SnapshotEdit.edit_id)):
-            counts[sid] = counts.get(sid, 0) + 1
+        snaps = model_snapshots(s, base_model)
+        counts = edit_counts(s, [snap.id for snap in snaps])
         rows = []
-        for snap in s.execute(select(Snapshot).where(Snapshot.base_model == base_model)
-                              .order_by(Snapshot.id)).scalars():
+        for snap in snaps:
             m = snap.metrics or {}
             rows.append({
                 "id": snap.id, "parent_id": snap.parent_id, "batch_id": snap.batch_id, "kind": snap.kind,
@@ -70,26 +67,11 @@ def snapshot_rows(store: Store, base_model: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _snapshot_or_base(s, base_model: str, ref: int | None) -> Snapshot | None:
-    if ref is None:
-        return None
-    snap = s.get(Snapshot, ref)
-    if snap is None or snap.base_model != base_model:
-        raise SnapshotNotFound(f"{base_model} has no snapshot {ref}; see `horse-ledger snapshots`")
-    return snap
-
-
 def diff(store: Store, base_model: str, a: int | None, b: int | None) -> dict[str, Any]:
     """Which edits differ between the models at snapshots a and b (None = base), and how the numbers moved."""
     with store.session(write=False) as s:
-        sa, sb = _snapshot_or_base(s, base_model, a), _snapshot_or_base(s, base_model, b)
-
-        def carried(ref: int | None) -> set[int]:
-            ids = [c.id for c in chain(s, ref)]
-            return set(s.execute(select(SnapshotEdit.edit_id).where(SnapshotEdit.snapshot_id.in_(ids))).scalars()) \
-                if ids else set()
-
-        ea, eb = carried(a), carried(b)
+        sa, sb = snapshot_of(s, base_model, a), snapshot_of(s, base_model, b)
+        ea, eb = carried_edits(s, a), carried_edits(s, b)
         ma, mb = (sa.metrics or {}) if sa else {}, (sb.metrics or {}) if sb else {}
         moved = {}
         for name, path in DIFF_METRICS.items():
@@ -148,14 +130,13 @@ def verify(settings: Settings, store: Store, snapshot_id: int | None = None, *, 
     with store.session(write=False) as s:
         if snapshot_id is None and use_head:
             snapshot_id = head_id(s, base_model)
-        target = _snapshot_or_base(s, base_model, snapshot_id)
+        target = snapshot_of(s, base_model, snapshot_id)
         rows = chain(s, snapshot_id)
         info = {r.id: {"path": r.path, "sha256": r.sha256, "bytes": r.bytes, "parent_id": r.parent_id,
                        "metrics": dict(r.metrics or {}),
-                       "edit_ids": sorted(s.execute(select(SnapshotEdit.edit_id)
-                                                    .where(SnapshotEdit.snapshot_id == r.id)).scalars())}
+                       "edit_ids": snapshot_edit_ids(s, r.id)}
                 for r in rows}
-        referenced = list(s.execute(select(Snapshot.path).where(Snapshot.base_model == base_model)).scalars())
+        referenced = model_snapshot_paths(s, base_model)
         chain_links = [link_of(r) for r in rows]
     del target
     report = VerifyReport(base_model=base_model, snapshot_id=snapshot_id)

@@ -18,15 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sqlalchemy import select
 
 from daemon import snapshots
 from daemon.errors import DaemonError
 from daemon.materialise import chain, chain_subjects, head_id, links, load_base, materialise, scope_index, scoped
 from daemon.night.routes import is_routed, served_table
 from ledger.config import Settings
-from ledger.errors import SnapshotNotFound
-from ledger.models import Snapshot, SnapshotEdit
+from ledger.snapshot_reads import snapshot_edit_ids, snapshot_of
 from ledger.store import Store
 
 APPLY_RULE = ("apply the files in `chain` order to the base model's weights: for each layer, W <- (W.float() + "
@@ -36,15 +34,11 @@ APPLY_RULE = ("apply the files in `chain` order to the base model's weights: for
 
 def _chain_info(settings: Settings, store: Store, snapshot_id: int | None) -> tuple[int | None, list[dict[str, Any]]]:
     with store.session(write=False) as s:
-        if snapshot_id is not None:
-            snap = s.get(Snapshot, snapshot_id)
-            if snap is None or snap.base_model != settings.model:
-                raise SnapshotNotFound(f"{settings.model} has no snapshot {snapshot_id}; see `horse-ledger snapshots`")
+        snapshot_of(s, settings.model, snapshot_id)
         rows = chain(s, snapshot_id)
         out = [{"id": r.id, "parent_id": r.parent_id, "kind": r.kind, "status": r.status, "path": r.path,
                 "sha256": r.sha256, "bytes": r.bytes,
-                "edit_ids": sorted(s.execute(select(SnapshotEdit.edit_id)
-                                             .where(SnapshotEdit.snapshot_id == r.id)).scalars()),
+                "edit_ids": snapshot_edit_ids(s, r.id),
                 "metrics": {k: (r.metrics or {}).get(k) for k in ("weights_sha256", "base_fingerprint",
                                                                    "hypernet_fingerprint")}}
                for r in rows]

@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from daemon import snapshots
 from daemon.errors import SnapshotCorrupt
 from ledger.config import Settings
 from ledger.store import snapshot_chain_in
-from ledger.models import Head, Snapshot
+from ledger.models import Snapshot
+from ledger.snapshot_reads import chain_subjects, head_id  # noqa: F401 - re-exported to the daemon
 
 
 def resolve_device(device: str) -> str:
@@ -69,11 +69,6 @@ def load_base(settings: Settings):
                                   progress=False, device_map=resolve_device_map(settings.device))
     model.eval()
     return model, tokenizer
-
-
-def head_id(session: Session, base_model: str) -> int | None:
-    """The head snapshot id of a base model (None = the unedited base)."""
-    return session.execute(select(Head.snapshot_id).where(Head.base_model == base_model)).scalar_one_or_none()
 
 
 def chain(session: Session, snapshot_id: int | None) -> list[Snapshot]:
@@ -173,17 +168,6 @@ def scoped(model, tokenizer, base_weights: dict[str, torch.Tensor], index, more_
     from horse.scope import Scope
 
     return Scope(model, base_weights, index.extended(tokenizer, more_subjects))
-
-
-def chain_subjects(session: Session, chain_ids: Sequence[int]) -> list[str]:
-    """The subjects of every edit the snapshots `chain_ids` carry (what a scoped head is about)."""
-    from ledger.models import Edit, SnapshotEdit
-
-    if not chain_ids:
-        return []
-    rows = session.execute(select(Edit.subject).join(SnapshotEdit, SnapshotEdit.edit_id == Edit.id)
-                           .where(SnapshotEdit.snapshot_id.in_(list(chain_ids))).distinct())
-    return sorted(rows.scalars())
 
 
 def links(session: Session, snapshot_id: int | None) -> list[ChainLink]:

@@ -25,6 +25,7 @@ from ledger.errors import LedgerError
 from ledger.events import json_safe, record_event
 from ledger.models import Batch, Edit, Head, Snapshot, SnapshotEdit, utcnow
 from ledger.records import EditRecord
+from ledger.snapshot_reads import model_snapshot_paths
 from ledger.status import EditStatus, SnapshotStatus, transition
 from ledger.store import Store, set_head
 
@@ -36,7 +37,7 @@ class HeadMoved(LedgerError):
 def snapshot_paths(store: Store, base_model: str) -> list[str]:
     """Every path a snapshot row of this model names (files not listed are orphans)."""
     with store.session(write=False) as s:
-        return list(s.execute(select(Snapshot.path).where(Snapshot.base_model == base_model)).scalars())
+        return model_snapshot_paths(s, base_model)
 
 
 @dataclass

@@ -17,7 +17,8 @@ from sqlalchemy.orm import Session
 
 from ledger.errors import IllegalTransition, NotOnChain, SnapshotNotFound
 from ledger.events import record_event
-from ledger.models import Edit, Head, Snapshot, SnapshotEdit
+from ledger.models import Edit, Snapshot, SnapshotEdit
+from ledger.snapshot_reads import carried_edits, head_id
 from ledger.status import SNAPSHOT_MOVES, EditStatus, SnapshotStatus, transition
 from ledger.store import set_head, snapshot_chain_in
 
@@ -47,14 +48,6 @@ def move_snapshots(session: Session, snaps: Sequence[Snapshot], dst: SnapshotSta
                      reason=reason)
 
 
-def carried_edits(session: Session, snapshot_id: int | None) -> set[int]:
-    """Every edit id carried by the snapshots on the chain of `snapshot_id`."""
-    ids = [s.id for s in snapshot_chain_in(session, snapshot_id)]
-    if not ids:
-        return set()
-    return set(session.execute(select(SnapshotEdit.edit_id).where(SnapshotEdit.snapshot_id.in_(ids))).scalars())
-
-
 def _check_target(session: Session, base_model: str, target: int | None, current: int | None) -> None:
     if target is None:
         return
@@ -79,7 +72,7 @@ def roll_back(session: Session, base_model: str, target: int | None, *, requeue:
         SnapshotNotFound: no such snapshot.
         NotOnChain: the snapshot belongs to another model, is already rolled back, or is not older than the head.
     """
-    current = session.execute(select(Head.snapshot_id).where(Head.base_model == base_model)).scalar_one_or_none()
+    current = head_id(session, base_model)
     _check_target(session, base_model, target, current)
     result = RollbackResult(base_model=base_model, from_snapshot=current, to_snapshot=target)
     if target == current:
