@@ -19,7 +19,6 @@ LONGER: dict[str, int] = {
     "horse/metatrain.py": 480,
     "horse/finetune.py": 570,
     "horse/editor.py": 600,
-    "horse/memit.py": 700,
 }
 
 
