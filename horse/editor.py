@@ -2,11 +2,10 @@
 
 Owns the editing pipeline of HORSE / MALMEN (paper steps 3–7):
     tokenise → capture K^l, G^l (hooks.py) → residuals R^l from the hypernet (hypernet.py)
-    → spread R̂^l (spread.py) → ridge solve ΔW^l (solve.py) → `Deltas` (deltas.py)
-and the hypernet checkpoint format: one safetensors file whose header metadata holds a JSON card
-(architecture, module names, shapes, rank, blocks, spread, variant, training data hash, base-model
-fingerprint; the normaliser state is in the tensors), plus the same card as a readable `<file>.json`.
-No pickle: checkpoints are read with safetensors only.
+    → spread R̂^l (spread.py) → ridge solve ΔW^l (solve.py, with the priors of priors.py) → `Deltas` (deltas.py)
+and one edit of a whole ledger from additive statistics (sums.py). The hypernet checkpoint format
+(safetensors + JSON card, no pickle) is horse/checkpoint.py: `Editor.save` and `Editor.from_checkpoint` call it,
+and `read_checkpoint`, `atomic_write` and `CARD_KEY` are importable from here as before.
 
 The editor never writes model weights: `compute_deltas` returns deltas, and applying them (with exact
 restore) is `horse.deltas.apply_deltas`. The model's parameters and train/eval mode are restored after the
@@ -20,65 +19,29 @@ Tests: `python -m pytest tests/horse/test_editor.py tests/horse/test_checkpoint.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save as safetensors_save
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from horse import priors
 from horse.arch import default_target_modules, get_module, model_device, module_shape_KV
+from horse.batches import eval_mode, lm_batches, request_batches  # noqa: F401 - lm_batches re-exported
+from horse.checkpoint import CARD_KEY, FORMAT_VERSION, atomic_write, read_checkpoint  # noqa: F401 - re-exported
+from horse.checkpoint import hypernet_card, load_checkpoint, write_checkpoint
 from horse.deltas import Deltas, LayerDelta, fingerprint_modules
-from horse.errors import BadCheckpoint, CheckpointMismatch, EngineError
+from horse.errors import EngineError
 from horse.hooks import Captured, capture, capture_keys
 from horse.hypernet import HyperConfig, HyperNetSet, layer_residuals
 from horse.solve import RidgeSolution, preserving_solve, ridge_solve
 from horse.spread import spread_residuals
 from horse.sums import SUMS_SPREADS, EditSums, batch_sums, solve_sums, spread_rhs
-from horse.tokens import TokenizedBatch, chunked, tokenize_pairs
 from horse.types import EditRequest
-
-CARD_KEY = "horse_card"
-FORMAT_VERSION = 1
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put the model in eval mode (dropout off) for the block and restore its previous mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def lm_batches(
-    tok: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[str], batch_size: int,
-    device: torch.device,
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(input_ids, attention_mask, labels) per LM mini-batch of `batch_size` pairs, on `device`."""
-    out = []
-    for idx in chunked(list(range(len(prompts))), batch_size):
-        b: TokenizedBatch = tokenize_pairs(tok, [prompts[i] for i in idx], [answers[i] for i in idx]).to(device)
-        out.append((b.input_ids, b.attention_mask, b.labels))
-    return out
-
-
-def _request_batches(model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
-                     lm_batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """`lm_batches` of the requests' prompts → new targets on the model's device (refuses none)."""
-    if not requests:
-        raise EngineError("no requests to edit; give at least one EditRequest")
-    return lm_batches(tokenizer, [r.prompt for r in requests], [r.target for r in requests], lm_batch_size,
-                      model_device(model))
 
 
 @dataclass
@@ -174,13 +137,13 @@ class Editor:
     ) -> Captured:
         """Step 3: keys and gradients of the edit prompt → new target, at the answer tokens."""
         with eval_mode(model):
-            return capture(model, self.module_names, _request_batches(model, tokenizer, requests, lm_batch_size))
+            return capture(model, self.module_names, request_batches(model, tokenizer, requests, lm_batch_size))
 
     def capture_keys(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
                      *, lm_batch_size: int = 25) -> dict[str, torch.Tensor]:
         """The keys of `capture` alone (forward passes only): keys_NK per module, at the answer tokens."""
         with eval_mode(model):
-            return capture_keys(model, self.module_names, _request_batches(model, tokenizer, requests, lm_batch_size))
+            return capture_keys(model, self.module_names, request_batches(model, tokenizer, requests, lm_batch_size))
 
     def normaliser_stats(self, captured: Captured, *, update: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per net: merge this batch into the running normaliser when `update`, then return the stats to use."""
@@ -244,12 +207,9 @@ class Editor:
                          exponent: float = 0.0, floor: float = 0.0) -> Editor:
         """Serve with the preservation prior μ(N) · C_l on every edited layer (`preserving_solve`).
 
-        μ(N) = max(weight / N^exponent, floor) for a batch of N edits. The floor keeps large batches (a
-        consolidation of many nights) from losing the prior: one 1,000-edit batch without it multiplied the
-        perplexity of fixed text by 19, with μ = 1 by 4.4 (benchmarks/studies/preserve_weight.py, part 3). The hypernet was trained on batches of ~100 edits,
-        where the edits share the common directions of the keys between them; a small batch (what the
-        daemon's bisection edits) puts its whole residual on those directions and moves every prompt, so it
-        needs a much stronger prior (benchmarks/studies/preserve_weight.py: exponent 2 keeps both regimes).
+        μ(N) = max(weight / N^exponent, floor) for a batch of N edits; why the floor and the exponent, see
+        horse/priors.py (a small batch needs a much stronger prior than the ~100 edits the hypernet was trained
+        on, a consolidation of many nights must not lose it).
 
         Args:
             second_moments_KK: per module name, C (K×K) of its inputs on unrelated text, e.g. from
@@ -266,10 +226,8 @@ class Editor:
         if second_moments_KK is None or weight == 0:
             self.preserve_KK, self.preserve_weight, self.preserve_exponent, self.preserve_floor = None, 0.0, 0.0, 0.0
             return self
-        missing = [n for n in self.module_names if n not in second_moments_KK]
-        if missing:
-            raise EngineError(f"no second moments for {missing}; estimate them for every edited module")
-        self.preserve_KK = {n: second_moments_KK[n].to(self.device, torch.float64) for n in self.module_names}
+        self.preserve_KK = priors.moments_per_module(second_moments_KK, self.module_names, self.device,
+                                                     "no second moments for {}; estimate them for every edited module")
         self.preserve_weight, self.preserve_exponent = float(weight), float(exponent)
         self.preserve_floor = min(float(floor), self.preserve_weight)
         return self
@@ -293,10 +251,8 @@ class Editor:
         if keys_KK is None or weight == 0:
             self.protect_KK, self.protect_weight = None, 0.0
             return self
-        missing = [n for n in self.module_names if n not in keys_KK]
-        if missing:
-            raise EngineError(f"no key moments for {missing}; sum them for every edited module")
-        self.protect_KK = {n: keys_KK[n].to(self.device, torch.float64) for n in self.module_names}
+        self.protect_KK = priors.moments_per_module(keys_KK, self.module_names, self.device,
+                                                    "no key moments for {}; sum them for every edited module")
         self.protect_weight = float(weight)
         return self
 
@@ -304,7 +260,7 @@ class Editor:
         """Per module, KᵀK (K×K, float64) of a batch's captured keys (a Captured, or keys_NK per module): what
         `set_protected_keys` sums."""
         keys = captured.keys_NK if isinstance(captured, Captured) else captured
-        return {n: (k := keys[n].to(self.device, torch.float64)).T @ k for n in self.module_names}
+        return priors.keys_second_moments_KK(keys, self.module_names, self.device)
 
     def requests_second_moments(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                                 requests: Sequence[EditRequest], *, chunk_edits: int = 100) -> dict[str, torch.Tensor]:
@@ -320,18 +276,15 @@ class Editor:
 
     def prior_KK(self, name: str, n_edits: int) -> torch.Tensor | None:
         """The solve's prior P for module `name` and a batch of N edits: μ(N)·C + ν·KₑᵀKₑ (None: neither)."""
-        parts = []
-        if self.preserve_KK is not None:
-            parts.append(self.preserve_mu(n_edits) * self.preserve_KK[name])
-        if self.protect_KK is not None:
-            parts.append(self.protect_weight * self.protect_KK[name])
-        return sum(parts[1:], parts[0]) if parts else None
+        preserve_KK = None if self.preserve_KK is None else self.preserve_KK[name]
+        protect_KK = None if self.protect_KK is None else self.protect_KK[name]
+        return priors.prior_KK(preserve_KK, self.preserve_mu(n_edits), protect_KK, self.protect_weight)
 
     def preserve_mu(self, n_edits: int) -> float:
         """μ(N) of the preservation prior for a batch of N edits (0 when the prior is off)."""
         if self.preserve_KK is None:
             return 0.0
-        return max(self.preserve_weight / max(n_edits, 1) ** self.preserve_exponent, self.preserve_floor)
+        return priors.preserve_mu(n_edits, self.preserve_weight, self.preserve_exponent, self.preserve_floor)
 
     def predict(self, captured: Captured, *, update_normaliser: bool | None = None,
                 timings_s: dict[str, float] | None = None, n_edits: int = 1) -> Prediction:
@@ -435,26 +388,11 @@ class Editor:
             deltas[name] = LayerDelta(dense_KV=delta_KV.float().cpu())
         return deltas
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (horse/checkpoint.py)
 
     def card(self, extra_metadata: dict | None = None) -> dict:
-        """The JSON card saved with the checkpoint."""
-        card = {
-            "format": "horse-hypernet",
-            "format_version": FORMAT_VERSION,
-            "config": self.config.to_dict(),
-            "module_names": self.module_names,
-            "shapes_KV": [list(s) for s in self.shapes_KV],
-            "rank": self.config.rank,
-            "n_blocks": self.config.n_blocks,
-            "spread": self.config.spread,
-            "variant": self.config.variant,
-            "base_model_fingerprint": self.fingerprint,
-            "normaliser": {k: {"count": float(n.normaliser.count)} for k, n in self.nets.nets.items()},
-        }
-        card.update(self.metadata)
-        card.update(extra_metadata or {})
-        return card
+        """The JSON card saved with the checkpoint (`horse.checkpoint.hypernet_card`)."""
+        return hypernet_card(self.config, self.nets, self.shapes_KV, self.fingerprint, self.metadata, extra_metadata)
 
     def save(self, path: str | os.PathLike, *, extra_metadata: dict | None = None,
              dtype: torch.dtype | None = None) -> Path:
@@ -469,18 +407,7 @@ class Editor:
         Returns:
             the path written.
         """
-        path = Path(path)
-        card = self.card(extra_metadata)
-        tensors = {}
-        for k, v in self.nets.state_dict().items():
-            v = v.detach().cpu()
-            if dtype is not None and v.is_floating_point() and ".normaliser." not in k:
-                v = v.to(dtype)
-            tensors[k] = v.contiguous()
-        blob = safetensors_save(tensors, metadata={CARD_KEY: json.dumps(card)})
-        atomic_write(path, blob)
-        atomic_write(path.with_suffix(path.suffix + ".json"), (json.dumps(card, indent=2) + "\n").encode())
-        return path
+        return write_checkpoint(path, self.nets, self.card(extra_metadata), dtype=dtype)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, model: nn.Module, *, force: bool = False) -> Editor:
@@ -491,77 +418,8 @@ class Editor:
             CheckpointMismatch: the module names or shapes do not exist in `model`, or (unless `force`)
                 the base-model fingerprint differs.
         """
-        tensors, card = read_checkpoint(path)
-        config = HyperConfig.from_dict(card["config"])
-        names = list(card["module_names"])
-        shapes = [tuple(s) for s in card["shapes_KV"]]
-        for name, shape in zip(names, shapes):
-            try:
-                actual = module_shape_KV(get_module(model, name))
-            except EngineError as exc:
-                raise CheckpointMismatch(
-                    f"hypernet {path} edits module {name!r}, which this model ({type(model).__name__}) lacks; "
-                    "train a hypernet for this model (horse-ledger hypernet train)"
-                ) from exc
-            if tuple(actual) != tuple(shape):
-                raise CheckpointMismatch(
-                    f"hypernet {path} expects {name} of shape (K, V) = {tuple(shape)}, the model has {actual}; "
-                    "train a hypernet for this model (horse-ledger hypernet train); --force does not override shapes"
-                )
-        fingerprint = fingerprint_modules(model, names)
-        if fingerprint != card["base_model_fingerprint"] and not force:
-            raise CheckpointMismatch(
-                f"hypernet {path} was trained on another base model (fingerprint "
-                f"{card['base_model_fingerprint'][:12]}…, this model {fingerprint[:12]}…); train one for this "
-                "model, or pass --force (force=True) to use it anyway"
-            )
-        nets = HyperNetSet(config, names, shapes)
-        own = nets.state_dict()
-        if set(own) != set(tensors):
-            raise BadCheckpoint(
-                f"hypernet {path} has tensors {sorted(set(tensors) ^ set(own))[:4]} that do not match its card; "
-                "the file is damaged or from another version: retrain it"
-            )
-        for k, v in own.items():
-            if tuple(tensors[k].shape) != tuple(v.shape):
-                raise BadCheckpoint(f"hypernet {path}: tensor {k} has shape {tuple(tensors[k].shape)}, "
-                                    f"expected {tuple(v.shape)}; retrain it")
-        nets.load_state_dict({k: tensors[k].to(own[k].dtype) for k in own})
-        metadata = {k: v for k, v in card.items() if k not in _CARD_CORE_KEYS}
-        editor = cls(config, nets.to(model_device(model)), card["base_model_fingerprint"], shapes, metadata)
-        return editor
-
-
-_CARD_CORE_KEYS = frozenset({
-    "format", "format_version", "config", "module_names", "shapes_KV", "rank", "n_blocks", "spread",
-    "variant", "base_model_fingerprint", "normaliser",
-})
-
-
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, card) of a hypernet file, via safetensors only.
-
-    Raises:
-        BadCheckpoint: missing file, not safetensors, or no horse card.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise BadCheckpoint(f"hypernet file {path} does not exist; give the path of a .safetensors hypernet")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises several types for a damaged header
-        raise BadCheckpoint(f"{path} is not a readable safetensors file ({exc}); re-download or retrain it") from exc
-    if CARD_KEY not in meta:
-        raise BadCheckpoint(f"{path} is a safetensors file without a horse hypernet card; give a hypernet file")
-    try:
-        card = json.loads(meta[CARD_KEY])
-    except json.JSONDecodeError as exc:
-        raise BadCheckpoint(f"{path}: the hypernet card is not valid JSON; retrain it") from exc
-    if card.get("format") != "horse-hypernet":
-        raise BadCheckpoint(f"{path} is not a horse hypernet (format {card.get('format')!r})")
-    return tensors, card
+        config, nets, fingerprint, shapes, metadata = load_checkpoint(path, model, force=force)
+        return cls(config, nets.to(model_device(model)), fingerprint, shapes, metadata)
 
 
 def solutions_to_deltas(module_names: Sequence[str], solutions: Sequence[RidgeSolution]) -> Deltas:
@@ -574,25 +432,6 @@ def solutions_to_deltas(module_names: Sequence[str], solutions: Sequence[RidgeSo
         else:
             deltas[name] = LayerDelta(dense_KV=sol.to_dense().float())
     return deltas
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def _sync(device: torch.device) -> None:

@@ -1,8 +1,8 @@
 """Two-stage meta-training of the hypernet (MALMEN §4.2, used unchanged by HORSE).
 
 Owns `meta_step` (one meta-gradient), `train_hypernet` (the loop: batches, Adam, clipping, progress bar,
-logged losses, periodic checkpoints, resume, early stopping on a validation split) and the optimizer-state
-file format (safetensors + JSON, no pickle).
+logged losses, periodic checkpoints, resume, early stopping on a validation split). The files it writes (the
+hypernet, and the optimizer state beside it: safetensors + JSON, no pickle) are horse/checkpoint.py's.
 
 One meta-step on a batch of edit requests (each with a rephrase and a locality prompt):
   1. capture K^l, G^l on the unedited model (no grad through the LM)              hooks.capture
@@ -37,14 +37,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save as safetensors_save
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from horse.editor import Editor, Prediction, atomic_write, eval_mode, lm_batches, model_device
-from horse.errors import BadCheckpoint, EngineError
+from horse.checkpoint import load_optimizer, optimizer_path, save_optimizer
+from horse.editor import Editor, Prediction, eval_mode, lm_batches, model_device
+from horse.errors import EngineError
 from horse.hooks import Captured, answer_ce, answer_logits, delta_hooks, frozen_parameters
 from horse.hypernet import HyperConfig, layer_residuals
 from horse.solve import ridge_backward
@@ -293,42 +292,6 @@ def evaluate_loss(
     return StepResult(sum(gens) / max(len(gens), 1), sum(locs) / max(len(locs), 1))
 
 
-# --------------------------------------------------------------------------- optimizer state files
-
-
-def save_optimizer(path: Path, opt: torch.optim.Optimizer, params: Sequence[nn.Parameter], progress: dict) -> None:
-    """Adam state as safetensors ("<i>.exp_avg", "<i>.exp_avg_sq", "<i>.step") + JSON (hyper-params, progress)."""
-    index = {id(p): i for i, p in enumerate(params)}
-    tensors = {}
-    for p, state in opt.state.items():
-        i = index[id(p)]
-        for key, value in state.items():
-            t = value if torch.is_tensor(value) else torch.tensor(float(value))
-            tensors[f"{i}.{key}"] = t.detach().cpu().contiguous()
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    meta = {"param_groups": json.dumps(groups), "progress": json.dumps(progress), "n_params": str(len(params))}
-    atomic_write(path, safetensors_save(tensors, metadata=meta))
-
-
-def load_optimizer(path: Path, opt: torch.optim.Optimizer, params: Sequence[nn.Parameter]) -> dict:
-    """Restore what `save_optimizer` wrote into `opt`; returns the saved progress dict."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise BadCheckpoint(f"cannot read optimizer state {path} ({exc}); start without --resume") from exc
-    if int(meta.get("n_params", -1)) != len(params):
-        raise BadCheckpoint(f"optimizer state {path} is for another hypernet; start without --resume")
-    for g, saved in zip(opt.param_groups, json.loads(meta["param_groups"])):
-        g.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()})
-    for key, t in tensors.items():
-        i, name = key.split(".", 1)
-        p = params[int(i)]
-        opt.state[p][name] = t.to(p.device) if name != "step" else t
-    return json.loads(meta["progress"])
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -347,10 +310,6 @@ def _schedule(n_requests: int, n_edits: int, seed: int, step: int) -> list[int]:
     order = list(range(n_requests))
     random.Random(seed * 100_003 + epoch).shuffle(order)
     return order[slot * n_edits : slot * n_edits + n_edits]
-
-
-def optimizer_path(out_path: Path) -> Path:
-    return out_path.with_name(out_path.name + ".optim.safetensors")
 
 
 def train_hypernet(
