@@ -39,6 +39,9 @@ The daemon uses a FineTuner like a hypernet Editor (`compute_deltas`), but
 because `from_base` is set it hands it every edit the head carries plus the night's, on the base weights,
 and publishes the result as a snapshot whose parent is the base (see daemon/cycle.py).
 
+The loss terms are in horse/finetune_losses.py, the prompts and fixed passes in horse/finetune_passes.py (their
+names stay importable from here); the replay decisions (`replayable`, `_cache_prefix`) and the FineTuner are here.
+
 Run the tests with `pytest tests/horse/test_finetune.py`.
 """
 from __future__ import annotations
@@ -47,23 +50,27 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from horse.arch import default_target_modules, get_module, model_device, module_weight_KV, weight_layout
-from horse.deltas import Deltas, LayerDelta, add_deltas_, apply_deltas, fingerprint_modules
+from horse.deltas import Deltas, LayerDelta, add_deltas_, fingerprint_modules
 from horse.errors import EngineError
+from horse.finetune_losses import (DIVERGENCES, answer_hits_B, answer_nll_B, kl_from_base_B, moment_factor_KR,
+                                   output_change, topk_kl_from_base_B)
+from horse.finetune_losses import answer_accuracy_B  # noqa: F401 - re-exported (tests)
+from horse.finetune_passes import (Pass, edit_pass, locality_prompts, pass_accuracy, pass_logits_NW, prompt_pass,
+                                   rehearsal_subset, subject_swaps, top_k)
 from horse.metrics import logits_at
 from horse.progress import Progress, log_stage
 from horse.hooks import record_keys
-from horse.replay import (BlockInput, block_path, capture_block_input, first_block, head_logits, prefix_matches,
-                          replay_hidden_BTH, replayable)
-from horse.tokens import PromptBatch, TokenizedBatch, chunked, tokenize_prompts, tokenize_requests
+from horse.replay import (block_path, capture_block_input, first_block, prefix_matches, replay_hidden_BTH,
+                          replayable)
+from horse.tokens import chunked, tokenize_prompts, tokenize_requests
 from horse.types import EditRequest
 
 log = logging.getLogger("horse.finetune")
@@ -108,150 +115,9 @@ class FinetuneConfig:
                 raise EngineError(f"{name} = {getattr(self, name)} is negative; give a value ≥ 0")
 
 
-def answer_nll_B(logits_NW: torch.Tensor, targets_N: torch.Tensor, rows_N: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Mean negative log-likelihood of each row's answer tokens, from the logits at the N answer positions
-    (row of each in `rows_N`). B float (B = n_rows; a row without answer tokens gets 0)."""
-    nll_N = -torch.log_softmax(logits_NW.float(), dim=-1).gather(-1, targets_N[:, None])[:, 0]
-    sum_B = torch.zeros(n_rows, dtype=nll_N.dtype, device=nll_N.device).index_add(0, rows_N, nll_N)
-    count_B = torch.bincount(rows_N, minlength=n_rows).clamp_min(1)
-    return sum_B / count_B
-
-
-def answer_hits_B(logits_NW: torch.Tensor, targets_N: torch.Tensor, rows_N: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """True where every answer token of the row is the top-1 prediction (accuracy 1). B bool."""
-    return answer_accuracy_B(logits_NW, targets_N, rows_N, n_rows) == 1.0
-
-
-def answer_accuracy_B(logits_NW: torch.Tensor, targets_N: torch.Tensor, rows_N: torch.Tensor,
-                      n_rows: int) -> torch.Tensor:
-    """Share of each row's answer tokens that are the top-1 prediction (teacher-forced answer-token accuracy,
-    `horse.metrics.answer_token_accuracy`). B float (1.0 for a row without answer tokens)."""
-    right_N = (logits_NW.argmax(dim=-1) == targets_N).float()
-    count_B = torch.bincount(rows_N, minlength=n_rows).float()
-    sum_B = torch.zeros(n_rows, device=right_N.device).index_add(0, rows_N, right_N)
-    return torch.where(count_B > 0, sum_B / count_B.clamp_min(1), torch.ones_like(sum_B))
-
-
-DIVERGENCES = ("forward", "reverse", "symmetric")
-
-
-def kl_from_base_B(base_logp_BV: torch.Tensor, logits_BV: torch.Tensor, kind: str = "forward") -> torch.Tensor:
-    """Divergence of next-token distributions from the base model's, per row. B float.
-
-    kind: "forward" KL(p_base ‖ p_θ) (penalises losing what the base model predicts; raising a token the base
-    model thinks unlikely costs only the mass it takes from the others), "reverse" KL(p_θ ‖ p_base) (penalises
-    mass on tokens the base model thinks unlikely: an edit's target surfacing on unrelated prompts), or
-    "symmetric", their mean."""
-    if kind not in DIVERGENCES:
-        raise EngineError(f"unknown divergence {kind!r}; give one of {', '.join(DIVERGENCES)}")
-    logp_BV = torch.log_softmax(logits_BV.float(), dim=-1)
-    forward_B = (base_logp_BV.exp() * (base_logp_BV - logp_BV)).sum(dim=-1)
-    if kind == "forward":
-        return forward_B
-    reverse_B = (logp_BV.exp() * (logp_BV - base_logp_BV)).sum(dim=-1)
-    return reverse_B if kind == "reverse" else (forward_B + reverse_B) / 2
-
-
-def topk_kl_from_base_B(base_ids_BK: torch.Tensor, base_logp_BK: torch.Tensor, logits_BV: torch.Tensor) -> torch.Tensor:
-    """KL(p_base ‖ p_θ) over the base model's K most likely next tokens (their ids and log-probabilities), per
-    row: Σₖ p_base(k)·(log p_base(k) − log p_θ(k)). B float; ≥ m·log m for the kept mass m = Σₖ p_base(k), so
-    ≥ 0 when K covers the vocabulary (then it is the KL)."""
-    logp_BK = torch.log_softmax(logits_BV.float(), dim=-1).gather(-1, base_ids_BK)
-    return (base_logp_BK.exp() * (base_logp_BK - logp_BK)).sum(dim=-1)
-
-
-def output_change(delta_KV: torch.Tensor, C_KK: torch.Tensor) -> torch.Tensor:
-    """E‖Δᵀk‖² over inputs k with second moment C = E[k kᵀ]: tr(Δᵀ C Δ), the mean squared change of the layer's
-    output on those inputs. Scalar (differentiable in Δ)."""
-    return ((C_KK @ delta_KV) * delta_KV).sum()
-
-
-def moment_factor_KR(C_KK: torch.Tensor, rank: int) -> torch.Tensor:
-    """L (K×R) with L Lᵀ the best rank-R approximation of the symmetric PSD C (its top R eigenpairs; R = K when
-    rank is 0 or ≥ K), so that ‖Lᵀ Δ‖² = tr(Δᵀ L Lᵀ Δ) ≤ tr(Δᵀ C Δ): the output change along C's R most used
-    input directions, at R/K of the cost."""
-    e_K, U_KK = torch.linalg.eigh(C_KK.double())
-    r = C_KK.shape[0] if rank <= 0 else min(rank, C_KK.shape[0])
-    return (U_KK[:, -r:] * e_K[-r:].clamp_min(0).sqrt()).to(C_KK.dtype)
-
-
-def subject_swaps(requests: Sequence[EditRequest], seed: int) -> list[str | None]:
-    """Per edit, its prompt asked of another edit's subject (None where none fits): the subject must appear in
-    the prompt, the other subject differs from it, and the swapped prompt must not itself be an edited prompt
-    (whose answer is meant to change). Deterministic for a given seed."""
-    edited = {r.prompt for r in requests}
-    subjects = sorted({r.subject for r in requests if r.subject})
-    rng = random.Random(seed)
-    out: list[str | None] = []
-    for r in requests:
-        swapped = None
-        if r.subject and r.subject in r.prompt and len(subjects) > 1:
-            for other in rng.sample(subjects, min(4, len(subjects))):
-                prompt = r.prompt.replace(r.subject, other, 1)
-                if other != r.subject and prompt not in edited:
-                    swapped = prompt
-                    break
-        out.append(swapped)
-    return out
-
-
-def rehearsal_subset(recalled_N: Sequence[bool], rehearsal: float, seed: int, keep: Iterable[int] = ()) -> list[int]:
-    """What a warm start trains on, as indices into the N edits: every edit not recalled and every index in
-    `keep` (those an earlier round found forgotten), and round(rehearsal × their number) other recalled ones drawn
-    at random (all of them when there are fewer), in index order. Empty when every edit is recalled.
-    Deterministic for a given seed."""
-    if all(recalled_N):
-        return []
-    fragile = {i for i, ok in enumerate(recalled_N) if not ok} | set(keep)
-    others = [i for i, ok in enumerate(recalled_N) if ok and i not in fragile]
-    n_rehearse = min(len(others), round(rehearsal * len(fragile)))
-    return sorted(fragile | set(random.Random(seed).sample(others, n_rehearse)))
-
-
-def locality_prompts(n: int, seed: int, held_out: frozenset[str] = frozenset()) -> list[str]:
-    """`n` fixed unrelated prompts from the local corpus (the same text the covariance statistics use), none of
-    them in `held_out` (the gate's canary prompts: what measures locality is never trained on)."""
-    from horse.covariance import corpus_texts
-
-    texts = sorted({t.strip() for t in corpus_texts() if t and t.strip()} - held_out)
-    return random.Random(seed).sample(texts, min(n, len(texts)))
-
-
-@dataclass
-class _Pass:
-    """One fixed forward of the training: its token ids, the positions it scores (N), and the input of the
-    first trained block captured once (None: every step runs the whole model)."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    rows_N: torch.Tensor
-    cols_N: torch.Tensor
-    targets_N: torch.Tensor | None = None   # answer tokens (edit passes); None for next-token prompts
-    cached: BlockInput | None = None
-
-    @property
-    def n_rows(self) -> int:
-        return int(self.input_ids.shape[0])
-
-
-def _edit_pass(batch: TokenizedBatch) -> _Pass:
-    rows_N, cols_N = batch.answer_positions()
-    return _Pass(batch.input_ids, batch.attention_mask, rows_N, cols_N, batch.labels[rows_N, cols_N])
-
-
-def _prompt_pass(batch: PromptBatch) -> _Pass:
-    rows_N = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
-    return _Pass(batch.input_ids, batch.attention_mask, rows_N, batch.last_index_B)
-
-
-def _pass_logits_NW(model: nn.Module, start: tuple[str, int] | None, p: _Pass) -> torch.Tensor:
-    """Logits at the pass's scored positions, N×W fp32, from the cached block input when there is one."""
-    if p.cached is None:
-        return logits_at(model, p.input_ids, p.attention_mask, p.rows_N, p.cols_N)
-    return head_logits(model, replay_hidden_BTH(model, start, p.cached)[p.rows_N, p.cols_N])
-
-
-def _cache_prefix(model: nn.Module, start: tuple[str, int] | None, passes: Sequence[_Pass]) -> tuple[str, int] | None:
+# Here, not in finetune_passes: `replayable` and `capture_block_input` are looked up in this module (tests and
+# benchmarks/studies/finetune_speed.py patch them to compare or break the replay).
+def _cache_prefix(model: nn.Module, start: tuple[str, int] | None, passes: Sequence[Pass]) -> tuple[str, int] | None:
     """Capture the first trained block's input of every pass (the blocks below it are frozen, so it never
     changes). The replay is checked against a full forward on the first pass; on a mismatch (an architecture
     whose blocks take more than the replay passes on) nothing is cached and None is returned."""
@@ -261,30 +127,12 @@ def _cache_prefix(model: nn.Module, start: tuple[str, int] | None, passes: Seque
         for p in passes:
             p.cached = capture_block_input(model, start, p.input_ids, p.attention_mask)
         full = logits_at(model, passes[0].input_ids, passes[0].attention_mask, passes[0].rows_N, passes[0].cols_N)
-        replayed = _pass_logits_NW(model, start, passes[0])
+        replayed = pass_logits_NW(model, start, passes[0])
     if not torch.allclose(replayed, full, rtol=1e-3, atol=1e-3 * float(full.abs().max().clamp_min(1))):
         for p in passes:
             p.cached = None
         return None
     return start
-
-
-def _top_k(model: nn.Module, start: tuple[str, int] | None, p: _Pass, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's k most likely next tokens at the pass's scored positions: (ids N×k, log-probs N×k)."""
-    logp_NW = torch.log_softmax(_pass_logits_NW(model, start, p), dim=-1)
-    top = logp_NW.topk(min(k, logp_NW.shape[-1]), dim=-1)
-    return top.indices, top.values
-
-
-def _accuracy(model: nn.Module, start: tuple[str, int] | None, passes: Sequence[_Pass],
-              deltas: Mapping[str, LayerDelta]) -> list[float]:
-    """Per row of the edit passes, in order: the answer-token accuracy (teacher-forced) of the model with
-    `deltas` added, from the cached block inputs when there are some. An edit is recalled at 1.0."""
-    accuracy: list[float] = []
-    with torch.no_grad(), apply_deltas(model, deltas):
-        for p in passes:
-            accuracy += answer_accuracy_B(_pass_logits_NW(model, start, p), p.targets_N, p.rows_N, p.n_rows).tolist()
-    return accuracy
 
 
 class FineTuner:
@@ -301,8 +149,8 @@ class FineTuner:
         self.last_run: dict[str, float] = {}  # epochs, steps, train_hit (share of edits top-1 in the last epoch)
         self.last_accuracy: list[float] | None = None  # a warm start's last scan: each request's answer-token
         #                                                accuracy with the deltas it returned (None otherwise)
-        self._scans: tuple[tuple[str, int], list[_Pass]] | None = None  # a warm start's replayable scans
-        self._prepared: tuple[tuple[EditRequest, ...], tuple[str, int] | None, list[_Pass]] | None = None
+        self._scans: tuple[tuple[str, int], list[Pass]] | None = None  # a warm start's replayable scans
+        self._prepared: tuple[tuple[EditRequest, ...], tuple[str, int] | None, list[Pass]] | None = None
         #                 ^ `prepare_scans`: the requests, the replay start (None: full passes) and their scans
         self.moments: dict[str, torch.Tensor] = {}  # C_KK of each target module's inputs (`set_preservation`)
 
@@ -376,7 +224,7 @@ class FineTuner:
         timings["scan"] = time.perf_counter() - t0
         for _ in range(self.config.warm_rounds + 1):
             t = time.perf_counter()
-            accuracy = _accuracy(model, start, scans, deltas)
+            accuracy = pass_accuracy(model, start, scans, deltas)
             recalled = [a == 1.0 for a in accuracy]
             timings["scan"] += time.perf_counter() - t
             run.setdefault("recalled", sum(recalled) / len(recalled))  # what the starting weights recall
@@ -398,11 +246,11 @@ class FineTuner:
         return deltas, timings
 
     def _scan_passes(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest]
-                     ) -> tuple[tuple[str, int] | None, list[_Pass]]:
+                     ) -> tuple[tuple[str, int] | None, list[Pass]]:
         """A warm start's scan batches of `requests` (4 × batch_size edits each) with their first fine-tuned block's
         input captured (the start; None when the model cannot be replayed: full passes)."""
         device = model_device(model)
-        scans = [_edit_pass(tokenize_requests(tokenizer, [requests[i] for i in chunk]).to(device))
+        scans = [edit_pass(tokenize_requests(tokenizer, [requests[i] for i in chunk]).to(device))
                  for chunk in chunked(list(range(len(requests))), 4 * self.config.batch_size)]
         return _cache_prefix(model, first_block(self.module_names) if replayable(model) else None, scans), scans
 
@@ -423,7 +271,7 @@ class FineTuner:
         _, start, scans = self._prepared
         if not prefix_matches(model, reference, start):
             return None
-        return _accuracy(model, start, scans, {})
+        return pass_accuracy(model, start, scans, {})
 
     def scan_key_moments(self, model: nn.Module, module_names: Sequence[str]) -> dict[str, torch.Tensor] | None:
         """Per module of `module_names`, KᵀK (K×K, float64) of its inputs at the answer positions of every request
@@ -472,20 +320,20 @@ class FineTuner:
             order = list(order)
             rng.shuffle(order)
             parts = [list(chunk) for chunk in chunked(order, cfg.batch_size)]
-            edits = [_edit_pass(tokenize_requests(tokenizer, [requests[i] for i in part]).to(device)) for part in parts]
+            edits = [edit_pass(tokenize_requests(tokenizer, [requests[i] for i in part]).to(device)) for part in parts]
             swap_sets = [self._swap_passes(tokenizer, requests, parts, device, seed=cfg.seed + e)
                          for e in range(cfg.epochs if cfg.swap_resample and cfg.swap_weight > 0 else 1)]
             locs = []
             if cfg.locality_weight > 0 and cfg.n_locality > 0:
-                locs = [_prompt_pass(tokenize_prompts(tokenizer, list(chunk)).to(device))
+                locs = [prompt_pass(tokenize_prompts(tokenizer, list(chunk)).to(device))
                         for chunk in chunked(locality_prompts(cfg.n_locality, cfg.seed, self.held_out),
                                              cfg.locality_batch)]
             start = first_block(self.module_names) if replayable(model) else None
             swap_passes = [p for sw in swap_sets for p in sw if p is not None]
             start = _cache_prefix(model, start, [*edits, *swap_passes, *locs])
             with torch.no_grad():  # the base model's targets (the model is at the base weights here)
-                loc_logps = [torch.log_softmax(_pass_logits_NW(model, start, p), dim=-1) for p in locs]
-                target_sets = [[None if p is None else _top_k(model, start, p, cfg.swap_top_k) for p in sw]
+                loc_logps = [torch.log_softmax(pass_logits_NW(model, start, p), dim=-1) for p in locs]
+                target_sets = [[None if p is None else top_k(model, start, p, cfg.swap_top_k) for p in sw]
                                for sw in swap_sets]
             if init is not None:  # training starts from `init`; the references above stay the base model's
                 add_deltas_(model, init)
@@ -514,17 +362,17 @@ class FineTuner:
                 hits = 0
                 for j in visit:
                     e = edits[j]
-                    logits_NW = _pass_logits_NW(model, start, e)
+                    logits_NW = pass_logits_NW(model, start, e)
                     loss = answer_nll_B(logits_NW, e.targets_N, e.rows_N, e.n_rows).mean()
                     hits += int(answer_hits_B(logits_NW.detach(), e.targets_N, e.rows_N, e.n_rows).sum())
                     if locs:
                         k = steps % len(locs)
                         loss = loss + cfg.locality_weight * kl_from_base_B(
-                            loc_logps[k], _pass_logits_NW(model, start, locs[k]), cfg.divergence).mean()
+                            loc_logps[k], pass_logits_NW(model, start, locs[k]), cfg.divergence).mean()
                     if swaps[j] is not None:
                         ids_BK, logp_BK = swap_targets[j]  # type: ignore[misc]
                         loss = loss + cfg.swap_weight * topk_kl_from_base_B(
-                            ids_BK, logp_BK, _pass_logits_NW(model, start, swaps[j])).mean()
+                            ids_BK, logp_BK, pass_logits_NW(model, start, swaps[j])).mean()
                     if keep:
                         loss = loss + cfg.preserve_weight * sum(
                             scale * (L_KR.T @ (module_weight_KV(module).float() - base_KV)).square().sum()
@@ -559,12 +407,12 @@ class FineTuner:
         return deltas, timings, run
 
     def _swap_passes(self, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
-                     parts: Sequence[Sequence[int]], device, seed: int) -> list[_Pass | None]:
+                     parts: Sequence[Sequence[int]], device, seed: int) -> list[Pass | None]:
         """Per mini-batch, the pass over its edits' subject-swapped prompts (partners drawn with `seed`; None when
         `swap_weight` is 0 or none of them has one)."""
         prompts = subject_swaps(requests, seed) if self.config.swap_weight > 0 else [None] * len(requests)
-        passes: list[_Pass | None] = []
+        passes: list[Pass | None] = []
         for part in parts:
             mine = [prompts[i] for i in part if prompts[i] is not None]
-            passes.append(_prompt_pass(tokenize_prompts(tokenizer, mine).to(device)) if mine else None)
+            passes.append(prompt_pass(tokenize_prompts(tokenizer, mine).to(device)) if mine else None)
         return passes
