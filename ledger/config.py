@@ -17,17 +17,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from ledger.config_checks import check_values, masked_url, parse_blocks  # noqa: F401 - re-exported
+from ledger.config_checks import check_choices, check_values, masked_url
+from ledger.config_checks import ENGINES, REVIEW_MODES, ROUTE_SOLVES, SCOPES, parse_blocks  # noqa: F401 - re-exported
 from ledger.errors import ConfigError
 
 APP_NAME = "horse-ledger"
 ENV_PREFIX = "HORSE_LEDGER_"
 ENV_CONFIG = "HORSE_LEDGER_CONFIG"
 ENV_DB = "HORSE_LEDGER_DB"
-ENGINES = ("hypernet", "finetune", "memit")
-SCOPES = ("off", "subject", "routed")
-ROUTE_SOLVES = ("alone", "joint-share")
-REVIEW_MODES = ("auto", "on", "off")
 
 
 def _opt(default: Any, unit: str, help: str, env: str | None = None) -> Any:
@@ -388,33 +385,7 @@ def load_settings(config_path: str | os.PathLike[str] | None = None, db_url: str
     if not values.get("cache_dir"):
         values["cache_dir"] = str(_xdg("XDG_CACHE_HOME", ".cache", env) / APP_NAME)
     check_values(values)  # ranges, NaN, enums, device, cron: ledger/config_checks.py
-    for name, empty_ok in (("engine", False), ("consolidate_engine", True)):
-        value = values.get(name, "" if empty_ok else "hypernet")
-        if value not in ENGINES and not (empty_ok and value == ""):
-            raise ConfigError(f"{name} = {value!r} is not known; give one of {', '.join(ENGINES)}"
-                              + (" (or leave it empty: the same as engine)" if empty_ok else ""))
-    if values.get("scope", "routed") not in SCOPES:
-        raise ConfigError(f"scope = {values['scope']!r} is not known; give one of {', '.join(SCOPES)}")
-    if values.get("route_solve", "alone") not in ROUTE_SOLVES:
-        raise ConfigError(f"route_solve = {values['route_solve']!r} is not known; give one of {', '.join(ROUTE_SOLVES)}")
-    if values.get("gate_retention_sample", 1) < 1:
-        raise ConfigError(f"gate_retention_sample = {values['gate_retention_sample']} must be ≥ 1 (edits measured)")
-    lrs = (values.get("finetune_lr", 1.0), values.get("finetune_warm_lr", 1.0))
-    if values.get("finetune_epochs", 1) < 1 or min(lrs) <= 0:
-        raise ConfigError("finetune_epochs must be ≥ 1 and finetune_lr, finetune_warm_lr > 0; fix them in the config")
-    parse_blocks(values.get("finetune_blocks", ""))
-    if values.get("finetune_locality_prompts", 1) < 1:
-        raise ConfigError(f"finetune_locality_prompts = {values['finetune_locality_prompts']} must be ≥ 1; give a "
-                          "number of prompts (64 by default), or finetune_locality_weight = 0 to drop the term")
-    for name in ("preserve_weight", "preserve_exponent", "preserve_min", "protect_earlier", "finetune_locality_weight",
-                 "finetune_swap_weight", "finetune_rehearsal", "finetune_preserve_weight"):
-        if values.get(name, 0.0) < 0:
-            raise ConfigError(f"{name} = {values[name]} is negative; give a value ≥ 0")
-    if values.get("review", "auto") not in REVIEW_MODES:
-        raise ConfigError(f"review = {values['review']!r} is not known; give one of {', '.join(REVIEW_MODES)}")
-    for name in ("review_max_edits_per_day", "review_max_edits_per_night"):
-        if values.get(name, 0) < 0:
-            raise ConfigError(f"{name} = {values[name]} is negative; give a number of edits, or 0 for no limit")
+    check_choices(values)  # engines, scopes, review modes, fine-tune settings: ledger/config_checks.py
     settings = dataclasses.replace(Settings(), **values)
     if settings.hypernet_from_consolidation:
         if settings.engine != "hypernet":

@@ -3,8 +3,9 @@
     check_values({"batch_max_edits": 0})   # ConfigError: batch_max_edits = 0 is out of range; give ≥ 1 (edits)
 
 One table per kind of rule: integer ranges, shares in [0, 1], non-negative or positive floats (never NaN or
-infinite), enums, the device, the cron expression, and a cross-check of the claim intervals. Each message names
-the field, the value and what is allowed. `ledger.config` is still the only reader of files and environment.
+infinite), enums, the device, the cron expression, and a cross-check of the claim intervals; then
+`check_choices`: the engines, scope, route solve and review mode, and the fine-tune and review limits. Each message
+names the field, the value and what is allowed. `ledger.config` is still the only reader of files and environment.
 """
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ FLOAT_AT_LEAST_0 = ("preserve_weight", "preserve_exponent", "preserve_min", "pro
 FLOAT_ABOVE_0 = ("finetune_lr", "finetune_warm_lr")
 ENUMS = {"dtype": ("float32", "bfloat16", "fp32", "bf16", "float16"), "log_json": ("auto", "true", "false")}
 DEVICE = re.compile(r"^(cpu|auto|cuda|cuda:\d{1,3}|mps)$")
+ENGINES = ("hypernet", "finetune", "memit")
+SCOPES = ("off", "subject", "routed")
+ROUTE_SOLVES = ("alone", "joint-share")
+REVIEW_MODES = ("auto", "on", "off")
 
 
 def check_values(values: Mapping[str, Any]) -> None:
@@ -70,6 +75,42 @@ def check_values(values: Mapping[str, Any]) -> None:
     if beat >= stale:
         raise ConfigError(f"heartbeat_every_s = {beat} is not below claim_stale_after_s = {stale}: a running batch's "
                           "claim would go stale between heartbeats; give a heartbeat shorter than the stale limit")
+
+
+def check_choices(values: Mapping[str, Any]) -> None:
+    """After `check_values`: the engines, scope, route solve and review mode are known ones, and the fine-tune,
+    retention-sample, preservation and review-limit settings are in range (absent fields keep their defaults).
+
+    Raises:
+        ConfigError: the first value outside what its field allows.
+    """
+    for name, empty_ok in (("engine", False), ("consolidate_engine", True)):
+        value = values.get(name, "" if empty_ok else "hypernet")
+        if value not in ENGINES and not (empty_ok and value == ""):
+            raise ConfigError(f"{name} = {value!r} is not known; give one of {', '.join(ENGINES)}"
+                              + (" (or leave it empty: the same as engine)" if empty_ok else ""))
+    if values.get("scope", "routed") not in SCOPES:
+        raise ConfigError(f"scope = {values['scope']!r} is not known; give one of {', '.join(SCOPES)}")
+    if values.get("route_solve", "alone") not in ROUTE_SOLVES:
+        raise ConfigError(f"route_solve = {values['route_solve']!r} is not known; give one of {', '.join(ROUTE_SOLVES)}")
+    if values.get("gate_retention_sample", 1) < 1:
+        raise ConfigError(f"gate_retention_sample = {values['gate_retention_sample']} must be ≥ 1 (edits measured)")
+    lrs = (values.get("finetune_lr", 1.0), values.get("finetune_warm_lr", 1.0))
+    if values.get("finetune_epochs", 1) < 1 or min(lrs) <= 0:
+        raise ConfigError("finetune_epochs must be ≥ 1 and finetune_lr, finetune_warm_lr > 0; fix them in the config")
+    parse_blocks(values.get("finetune_blocks", ""))
+    if values.get("finetune_locality_prompts", 1) < 1:
+        raise ConfigError(f"finetune_locality_prompts = {values['finetune_locality_prompts']} must be ≥ 1; give a "
+                          "number of prompts (64 by default), or finetune_locality_weight = 0 to drop the term")
+    for name in ("preserve_weight", "preserve_exponent", "preserve_min", "protect_earlier", "finetune_locality_weight",
+                 "finetune_swap_weight", "finetune_rehearsal", "finetune_preserve_weight"):
+        if values.get(name, 0.0) < 0:
+            raise ConfigError(f"{name} = {values[name]} is negative; give a value ≥ 0")
+    if values.get("review", "auto") not in REVIEW_MODES:
+        raise ConfigError(f"review = {values['review']!r} is not known; give one of {', '.join(REVIEW_MODES)}")
+    for name in ("review_max_edits_per_day", "review_max_edits_per_night"):
+        if values.get(name, 0) < 0:
+            raise ConfigError(f"{name} = {values[name]} is negative; give a number of edits, or 0 for no limit")
 
 
 def check_cron(expression: str) -> None:

@@ -14,7 +14,6 @@ PACKAGES = ("ledger", "daemon", "horse")
 MAX_LINES = 450
 # Files over MAX_LINES today, each with the most it may hold until it is split (lower these, never raise them).
 LONGER: dict[str, int] = {
-    "ledger/config.py": 480,
     "horse/route.py": 500,      # copied verbatim into exports (daemon/export_routed.py)
 }
 
