@@ -112,3 +112,13 @@ def test_no_file_too_long():
             if n > LONGER.get(rel, MAX_LINES):
                 too_long.append(f"{rel}: {n} lines > {LONGER.get(rel, MAX_LINES)}")
     assert not too_long, "split these into modules of one role each:\n" + "\n".join(too_long)
+
+
+def test_every_package_is_in_the_wheel():
+    """pyproject's `packages` lists every package directory (a subpackage missing there is missing from the wheel)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for top in (*PACKAGES, "migrations")
+             for p in (ROOT / top).rglob("__init__.py")}
+    assert found - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
